@@ -1,0 +1,163 @@
+"""The ``mailroom`` command: dev, web, worker and migrate.
+
+Each subcommand builds the settings once, configures logging once and hands both down. A
+configuration problem prints one line naming the variable and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import psycopg
+import psycopg_pool
+
+from shared.logging import configure_logging
+from shared.settings import ConfigError, Settings, load_settings
+
+EXIT_CONFIG = 2
+
+DESCRIPTION = """\
+Mailroom sends a batch of emails from a web form through your own SMTP server, durably:
+every email is a job in PostgreSQL, sent once by a worker, retried on transient failures.
+
+Configuration comes from MAILROOM_* environment variables (or a .env file); see README.md.
+"""
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError("a port is 0..65535")
+    return value
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mailroom",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    dev = commands.add_parser(
+        "dev",
+        help="run everything locally: embedded PostgreSQL, SMTP capture, web and worker",
+        description="Run the whole system in one process with nothing to install: an embedded "
+        "PostgreSQL under --data-dir, a local SMTP capture that keeps every message, the web "
+        "tier and a worker. Prints the URL and the login token. Ctrl-C stops everything.",
+    )
+    dev.add_argument("--host", default="127.0.0.1", help="web address to bind (default: %(default)s)")
+    dev.add_argument("--port", type=_port, default=8080, help="web port (default: %(default)s)")
+    dev.add_argument(
+        "--smtp-port", type=_port, default=1025,
+        help="port of the local SMTP capture (default: %(default)s)",
+    )
+    dev.add_argument(
+        "--data-dir", type=Path, default=Path(".mailroom"),
+        help="where the database and captured mail live (default: %(default)s)",
+    )
+
+    commands.add_parser(
+        "web",
+        help="serve the web form and the JSON API",
+        description="Serve the web tier on MAILROOM_WEB_HOST:MAILROOM_WEB_PORT. Needs "
+        "MAILROOM_DATABASE_URL, MAILROOM_API_TOKEN and MAILROOM_SECRET_KEY.",
+    )
+    worker = commands.add_parser(
+        "worker",
+        help="run a worker that drafts and sends queued emails",
+        description="Run one long-lived worker process. SIGTERM stops fetching, lets sends in "
+        "flight finish within MAILROOM_WORKER_SHUTDOWN_GRACE_S, then exits 0. Needs "
+        "MAILROOM_DATABASE_URL, MAILROOM_FROM_ADDRESS and the MAILROOM_SMTP_* settings.",
+    )
+    worker.add_argument(
+        "--concurrency", type=_positive,
+        help="jobs in flight at once (default: MAILROOM_WORKER_CONCURRENCY)",
+    )
+    commands.add_parser(
+        "migrate",
+        help="create or update the database schema (safe to run repeatedly)",
+        description="Apply procrastinate's schema and Mailroom's migrations to "
+        "MAILROOM_DATABASE_URL. Running it again is a no-op.",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``mailroom`` console script."""
+    args = build_parser().parse_args(argv)
+    handlers: dict[str, Callable[[Settings, argparse.Namespace], int]] = {
+        "dev": _dev,
+        "web": _web,
+        "worker": _worker,
+        "migrate": _migrate,
+    }
+    try:
+        settings = load_settings()
+        configure_logging(settings.log_level, settings.log_format)
+        return handlers[args.command](settings, args)
+    except ConfigError as exc:
+        print(f"mailroom: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        return 130
+
+
+def _dev(settings: Settings, args: argparse.Namespace) -> int:
+    from shared.dev import DevOptions, run_dev
+
+    options = DevOptions(
+        host=args.host, port=args.port, smtp_port=args.smtp_port, data_dir=args.data_dir
+    )
+    return asyncio.run(run_dev(settings, options))
+
+
+def _web(settings: Settings, args: argparse.Namespace) -> int:
+    from web.app import run_web
+
+    settings.require("database_url", "api_token", "secret_key")
+    run_web(settings)
+    return 0
+
+
+def _worker(settings: Settings, args: argparse.Namespace) -> int:
+    from worker.main import run_worker
+
+    if args.concurrency:
+        settings = settings.model_copy(update={"worker_concurrency": args.concurrency})
+    settings.require("database_url", "from_address")
+    try:
+        asyncio.run(run_worker(settings))
+    except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as exc:
+        print(f"mailroom worker: cannot reach the database: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _migrate(settings: Settings, args: argparse.Namespace) -> int:
+    from shared.schema import migrate
+
+    settings.require("database_url")
+    assert settings.database_url is not None
+    try:
+        applied = asyncio.run(migrate(settings.database_url))
+    except psycopg.OperationalError as exc:
+        print(f"mailroom migrate: cannot reach the database: {exc}", file=sys.stderr)
+        return 1
+    print(f"applied {len(applied)} migration(s): {', '.join(applied)}" if applied else "schema is up to date")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,182 @@
+"""``mailroom dev``: the whole system in one process on an embedded default.
+
+This module composes the web tier and the worker, so unlike the rest of ``shared`` it imports
+both; only the command line imports it.
+
+An embedded PostgreSQL (data under ``--data-dir``, so batches survive a restart), the
+migrations, a local SMTP capture on loopback, the web tier and one worker, all on one event
+loop. SIGTERM or Ctrl-C stops the worker gracefully, then the web tier, the capture and the
+database server; a second signal skips the wait for in-flight jobs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+from aiohttp import web
+from pydantic import SecretStr
+
+from shared.capture import MailCapture
+from shared.db import Database, make_pool
+from shared.embedded import EmbeddedPostgres, ensure_database
+from shared.schema import migrate
+from shared.settings import Settings, SmtpSecurity
+from web.app import create_app
+from worker.main import worker_options, worker_runtime
+
+log = structlog.get_logger(__name__)
+
+DEV_FROM_ADDRESS = "mailroom@example.com"
+
+
+@dataclass(frozen=True)
+class DevOptions:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    smtp_port: int = 1025
+    data_dir: Path = Path(".mailroom")
+
+
+def dev_secrets(data_dir: Path, settings: Settings) -> tuple[str, str]:
+    """The login token and session key: from settings, else kept in the data dir (mode 0600).
+
+    Keeping them means a restart does not log the browser out or change the token.
+    """
+    path = data_dir / "dev-secrets.json"
+    stored: dict[str, str] = json.loads(path.read_text()) if path.exists() else {}
+    token = settings.api_token.get_secret_value() if settings.api_token else stored.get("api_token")
+    key = settings.secret_key.get_secret_value() if settings.secret_key else stored.get("secret_key")
+    token = token or secrets.token_urlsafe(18)
+    key = key or secrets.token_urlsafe(32)
+    if not settings.api_token or not settings.secret_key:
+        path.write_text(json.dumps({"api_token": token, "secret_key": key}))
+        os.chmod(path, 0o600)
+    return token, key
+
+
+async def run_dev(base: Settings, options: DevOptions) -> int:
+    """Run until signalled; return the process exit status."""
+    data_dir = options.data_dir.resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    stop = asyncio.Event()
+    forced = asyncio.Event()
+    _install_signal_handlers(stop, forced)
+
+    postgres = EmbeddedPostgres(data_dir / "pgdata")
+    print(f"Starting PostgreSQL in {postgres.pgdata} …", flush=True)
+    try:
+        admin_uri = await asyncio.to_thread(postgres.start)
+        database_url = await asyncio.to_thread(ensure_database, admin_uri, "mailroom")
+        await migrate(database_url)
+        capture = MailCapture(data_dir / "mail")
+        try:
+            smtp_port = await capture.start("127.0.0.1", options.smtp_port)
+        except OSError as exc:
+            print(f"mailroom dev: cannot listen for SMTP on port {options.smtp_port}: {exc.strerror}; "
+                  "pass --smtp-port", file=sys.stderr)
+            return 1
+        token, key = dev_secrets(data_dir, base)
+        settings = base.model_copy(
+            update={
+                "database_url": database_url,
+                "smtp_host": "127.0.0.1",
+                "smtp_port": smtp_port,
+                "smtp_security": SmtpSecurity.NONE,
+                "smtp_username": None,
+                "smtp_password": None,
+                "from_address": base.from_address or DEV_FROM_ADDRESS,
+                "api_token": SecretStr(token),
+                "secret_key": SecretStr(key),
+                "dev_capture_dir": capture.directory,
+            }
+        )
+        try:
+            return await _serve(settings, options, capture, stop, forced)
+        finally:
+            await capture.close()
+    finally:
+        print("Stopping PostgreSQL …", flush=True)
+        await asyncio.to_thread(postgres.stop)
+
+
+async def _serve(
+    settings: Settings,
+    options: DevOptions,
+    capture: MailCapture,
+    stop: asyncio.Event,
+    forced: asyncio.Event,
+) -> int:
+    assert settings.database_url is not None
+    pool = make_pool(settings.database_url, max_size=settings.database_pool_size, name="mailroom-web")
+    await pool.open(wait=True, timeout=30)
+    runner = web.AppRunner(create_app(settings, db=Database(pool), capture=capture), access_log=None)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, options.host, options.port)
+        try:
+            await site.start()
+        except OSError as exc:
+            print(f"mailroom dev: cannot listen on {options.host}:{options.port}: {exc.strerror}; "
+                  "pass --port", file=sys.stderr)
+            return 1
+        async with worker_runtime(settings) as (app, deps):
+            worker = asyncio.create_task(
+                app.run_worker_async(**worker_options(settings, deps, install_signal_handlers=False)),
+                name="worker",
+            )
+            _banner(settings, options, capture)
+            await _wait_for(stop, worker)
+            worker.cancel()
+            done, _ = await asyncio.wait({worker, asyncio.create_task(forced.wait())},
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if worker not in done:
+                print("Second signal: not waiting for jobs in flight.", flush=True)
+    finally:
+        await runner.cleanup()
+        await pool.close()
+    return 0
+
+
+async def _wait_for(stop: asyncio.Event, worker: asyncio.Task[None]) -> None:
+    stopper = asyncio.create_task(stop.wait())
+    await asyncio.wait({stopper, worker}, return_when=asyncio.FIRST_COMPLETED)
+    stopper.cancel()
+    if worker.done() and not worker.cancelled() and worker.exception() is not None:
+        log.error("worker_failed", error=repr(worker.exception()))
+
+
+def _banner(settings: Settings, options: DevOptions, capture: MailCapture) -> None:
+    assert settings.api_token is not None
+    url = f"http://{options.host}:{options.port}/"
+    print(
+        "\n"
+        f"  Mailroom is running at   {url}\n"
+        f"  Log in with the token    {settings.api_token.get_secret_value()}\n"
+        f"  Mail is captured by      SMTP on 127.0.0.1:{settings.smtp_port}; see {url}dev/mail\n"
+        f"                           (Maildir: {capture.directory})\n"
+        f"  Data lives in            {options.data_dir.resolve()}\n"
+        "  Press Ctrl-C to stop.\n",
+        flush=True,
+    )
+
+
+def _install_signal_handlers(stop: asyncio.Event, forced: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        if stop.is_set():
+            forced.set()
+        else:
+            print("\nStopping: finishing jobs in flight (signal again to skip) …", flush=True)
+            stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal)

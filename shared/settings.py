@@ -1,0 +1,166 @@
+"""Mailroom's configuration: one object, read from ``MAILROOM_*`` variables once per process.
+
+Every process builds a :class:`Settings` in its ``main()`` and passes it down; nothing else
+reads the environment. Field names carry their units (``smtp_timeout_s``). A missing or
+invalid value becomes a :class:`ConfigError` that names the environment variable, which the
+command line prints as one line before exiting with status 2.
+"""
+
+from __future__ import annotations
+
+import enum
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "MAILROOM_"
+
+
+class ConfigError(Exception):
+    """Configuration that cannot work; the message names the variable to fix."""
+
+
+class SmtpSecurity(enum.StrEnum):
+    """How the SMTP connection is secured."""
+
+    NONE = "none"
+    STARTTLS = "starttls"
+    TLS = "tls"
+
+
+class LogFormat(enum.StrEnum):
+    """``auto`` is console output on a TTY and JSON lines otherwise."""
+
+    AUTO = "auto"
+    JSON = "json"
+    CONSOLE = "console"
+
+
+def _header_safe(value: str | None) -> str | None:
+    if value is not None and ("\r" in value or "\n" in value):
+        raise ValueError("must not contain line breaks")
+    return value
+
+
+class Settings(BaseSettings):
+    """Everything Mailroom can be told, with the defaults it runs with."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        validate_default=True,
+    )
+
+    database_url: str | None = None
+    database_pool_size: int = Field(default=10, ge=1, le=500)
+
+    smtp_host: str = "localhost"
+    smtp_port: int = Field(default=25, ge=1, le=65535)
+    smtp_username: str | None = None
+    smtp_password: SecretStr | None = None
+    smtp_security: SmtpSecurity = SmtpSecurity.NONE
+    smtp_timeout_s: float = Field(default=30.0, gt=0, le=600)
+    from_address: str | None = None
+
+    api_token: SecretStr | None = None
+    secret_key: SecretStr | None = None
+    web_host: str = "127.0.0.1"
+    web_port: int = Field(default=8080, ge=1, le=65535)
+    metrics_port: int = Field(default=9100, ge=0, le=65535)
+
+    worker_concurrency: int = Field(default=8, ge=1, le=256)
+    worker_shutdown_grace_s: float = Field(default=20.0, ge=0, le=3600)
+    max_batch_size: int = Field(default=10_000, ge=1, le=1_000_000)
+
+    retry_max_attempts: int = Field(default=8, ge=1, le=100)
+    retry_base_s: float = Field(default=5.0, gt=0, le=86_400)
+    retry_cap_s: float = Field(default=3600.0, gt=0, le=7 * 86_400)
+
+    log_level: str = "INFO"
+    log_format: LogFormat = LogFormat.AUTO
+
+    # Set by ``mailroom dev`` only: where the local SMTP capture keeps its Maildir.
+    dev_capture_dir: Path | None = None
+
+    @field_validator("from_address")
+    @classmethod
+    def _from_address_is_an_address(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        _header_safe(value)
+        from shared.addresses import InvalidAddress, normalize_address
+
+        try:
+            return normalize_address(value)
+        except InvalidAddress as exc:
+            raise ValueError(str(exc)) from None
+
+    @field_validator("smtp_host", "smtp_username")
+    @classmethod
+    def _no_line_breaks(cls, value: str | None) -> str | None:
+        return _header_safe(value)
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        level = value.upper()
+        if level not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
+            raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL")
+        return level
+
+    @field_validator("database_url")
+    @classmethod
+    def _postgres_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not value.startswith(("postgresql://", "postgres://")) and "=" not in value:
+            raise ValueError("must be a postgresql:// URL or a libpq key=value string")
+        return value
+
+    def require(self, *fields: str) -> None:
+        """Raise :class:`ConfigError` naming the first of ``fields`` that is unset."""
+        for name in fields:
+            value = getattr(self, name)
+            if value is None or (isinstance(value, SecretStr) and not value.get_secret_value()):
+                raise ConfigError(f"{env_name(name)} is required but not set")
+
+    def require_valid(self) -> None:
+        """Cross-field checks that a single field validator cannot make."""
+        if self.retry_cap_s < self.retry_base_s:
+            raise ConfigError(
+                f"{env_name('retry_cap_s')} ({self.retry_cap_s}) must not be below "
+                f"{env_name('retry_base_s')} ({self.retry_base_s})"
+            )
+
+
+def env_name(field: str) -> str:
+    """The environment variable behind a settings field."""
+    return f"{ENV_PREFIX}{field.upper()}"
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build the settings from the environment (and ``.env``), or raise :class:`ConfigError`."""
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None
+    settings.require_valid()
+    return settings
+
+
+def _describe(exc: ValidationError) -> str:
+    lines = []
+    for error in exc.errors():
+        field = ".".join(str(part) for part in error["loc"]) or "settings"
+        value = error.get("input")
+        shown = "" if _is_secret(field) or isinstance(value, dict) else f" (got {value!r})"
+        lines.append(f"{env_name(field)}: {error['msg']}{shown}")
+    return "; ".join(lines)
+
+
+def _is_secret(field: str) -> bool:
+    return field in {"smtp_password", "api_token", "secret_key"}

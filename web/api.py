@@ -1,0 +1,149 @@
+"""The JSON API: create a batch, read its progress and its recipients, and dev-mode mail."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from typing import Any
+
+import structlog
+from aiohttp import web
+
+from shared.db import RECIPIENT_STATUSES, BatchSummary
+from web.keys import CAPTURE, DB, SETTINGS
+from web.middlewares import api_error
+from web.validation import InvalidSubmission, Submission, from_json
+
+log = structlog.get_logger(__name__)
+routes = web.RouteTableDef()
+
+MAX_PAGE_SIZE = 500
+
+
+def batch_json(summary: BatchSummary) -> dict[str, Any]:
+    return {
+        "id": str(summary.id),
+        "status": summary.status,
+        "total": summary.total,
+        "counts": summary.counts,
+        "progress": round(summary.progress, 4),
+        "drafter": summary.drafter,
+        "created_at": summary.created_at.isoformat(),
+    }
+
+
+def invalid_response(exc: InvalidSubmission) -> web.Response:
+    return api_error(
+        422,
+        "invalid_batch",
+        f"the batch was not created: {exc.total} problem(s)",
+        {"problems": [p.as_dict() for p in exc.problems], "total_problems": exc.total},
+    )
+
+
+async def create_batch(request: web.Request, submission: Submission) -> uuid.UUID:
+    """The one path every submission takes into the database (API and form alike)."""
+    batch = submission.to_new_batch(
+        created_by=request.get("auth", "unknown"), request_id=request.get("request_id")
+    )
+    batch_id = await request.app[DB].create_batch(batch)
+    log.info(
+        "batch_created",
+        batch_id=str(batch_id),
+        recipients=len(submission.recipients),
+        duplicates_removed=submission.duplicates_removed,
+        drafter=submission.drafter,
+    )
+    return batch_id
+
+
+@routes.post("/api/batches")
+async def post_batch(request: web.Request) -> web.Response:
+    if request.content_type != "application/json":
+        return api_error(415, "unsupported_media_type", "send the batch as application/json")
+    try:
+        payload = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        return api_error(400, "malformed_json", f"the body is not valid JSON: {exc}")
+    settings = request.app[SETTINGS]
+    try:
+        submission = from_json(payload, max_batch_size=settings.max_batch_size)
+    except InvalidSubmission as exc:
+        return invalid_response(exc)
+    batch_id = await create_batch(request, submission)
+    return web.json_response(
+        {
+            "id": str(batch_id),
+            "total": len(submission.recipients),
+            "duplicates_removed": submission.duplicates_removed,
+            "status_url": f"/api/batches/{batch_id}",
+        },
+        status=201,
+    )
+
+
+def _batch_id(request: web.Request) -> uuid.UUID:
+    try:
+        return uuid.UUID(request.match_info["batch_id"])
+    except ValueError:
+        raise web.HTTPNotFound(text="no such batch") from None
+
+
+@routes.get("/api/batches")
+async def get_batches(request: web.Request) -> web.Response:
+    summaries = await request.app[DB].recent_batches(limit=50)
+    return web.json_response({"batches": [batch_json(s) for s in summaries]})
+
+
+@routes.get("/api/batches/{batch_id}")
+async def get_batch(request: web.Request) -> web.Response:
+    summary = await request.app[DB].batch_summary(_batch_id(request))
+    if summary is None:
+        return api_error(404, "not_found", "no such batch")
+    return web.json_response(batch_json(summary))
+
+
+@routes.get("/api/batches/{batch_id}/recipients")
+async def get_recipients(request: web.Request) -> web.Response:
+    batch_id = _batch_id(request)
+    status = request.query.get("status")
+    if status is not None and status not in RECIPIENT_STATUSES:
+        return api_error(
+            422, "invalid_query", f"status must be one of: {', '.join(RECIPIENT_STATUSES)}"
+        )
+    try:
+        after = int(request.query.get("after", "0"))
+        limit = int(request.query.get("limit", "100"))
+    except ValueError:
+        return api_error(422, "invalid_query", "after and limit must be integers")
+    if not 1 <= limit <= MAX_PAGE_SIZE or after < 0:
+        return api_error(422, "invalid_query", f"limit must be 1..{MAX_PAGE_SIZE}, after >= 0")
+    db = request.app[DB]
+    if await db.batch_summary(batch_id) is None:
+        return api_error(404, "not_found", "no such batch")
+    rows = await db.list_recipients(batch_id, status=status, after_id=after, limit=limit)
+    items = [
+        {
+            "id": row["id"],
+            "email": row["email"],
+            "status": row["status"],
+            "attempts": row["attempts"],
+            "last_error": row["last_error"],
+            "message_id": row["message_id"],
+            "sent_at": row["sent_at"].isoformat() if row["sent_at"] else None,
+        }
+        for row in rows
+    ]
+    next_after = items[-1]["id"] if len(items) == limit else None
+    return web.json_response({"recipients": items, "next_after": next_after})
+
+
+@routes.get("/api/dev/messages")
+async def get_dev_messages(request: web.Request) -> web.Response:
+    capture = request.app.get(CAPTURE)
+    if capture is None:
+        return api_error(404, "not_found", "the mail capture exists only in `mailroom dev`")
+    messages = await asyncio.to_thread(capture.messages)
+    return web.json_response({"messages": [m.as_dict() for m in messages]})
+

@@ -1,0 +1,119 @@
+"""The web application factory and the ``mailroom web`` runner."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp_jinja2
+import jinja2
+import psycopg
+import structlog
+from aiohttp import web
+
+from shared.capture import MailCapture
+from shared.db import Database, make_pool
+from shared.schema import pending_migrations
+from shared.settings import Settings
+from web import api, pages
+from web.auth import Authenticator
+from web.keys import AUTH, CAPTURE, DB, SETTINGS
+from web.middlewares import (
+    auth_middleware,
+    error_middleware,
+    request_id_middleware,
+    security_headers_middleware,
+)
+
+log = structlog.get_logger(__name__)
+
+HERE = Path(__file__).parent
+# Large enough for a 10,000-recipient JSON batch with a few fields each.
+MAX_REQUEST_BYTES = 10 * 1024 * 1024
+
+routes = web.RouteTableDef()
+
+
+@routes.get("/healthz")
+async def healthz(request: web.Request) -> web.Response:
+    """The process is up and serving."""
+    return web.json_response({"status": "ok"})
+
+
+@routes.get("/readyz")
+async def readyz(request: web.Request) -> web.Response:
+    """The database answers and every migration is applied."""
+    try:
+        async with request.app[DB].pool.connection(timeout=5) as conn:
+            pending = await pending_migrations(conn)
+    except (psycopg.Error, TimeoutError) as exc:
+        return web.json_response(
+            {"status": "unavailable", "reason": f"database: {type(exc).__name__}"}, status=503
+        )
+    if pending:
+        return web.json_response(
+            {"status": "unavailable", "reason": "migrations pending", "pending": pending},
+            status=503,
+        )
+    return web.json_response({"status": "ok"})
+
+
+def create_app(
+    settings: Settings, *, db: Database | None = None, capture: MailCapture | None = None
+) -> web.Application:
+    """Build the web application; without ``db`` it opens its own pool from the settings."""
+    settings.require("api_token", "secret_key")
+    assert settings.api_token is not None and settings.secret_key is not None
+    app = web.Application(
+        client_max_size=MAX_REQUEST_BYTES,
+        middlewares=[
+            request_id_middleware,
+            error_middleware,
+            security_headers_middleware,
+            auth_middleware,
+        ],
+    )
+    app[SETTINGS] = settings
+    app[AUTH] = Authenticator(
+        settings.api_token.get_secret_value(), settings.secret_key.get_secret_value()
+    )
+    if capture is not None:
+        app[CAPTURE] = capture
+    if db is not None:
+        app[DB] = db
+    else:
+        app.cleanup_ctx.append(_pool_context)
+    aiohttp_jinja2.setup(
+        app,
+        loader=jinja2.FileSystemLoader(HERE / "templates"),
+        autoescape=jinja2.select_autoescape(default=True),
+        undefined=jinja2.StrictUndefined,
+    )
+    app.router.add_routes(routes)
+    app.router.add_routes(api.routes)
+    app.router.add_routes(pages.routes)
+    app.router.add_static("/static", HERE / "static")
+    return app
+
+
+async def _pool_context(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    settings.require("database_url")
+    assert settings.database_url is not None
+    pool = make_pool(
+        settings.database_url, max_size=settings.database_pool_size, name="mailroom-web"
+    )
+    await pool.open(wait=True, timeout=30)
+    app[DB] = Database(pool)
+    yield
+    await pool.close()
+
+
+def run_web(settings: Settings) -> None:
+    """Serve until SIGTERM or Ctrl-C (aiohttp stops accepting, finishes requests, exits)."""
+    app = create_app(settings)
+    log.info("web_starting", host=settings.web_host, port=settings.web_port)
+    web.run_app(
+        app, host=settings.web_host, port=settings.web_port, print=None, access_log=None,
+        shutdown_timeout=10,
+    )

@@ -1,0 +1,64 @@
+"""Who may use the web tier: a Bearer token for the API, a signed session cookie for pages.
+
+The session cookie holds only an expiry and a CSRF token, signed with ``MAILROOM_SECRET_KEY``
+(HMAC-SHA256); tokens are compared in constant time.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import secrets
+import time
+from dataclasses import dataclass
+
+from aiohttp import web
+
+SESSION_COOKIE = "mailroom_session"
+SESSION_TTL_S = 12 * 3600
+
+
+@dataclass(frozen=True)
+class Session:
+    expires_at: float
+    csrf_token: str
+
+
+class Authenticator:
+    """Checks API tokens and issues/reads session cookies."""
+
+    def __init__(self, api_token: str, secret_key: str) -> None:
+        self._api_token = api_token.encode()
+        self._key = hashlib.sha256(b"mailroom-session\0" + secret_key.encode()).digest()
+
+    def token_matches(self, candidate: str) -> bool:
+        return hmac.compare_digest(candidate.encode(), self._api_token)
+
+    def bearer_ok(self, request: web.Request) -> bool:
+        header = request.headers.get("Authorization", "")
+        scheme, _, token = header.partition(" ")
+        return scheme.lower() == "bearer" and bool(token) and self.token_matches(token.strip())
+
+    def new_session(self) -> tuple[Session, str]:
+        session = Session(expires_at=time.time() + SESSION_TTL_S, csrf_token=secrets.token_urlsafe(24))
+        body = base64.urlsafe_b64encode(
+            json.dumps({"exp": session.expires_at, "csrf": session.csrf_token}).encode()
+        ).decode()
+        return session, f"{body}.{self._sign(body)}"
+
+    def read_session(self, request: web.Request) -> Session | None:
+        cookie = request.cookies.get(SESSION_COOKIE, "")
+        body, _, signature = cookie.partition(".")
+        if not body or not hmac.compare_digest(signature, self._sign(body)):
+            return None
+        try:
+            data = json.loads(base64.urlsafe_b64decode(body))
+            session = Session(expires_at=float(data["exp"]), csrf_token=str(data["csrf"]))
+        except (ValueError, KeyError, TypeError):
+            return None
+        return session if session.expires_at > time.time() else None
+
+    def _sign(self, body: str) -> str:
+        return hmac.new(self._key, body.encode(), hashlib.sha256).hexdigest()

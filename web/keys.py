@@ -1,0 +1,15 @@
+"""Typed keys for what the web application keeps in its state."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from shared.capture import MailCapture
+from shared.db import Database
+from shared.settings import Settings
+from web.auth import Authenticator
+
+SETTINGS = web.AppKey("settings", Settings)
+DB = web.AppKey("db", Database)
+AUTH = web.AppKey("auth", Authenticator)
+CAPTURE = web.AppKey("capture", MailCapture)

@@ -1,0 +1,101 @@
+"""Request middlewares: request ids, one JSON error shape for the API, security headers, auth."""
+
+from __future__ import annotations
+
+import re
+import secrets
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import structlog
+from aiohttp import web
+
+from web.keys import AUTH
+
+log = structlog.get_logger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+REQUEST_ID_HEADER = "X-Request-ID"
+_SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/login"})
+CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+)
+
+
+def api_error(status: int, code: str, message: str, details: Any = None) -> web.Response:
+    """The one error shape of the API: ``{"error": {"code", "message", "details"}}``."""
+    return web.json_response(
+        {"error": {"code": code, "message": message, "details": details}}, status=status
+    )
+
+
+def is_api(request: web.Request) -> bool:
+    return request.path.startswith("/api/")
+
+
+@web.middleware
+async def request_id_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    incoming = request.headers.get(REQUEST_ID_HEADER, "")
+    request_id = incoming if _SAFE_REQUEST_ID.match(incoming) else secrets.token_hex(8)
+    request["request_id"] = request_id
+    with structlog.contextvars.bound_contextvars(request_id=request_id):
+        response = await handler(request)
+    response.headers[REQUEST_ID_HEADER] = request_id
+    return response
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if not is_api(request) or exc.status < 400:
+            raise
+        code = {
+            400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+            405: "method_not_allowed", 413: "payload_too_large", 415: "unsupported_media_type",
+        }.get(exc.status, "http_error")
+        message = exc.text if exc.text and not exc.text.startswith(f"{exc.status}:") else exc.reason
+        return api_error(exc.status, code, message)
+    except Exception:
+        log.exception("request_failed", method=request.method, path=request.path)
+        if is_api(request):
+            return api_error(500, "internal_error", "the server failed; see its log")
+        raise
+
+
+@web.middleware
+async def security_headers_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    response = await handler(request)
+    response.headers.setdefault("Content-Security-Policy", CSP)
+    response.headers.setdefault("X-Content-Type-Options", "nosniff")
+    response.headers.setdefault("Referrer-Policy", "same-origin")
+    response.headers.setdefault("X-Frame-Options", "DENY")
+    return response
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every route but the public ones needs a Bearer token or a valid session."""
+    if request.path in PUBLIC_PATHS or request.path.startswith("/static/"):
+        return await handler(request)
+    auth = request.app[AUTH]
+    if auth.bearer_ok(request):
+        request["auth"] = "token"
+        return await handler(request)
+    session = auth.read_session(request)
+    if session is not None:
+        request["auth"] = "session"
+        request["session"] = session
+        if request.method not in {"GET", "HEAD", "OPTIONS"} and is_api(request):
+            # Cookie-authenticated API writes must prove they come from our own pages.
+            header = request.headers.get("X-CSRF-Token", "")
+            if not secrets.compare_digest(header, session.csrf_token):
+                return api_error(403, "csrf_failed", "missing or wrong X-CSRF-Token header")
+        return await handler(request)
+    if is_api(request):
+        return api_error(401, "unauthorized", "send 'Authorization: Bearer <MAILROOM_API_TOKEN>'")
+    raise web.HTTPSeeOther(location=f"/login?next={request.path_qs}" if request.method == "GET" else "/login")

@@ -1,0 +1,147 @@
+"""Server-rendered pages: login, the batch form, batch progress and (in dev) captured mail."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import uuid
+from typing import Any
+
+import aiohttp_jinja2
+from aiohttp import web
+
+from web.api import batch_json, create_batch
+from web.auth import SESSION_COOKIE, SESSION_TTL_S
+from web.keys import AUTH, CAPTURE, DB, SETTINGS
+from web.validation import InvalidSubmission, from_form
+
+routes = web.RouteTableDef()
+
+
+def _context(request: web.Request, **values: Any) -> dict[str, Any]:
+    session = request.get("session")
+    return {
+        "csrf_token": session.csrf_token if session else "",
+        "dev_mode": CAPTURE in request.app,
+        **values,
+    }
+
+
+def _check_csrf(request: web.Request, form: Any) -> None:
+    session = request.get("session")
+    if session is None:
+        raise web.HTTPForbidden(text="log in through the form to post it")
+    if not _same(str(form.get("csrf_token", "")), session.csrf_token):
+        raise web.HTTPForbidden(text="the form is stale or forged (CSRF token mismatch); reload it")
+
+
+def _same(a: str, b: str) -> bool:
+    return hmac.compare_digest(a.encode(), b.encode())
+
+
+def _safe_next(target: str) -> str:
+    # Only local paths: "//evil.example" would be another host.
+    return target if target.startswith("/") and not target.startswith("//") else "/"
+
+
+@routes.get("/login")
+@aiohttp_jinja2.template("login.html")
+async def login_form(request: web.Request) -> dict[str, Any]:
+    return {"next": _safe_next(request.query.get("next", "/")), "error": None}
+
+
+@routes.post("/login")
+async def login(request: web.Request) -> web.StreamResponse:
+    form = await request.post()
+    target = _safe_next(str(form.get("next", "/")))
+    auth = request.app[AUTH]
+    if not auth.token_matches(str(form.get("token", ""))):
+        response = aiohttp_jinja2.render_template(
+            "login.html", request, {"next": target, "error": "That token is not right."}
+        )
+        response.set_status(401)
+        return response
+    _, cookie = auth.new_session()
+    response = web.HTTPSeeOther(location=target)
+    response.set_cookie(
+        SESSION_COOKIE, cookie, max_age=SESSION_TTL_S, httponly=True, samesite="Lax",
+        secure=request.secure, path="/",
+    )
+    raise response
+
+
+@routes.post("/logout")
+async def logout(request: web.Request) -> web.StreamResponse:
+    _check_csrf(request, await request.post())
+    response = web.HTTPSeeOther(location="/login")
+    response.del_cookie(SESSION_COOKIE, path="/")
+    raise response
+
+
+@routes.get("/")
+@aiohttp_jinja2.template("index.html")
+async def index(request: web.Request) -> dict[str, Any]:
+    batches = await request.app[DB].recent_batches(limit=20)
+    return _context(
+        request, form={}, problems=[], batches=[batch_json(b) for b in batches],
+        max_batch_size=request.app[SETTINGS].max_batch_size,
+    )
+
+
+@routes.post("/batches")
+async def submit_batch(request: web.Request) -> web.StreamResponse:
+    form = await request.post()
+    _check_csrf(request, form)
+    fields = {k: str(form.get(k, "")) for k in ("recipients", "subject", "body", "drafter")}
+    settings = request.app[SETTINGS]
+    try:
+        submission = from_form(fields, max_batch_size=settings.max_batch_size)
+    except InvalidSubmission as exc:
+        batches = await request.app[DB].recent_batches(limit=20)
+        response = aiohttp_jinja2.render_template(
+            "index.html",
+            request,
+            _context(
+                request, form=fields, problems=exc.problems, total_problems=exc.total,
+                batches=[batch_json(b) for b in batches], max_batch_size=settings.max_batch_size,
+            ),
+        )
+        response.set_status(422)
+        return response
+    batch_id = await create_batch(request, submission)
+    raise web.HTTPSeeOther(location=f"/batches/{batch_id}")
+
+
+@routes.get("/batches/{batch_id}")
+@aiohttp_jinja2.template("batch.html")
+async def batch_page(request: web.Request) -> dict[str, Any]:
+    try:
+        batch_id = uuid.UUID(request.match_info["batch_id"])
+    except ValueError:
+        raise web.HTTPNotFound(text="no such batch") from None
+    db = request.app[DB]
+    summary = await db.batch_summary(batch_id)
+    if summary is None:
+        raise web.HTTPNotFound(text="no such batch")
+    recipients = await db.list_recipients(batch_id, limit=200)
+    return _context(request, batch=batch_json(summary), recipients=recipients)
+
+
+@routes.get("/dev/mail")
+@aiohttp_jinja2.template("mail.html")
+async def captured_mail(request: web.Request) -> dict[str, Any]:
+    capture = request.app.get(CAPTURE)
+    if capture is None:
+        raise web.HTTPNotFound(text="the mail capture exists only in `mailroom dev`")
+    messages = await asyncio.to_thread(capture.messages)
+    return _context(request, messages=messages, directory=str(capture.directory))
+
+
+@routes.get("/dev/mail/{key}")
+async def captured_message(request: web.Request) -> web.Response:
+    capture = request.app.get(CAPTURE)
+    raw = await asyncio.to_thread(capture.raw, request.match_info["key"]) if capture else None
+    if raw is None:
+        raise web.HTTPNotFound(text="no such message")
+    # Shown as plain text so nothing in a captured message can run in the operator's browser.
+    return web.Response(body=raw, content_type="text/plain", charset="utf-8")

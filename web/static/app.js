@@ -1,0 +1,41 @@
+// Live progress on the batch page: poll the batch's JSON, backing off while nothing changes
+// (1 s doubling to 15 s) so a forgotten tab does not hammer the server.
+(function () {
+  "use strict";
+  const section = document.getElementById("batch");
+  if (!section) return;
+  const url = section.dataset.batchUrl;
+  let delay = 1000;
+  let last = "";
+
+  function render(batch) {
+    document.getElementById("batch-status").textContent = batch.status;
+    document.getElementById("batch-status").className = "status status-" + batch.status;
+    document.getElementById("batch-progress").value = batch.progress;
+    document.getElementById("batch-done").textContent = (batch.progress * 100).toFixed(1);
+    for (const [name, n] of Object.entries(batch.counts)) {
+      const cell = section.querySelector('[data-count="' + name + '"]');
+      if (cell) cell.textContent = String(n);
+    }
+  }
+
+  async function tick() {
+    try {
+      const response = await fetch(url, { headers: { Accept: "application/json" }, credentials: "same-origin" });
+      if (response.ok) {
+        const batch = await response.json();
+        const seen = JSON.stringify(batch.counts);
+        delay = seen === last ? Math.min(delay * 2, 15000) : 1000;
+        last = seen;
+        render(batch);
+        if (batch.status === "done") return;
+      } else {
+        delay = Math.min(delay * 2, 15000);
+      }
+    } catch (e) {
+      delay = Math.min(delay * 2, 15000);
+    }
+    setTimeout(tick, delay);
+  }
+  setTimeout(tick, delay);
+})();

@@ -1,0 +1,241 @@
+"""Validating a batch submission before anything is written.
+
+Both the JSON API and the HTML form end here. Every problem is collected (not just the first)
+so an operator who pasted 2,000 addresses sees every bad one at once, by position: 0-based
+``position`` for the API's list, 1-based ``line`` for the form's textarea.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from shared.addresses import InvalidAddress, dedupe_key, normalize_address
+from shared.db import NewBatch, NewRecipient
+from shared.templating import TemplateProblem, fields_used
+
+DRAFTERS = ("template",)
+MAX_SUBJECT_TEMPLATE_CHARS = 998
+MAX_BODY_TEMPLATE_CHARS = 100_000
+MAX_FIELDS_PER_RECIPIENT = 50
+MAX_FIELD_VALUE_CHARS = 2_000
+MAX_PROBLEMS_LISTED = 1_000
+_FIELD_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+_API_KEYS = {"recipients", "subject", "body", "drafter"}
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a submission, pointing at the field (and entry) at fault."""
+
+    field: str
+    message: str
+    position: int | None = None
+    line: int | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"field": self.field, "message": self.message}
+        if self.position is not None:
+            out["position"] = self.position
+        if self.line is not None:
+            out["line"] = self.line
+        return out
+
+
+class InvalidSubmission(Exception):
+    """The submission was refused; ``problems`` lists every reason."""
+
+    def __init__(self, problems: list[Problem], total: int | None = None) -> None:
+        super().__init__(f"{len(problems)} problem(s) in the submission")
+        self.problems = problems[:MAX_PROBLEMS_LISTED]
+        self.total = total if total is not None else len(problems)
+
+
+@dataclass
+class Submission:
+    """A validated batch, ready for :meth:`shared.db.Database.create_batch`."""
+
+    recipients: list[NewRecipient]
+    subject: str
+    body: str
+    drafter: str = "template"
+    duplicates_removed: int = 0
+
+    def to_new_batch(self, *, created_by: str, request_id: str | None) -> NewBatch:
+        return NewBatch(
+            created_by=created_by,
+            request_id=request_id,
+            drafter=self.drafter,
+            subject_template=self.subject,
+            body_template=self.body,
+            recipients=self.recipients,
+        )
+
+
+@dataclass
+class _Entry:
+    """A raw recipient with where it came from (for error messages)."""
+
+    raw: Any
+    position: int | None = None
+    line: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def from_json(payload: Any, *, max_batch_size: int) -> Submission:
+    """Validate the API's JSON body (``{"recipients": [...], "subject", "body", "drafter"}``)."""
+    if not isinstance(payload, dict):
+        raise InvalidSubmission([Problem("body", "expected a JSON object")])
+    problems = [
+        Problem(key, "unknown field") for key in sorted(set(payload) - _API_KEYS)
+    ]
+    raw = payload.get("recipients")
+    entries: list[_Entry] = []
+    if not isinstance(raw, list):
+        problems.append(Problem("recipients", "expected a list of addresses or objects"))
+    else:
+        entries = [_Entry(raw=item, position=i) for i, item in enumerate(raw)]
+    return _validate(
+        entries,
+        subject=payload.get("subject"),
+        body=payload.get("body"),
+        drafter=payload.get("drafter", "template"),
+        problems=problems,
+        max_batch_size=max_batch_size,
+    )
+
+
+def from_form(form: dict[str, str], *, max_batch_size: int) -> Submission:
+    """Validate the HTML form: one address per line (commas and semicolons also separate)."""
+    entries: list[_Entry] = []
+    for number, text in enumerate(form.get("recipients", "").splitlines(), start=1):
+        for piece in re.split(r"[,;]", text):
+            if piece.strip():
+                entries.append(_Entry(raw=piece.strip(), line=number))
+    return _validate(
+        entries,
+        subject=form.get("subject"),
+        body=form.get("body"),
+        drafter=form.get("drafter") or "template",
+        problems=[],
+        max_batch_size=max_batch_size,
+    )
+
+
+def _validate(
+    entries: list[_Entry],
+    *,
+    subject: Any,
+    body: Any,
+    drafter: Any,
+    problems: list[Problem],
+    max_batch_size: int,
+) -> Submission:
+    subject_fields = _check_template(
+        "subject", subject, MAX_SUBJECT_TEMPLATE_CHARS, problems, single_line=True
+    )
+    body_fields = _check_template("body", body, MAX_BODY_TEMPLATE_CHARS, problems)
+    if drafter not in DRAFTERS:
+        problems.append(Problem("drafter", f"must be one of: {', '.join(DRAFTERS)}"))
+    needed = (subject_fields | body_fields) - {"email"}
+
+    if not entries and not any(p.field == "recipients" for p in problems):
+        problems.append(Problem("recipients", "at least one recipient is required"))
+    if len(entries) > max_batch_size:
+        problems.append(
+            Problem("recipients", f"{len(entries)} recipients; at most {max_batch_size} per batch")
+        )
+        raise InvalidSubmission(problems)
+
+    recipients: list[NewRecipient] = []
+    seen: set[str] = set()
+    duplicates = 0
+    for entry in entries:
+        recipient = _recipient(entry, needed, problems)
+        if recipient is None:
+            continue
+        key = dedupe_key(recipient.email)
+        if key in seen:
+            duplicates += 1
+            continue
+        seen.add(key)
+        recipients.append(recipient)
+
+    if problems:
+        raise InvalidSubmission(problems)
+    assert isinstance(subject, str) and isinstance(body, str)
+    return Submission(
+        recipients=recipients,
+        subject=subject,
+        body=body,
+        drafter=drafter,
+        duplicates_removed=duplicates,
+    )
+
+
+def _check_template(
+    name: str, value: Any, max_chars: int, problems: list[Problem], *, single_line: bool = False
+) -> set[str]:
+    if not isinstance(value, str) or not value.strip():
+        problems.append(Problem(name, "required"))
+        return set()
+    if len(value) > max_chars:
+        problems.append(Problem(name, f"longer than {max_chars} characters"))
+        return set()
+    if single_line and ("\r" in value or "\n" in value):
+        problems.append(Problem(name, "must be a single line"))
+        return set()
+    try:
+        return fields_used(value)
+    except TemplateProblem as exc:
+        problems.append(Problem(name, f"template error: {exc}"))
+        return set()
+
+
+def _recipient(entry: _Entry, needed: set[str], problems: list[Problem]) -> NewRecipient | None:
+    def problem(message: str) -> None:
+        problems.append(Problem("recipients", message, position=entry.position, line=entry.line))
+
+    raw = entry.raw
+    fields: dict[str, Any] = {}
+    if isinstance(raw, dict):
+        address = raw.get("email")
+        fields = {k: v for k, v in raw.items() if k != "email"}
+    else:
+        address = raw
+    if not isinstance(address, str):
+        problem("expected an address string or an object with an \"email\" string")
+        return None
+    try:
+        email = normalize_address(address)
+    except InvalidAddress as exc:
+        problem(f"{_shown(address)}: {exc}")
+        return None
+    bad_fields = _field_problems(fields)
+    if bad_fields:
+        problem(f"{email}: {bad_fields}")
+        return None
+    missing = sorted(needed - fields.keys())
+    if missing:
+        problem(f"{email}: missing field(s) used by the templates: {', '.join(missing)}")
+        return None
+    return NewRecipient(email=email, fields=fields)
+
+
+def _field_problems(fields: dict[str, Any]) -> str | None:
+    if len(fields) > MAX_FIELDS_PER_RECIPIENT:
+        return f"more than {MAX_FIELDS_PER_RECIPIENT} fields"
+    for name, value in fields.items():
+        if not _FIELD_NAME.match(name):
+            return f"field name {name!r} must be letters, digits and _ (not starting with a digit)"
+        if value is not None and not isinstance(value, str | int | float | bool):
+            return f"field {name!r} must be a string, number, boolean or null"
+        if isinstance(value, str) and len(value) > MAX_FIELD_VALUE_CHARS:
+            return f"field {name!r} longer than {MAX_FIELD_VALUE_CHARS} characters"
+    return None
+
+
+def _shown(text: str) -> str:
+    """A bad address as it may be echoed back: quoted, control characters made visible."""
+    return repr(text[:80] + ("…" if len(text) > 80 else ""))

@@ -1,0 +1,57 @@
+"""Drafting: turning a recipient and its batch into a subject and a body.
+
+A :class:`Drafter` is anything with ``draft(recipient) -> Draft``. The template drafter renders
+the batch's templates in the sandbox; a drafter that cannot produce a usable email raises
+:class:`~worker.failures.PermanentFailure` or :class:`~worker.failures.TransientFailure`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from shared.db import RecipientForSend
+from shared.templating import TemplateProblem, render
+from worker.failures import PermanentFailure
+
+MAX_SUBJECT_CHARS = 255
+
+
+@dataclass(frozen=True)
+class Draft:
+    subject: str
+    body: str
+
+
+class Drafter(Protocol):
+    async def draft(self, recipient: RecipientForSend) -> Draft: ...
+
+
+def template_values(recipient: RecipientForSend) -> dict[str, object]:
+    """What a template can read: the recipient's fields and ``email``."""
+    return {**recipient.fields, "email": recipient.email}
+
+
+def checked_subject(text: str) -> str:
+    """A subject that can go into a header: one line, not empty, not too long."""
+    subject = text.strip()
+    if "\r" in subject or "\n" in subject:
+        raise PermanentFailure("drafted subject contains a line break")
+    if not subject:
+        raise PermanentFailure("drafted subject is empty")
+    if len(subject) > MAX_SUBJECT_CHARS:
+        raise PermanentFailure(f"drafted subject longer than {MAX_SUBJECT_CHARS} characters")
+    return subject
+
+
+class TemplateDrafter:
+    """Renders the batch's subject and body templates with the recipient's fields (offline)."""
+
+    async def draft(self, recipient: RecipientForSend) -> Draft:
+        values = template_values(recipient)
+        try:
+            subject = render(recipient.subject_template, values)
+            body = render(recipient.body_template, values)
+        except TemplateProblem as exc:
+            raise PermanentFailure(f"template: {exc}") from None
+        return Draft(subject=checked_subject(subject), body=body)

@@ -1,0 +1,65 @@
+"""What went wrong in a delivery attempt, and whether trying again can help.
+
+Every error the worker can meet is turned into a :class:`TransientFailure` (retry with backoff)
+or a :class:`PermanentFailure` (dead letter at once) here, so call sites never match strings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+
+import aiosmtplib
+
+
+class DeliveryFailure(Exception):
+    """A failed attempt; ``message`` is safe to store and show (no secrets, no body)."""
+
+    permanent = False
+
+    def __init__(
+        self, message: str, *, smtp_code: int | None = None, retry_after_s: float | None = None
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.smtp_code = smtp_code
+        # How long the far side asked us to wait, if it said (an HTTP Retry-After, say).
+        self.retry_after_s = retry_after_s
+
+
+class TransientFailure(DeliveryFailure):
+    """Worth another attempt later (4xx replies, timeouts, refused connections)."""
+
+
+class PermanentFailure(DeliveryFailure):
+    """Trying again cannot help (5xx replies, a template that cannot render)."""
+
+    permanent = True
+
+
+def classify_smtp(exc: BaseException, *, stage: str) -> DeliveryFailure:
+    """Map an aiosmtplib or network error at ``stage`` (connect, mail, rcpt, data) to a failure."""
+    if isinstance(exc, aiosmtplib.SMTPRecipientsRefused):
+        refusal = exc.recipients[0] if exc.recipients else None
+        if refusal is not None:
+            return _by_code(refusal.code, refusal.message, stage="rcpt")
+    if isinstance(exc, aiosmtplib.SMTPResponseException):
+        return _by_code(exc.code, exc.message, stage=stage)
+    if isinstance(exc, aiosmtplib.SMTPTimeoutError | asyncio.TimeoutError | TimeoutError):
+        return TransientFailure(f"SMTP timeout during {stage}")
+    if isinstance(exc, ssl.SSLError | aiosmtplib.SMTPConnectError | aiosmtplib.SMTPServerDisconnected):
+        return TransientFailure(f"SMTP connection failed during {stage}: {exc}")
+    if isinstance(exc, ConnectionError | OSError):
+        return TransientFailure(f"SMTP connection failed during {stage}: {exc}")
+    if isinstance(exc, aiosmtplib.SMTPException):
+        return TransientFailure(f"SMTP error during {stage}: {exc}")
+    raise TypeError(f"not an SMTP error: {exc!r}") from exc
+
+
+def _by_code(code: int, message: str, *, stage: str) -> DeliveryFailure:
+    text = f"SMTP {code} during {stage}: {message.strip()}"[:500]
+    # 5xx to MAIL, RCPT or DATA means the server will not take this message: retrying only
+    # risks the sender's reputation. 4xx (and anything unexpected) may succeed later.
+    if 500 <= code < 600 and stage in {"mail", "rcpt", "data"}:
+        return PermanentFailure(text, smtp_code=code)
+    return TransientFailure(text, smtp_code=code)

@@ -1,0 +1,59 @@
+"""When a failed email job runs again: exponential backoff with full jitter, capped.
+
+procrastinate's built-in strategy has neither jitter nor a cap. Here attempt ``n`` (1-based)
+waits a uniformly random time in ``[0, min(cap, base * 2**(n-1))]`` ("full jitter"), so a
+recovering SMTP server sees a spread-out trickle instead of a synchronized stampede. Only
+:class:`~worker.failures.TransientFailure` is retried, and only ``max_attempts`` times in all.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+from procrastinate import RetryDecision
+from procrastinate.jobs import Job
+from procrastinate.retry import BaseRetryStrategy
+
+from shared.settings import Settings
+from worker.failures import TransientFailure
+
+
+@dataclass
+class BackoffRetry(BaseRetryStrategy):
+    """Full-jitter exponential backoff; see the module docstring. Times in seconds."""
+
+    max_attempts: int = 8
+    base_s: float = 5.0
+    cap_s: float = 3600.0
+    rng: random.Random = field(default_factory=random.Random)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> BackoffRetry:
+        return cls(
+            max_attempts=settings.retry_max_attempts,
+            base_s=settings.retry_base_s,
+            cap_s=settings.retry_cap_s,
+        )
+
+    def ceiling_s(self, attempt: int) -> float:
+        """The longest wait after failed attempt number ``attempt`` (1-based)."""
+        return min(self.cap_s, self.base_s * 2 ** min(attempt - 1, 62))
+
+    def delay_s(self, attempt: int, retry_after_s: float | None = None) -> float:
+        """A jittered wait after attempt ``attempt``; a longer ``Retry-After`` wins."""
+        delay = self.rng.uniform(0, self.ceiling_s(attempt))
+        if retry_after_s is not None:
+            delay = max(delay, min(retry_after_s, self.cap_s))
+        return delay
+
+    def is_last(self, attempt: int) -> bool:
+        """True when attempt ``attempt`` (1-based) is the final one allowed."""
+        return attempt >= self.max_attempts
+
+    def get_retry_decision(self, *, exception: BaseException, job: Job) -> RetryDecision | None:
+        attempt = job.attempts + 1
+        if not isinstance(exception, TransientFailure) or self.is_last(attempt):
+            return None
+        retry_after = getattr(exception, "retry_after_s", None)
+        return RetryDecision(retry_in={"seconds": self.delay_s(attempt, retry_after)})

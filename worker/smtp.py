@@ -1,0 +1,193 @@
+"""Sending over SMTP: building the MIME message and a small pool of reused connections.
+
+A :class:`Mailer` is anything with ``send(message) -> reply``; :class:`SmtpMailer` is the real
+one. Connections are reused (on loopback a new connection per message costs about twice as
+much) and replaced after an error, after ``max_messages_per_connection`` sends, or when idle
+for longer than ``idle_timeout_s``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import html
+import time
+from dataclasses import dataclass
+from email.message import EmailMessage
+from email.policy import SMTP as SMTP_POLICY
+from email.utils import formatdate
+from typing import Protocol
+
+import aiosmtplib
+
+from shared.settings import Settings, SmtpSecurity
+from worker.failures import PermanentFailure, classify_smtp
+
+MAX_MESSAGES_PER_CONNECTION = 100
+IDLE_TIMEOUT_S = 30.0
+
+
+class Mailer(Protocol):
+    """Something that delivers a built message (the real one speaks SMTP)."""
+
+    async def send(self, message: EmailMessage) -> str: ...
+
+    async def close(self) -> None: ...
+
+
+def message_id_for(recipient_id: int, batch_id: object, domain: str) -> str:
+    """A stable Message-ID: every attempt for one recipient carries the same one."""
+    return f"<mailroom.{batch_id}.{recipient_id}@{domain}>"
+
+
+def sender_domain(address: str) -> str:
+    return address.rsplit("@", 1)[-1]
+
+
+def build_message(
+    *, sender: str, to: str, subject: str, body: str, message_id: str
+) -> EmailMessage:
+    """A multipart/alternative message: the text as written, and the same text as safe HTML."""
+    message = EmailMessage()
+    message["From"] = sender
+    message["To"] = to
+    message["Subject"] = subject
+    message["Date"] = formatdate(localtime=False, usegmt=True)
+    message["Message-ID"] = message_id
+    message.set_content(body)
+    message.add_alternative(text_to_html(body), subtype="html")
+    return message
+
+
+def text_to_html(body: str) -> str:
+    """Escape everything; blank lines become paragraphs and newlines line breaks."""
+    paragraphs = [p for p in body.replace("\r\n", "\n").split("\n\n") if p.strip()]
+    inner = "\n".join(
+        "<p>" + "<br>\n".join(html.escape(line) for line in p.split("\n")) + "</p>"
+        for p in paragraphs
+    )
+    return f"<!doctype html>\n<html><body>\n{inner}\n</body></html>\n"
+
+
+class _StaleConnection(Exception):
+    """The server closed the connection before our first command of a transaction."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+@dataclass
+class _Connection:
+    client: aiosmtplib.SMTP
+    sent: int = 0
+    last_used: float = 0.0
+
+
+class SmtpMailer:
+    """Sends through one SMTP server with at most ``size`` connections, reused."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        size: int,
+        max_messages_per_connection: int = MAX_MESSAGES_PER_CONNECTION,
+        idle_timeout_s: float = IDLE_TIMEOUT_S,
+    ) -> None:
+        self._settings = settings
+        self._slots = asyncio.Semaphore(size)
+        self._idle: list[_Connection] = []
+        self._max_messages = max_messages_per_connection
+        self._idle_timeout_s = idle_timeout_s
+
+    async def send(self, message: EmailMessage) -> str:
+        """Send ``message``; return the server's reply or raise a DeliveryFailure."""
+        async with self._slots:
+            conn, reused = await self._checkout()
+            try:
+                reply = await self._transmit(conn, message)
+            except _StaleConnection as stale:
+                await self._discard(conn)
+                if not reused:
+                    raise classify_smtp(stale.cause, stage="mail") from stale.cause
+                # The server had closed this idle connection before our MAIL command: nothing
+                # was accepted on it, so one attempt on a fresh connection cannot duplicate.
+                conn, _ = await self._checkout(fresh=True)
+                try:
+                    reply = await self._transmit(conn, message)
+                except _StaleConnection as again:
+                    await self._discard(conn)
+                    raise classify_smtp(again.cause, stage="mail") from again.cause
+                except BaseException:
+                    await self._discard(conn)
+                    raise
+            except BaseException:
+                await self._discard(conn)
+                raise
+            if conn.sent >= self._max_messages:
+                await self._discard(conn)
+            else:
+                self._idle.append(conn)
+            return reply
+
+    async def _transmit(self, conn: _Connection, message: EmailMessage) -> str:
+        sender, to = str(message["From"]), str(message["To"])
+        payload = message.as_bytes(policy=SMTP_POLICY)
+        client = conn.client
+        stage = "mail"
+        try:
+            options = [] if (sender + to).isascii() else ["SMTPUTF8"]
+            if options and not client.supports_extension("smtputf8"):
+                raise PermanentFailure("address needs SMTPUTF8, which the server does not offer")
+            await client.mail(sender, options=options)
+            stage = "rcpt"
+            await client.rcpt(to)
+            stage = "data"
+            response = await client.data(payload)
+        except aiosmtplib.SMTPServerDisconnected as exc:
+            if stage == "mail":
+                raise _StaleConnection(exc) from exc
+            raise classify_smtp(exc, stage=stage) from exc
+        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+            raise classify_smtp(exc, stage=stage) from exc
+        conn.sent += 1
+        conn.last_used = time.monotonic()
+        return f"{response.code} {response.message}"
+
+    async def _checkout(self, *, fresh: bool = False) -> tuple[_Connection, bool]:
+        now = time.monotonic()
+        while self._idle and not fresh:
+            conn = self._idle.pop()
+            if conn.client.is_connected and now - conn.last_used < self._idle_timeout_s:
+                return conn, True
+            await self._discard(conn)
+        return await self._connect(), False
+
+    async def _connect(self) -> _Connection:
+        s = self._settings
+        client = aiosmtplib.SMTP(
+            hostname=s.smtp_host,
+            port=s.smtp_port,
+            timeout=s.smtp_timeout_s,
+            use_tls=s.smtp_security is SmtpSecurity.TLS,
+            start_tls=s.smtp_security is SmtpSecurity.STARTTLS,
+            username=s.smtp_username,
+            password=s.smtp_password.get_secret_value() if s.smtp_password else None,
+        )
+        try:
+            await client.connect()
+        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+            raise classify_smtp(exc, stage="connect") from exc
+        return _Connection(client=client, last_used=time.monotonic())
+
+    async def _discard(self, conn: _Connection) -> None:
+        try:
+            if conn.client.is_connected:
+                await asyncio.wait_for(conn.client.quit(), timeout=2)
+        except (aiosmtplib.SMTPException, OSError, TimeoutError):
+            conn.client.close()
+
+    async def close(self) -> None:
+        """Say QUIT on every idle connection."""
+        idle, self._idle = self._idle, []
+        await asyncio.gather(*(self._discard(c) for c in idle))
