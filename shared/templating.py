@@ -64,7 +64,7 @@ def render(source: str, values: dict[str, Any]) -> str:
     except jinja2.TemplateSyntaxError as exc:
         raise TemplateProblem(f"line {exc.lineno}: {exc.message}") from None
     except jinja2.UndefinedError as exc:
-        raise TemplateProblem(f"missing field: {exc.message}") from None
+        raise TemplateProblem(f"undefined: {exc.message}") from None
     except jinja2.sandbox.SecurityError as exc:
         raise TemplateProblem(f"not allowed in a template: {exc}") from None
     except (TypeError, ValueError, ArithmeticError, LookupError) as exc:

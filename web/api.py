@@ -11,7 +11,7 @@ import structlog
 from aiohttp import web
 
 from shared.db import RECIPIENT_STATUSES, BatchSummary
-from web.keys import CAPTURE, DB, SETTINGS
+from web.keys import AUTH_KIND, CAPTURE, DB, REQUEST_ID, SETTINGS
 from web.middlewares import api_error
 from web.validation import InvalidSubmission, Submission, from_json
 
@@ -45,7 +45,7 @@ def invalid_response(exc: InvalidSubmission) -> web.Response:
 async def create_batch(request: web.Request, submission: Submission) -> uuid.UUID:
     """The one path every submission takes into the database (API and form alike)."""
     batch = submission.to_new_batch(
-        created_by=request.get("auth", "unknown"), request_id=request.get("request_id")
+        created_by=request.get(AUTH_KIND, "unknown"), request_id=request.get(REQUEST_ID)
     )
     batch_id = await request.app[DB].create_batch(batch)
     log.info(

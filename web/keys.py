@@ -7,9 +7,14 @@ from aiohttp import web
 from shared.capture import MailCapture
 from shared.db import Database
 from shared.settings import Settings
-from web.auth import Authenticator
+from web.auth import Authenticator, Session
 
 SETTINGS = web.AppKey("settings", Settings)
 DB = web.AppKey("db", Database)
 AUTH = web.AppKey("auth", Authenticator)
 CAPTURE = web.AppKey("capture", MailCapture)
+
+# Per request, set by the middlewares.
+REQUEST_ID = web.RequestKey("request_id", str)
+AUTH_KIND = web.RequestKey("auth_kind", str)  # "token" or "session"
+SESSION = web.RequestKey("session", Session)

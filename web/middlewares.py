@@ -10,7 +10,7 @@ from typing import Any
 import structlog
 from aiohttp import web
 
-from web.keys import AUTH
+from web.keys import AUTH, AUTH_KIND, REQUEST_ID, SESSION
 
 log = structlog.get_logger(__name__)
 
@@ -40,7 +40,7 @@ def is_api(request: web.Request) -> bool:
 async def request_id_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     incoming = request.headers.get(REQUEST_ID_HEADER, "")
     request_id = incoming if _SAFE_REQUEST_ID.match(incoming) else secrets.token_hex(8)
-    request["request_id"] = request_id
+    request[REQUEST_ID] = request_id
     with structlog.contextvars.bound_contextvars(request_id=request_id):
         response = await handler(request)
     response.headers[REQUEST_ID_HEADER] = request_id
@@ -84,12 +84,12 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         return await handler(request)
     auth = request.app[AUTH]
     if auth.bearer_ok(request):
-        request["auth"] = "token"
+        request[AUTH_KIND] = "token"
         return await handler(request)
     session = auth.read_session(request)
     if session is not None:
-        request["auth"] = "session"
-        request["session"] = session
+        request[AUTH_KIND] = "session"
+        request[SESSION] = session
         if request.method not in {"GET", "HEAD", "OPTIONS"} and is_api(request):
             # Cookie-authenticated API writes must prove they come from our own pages.
             header = request.headers.get("X-CSRF-Token", "")

@@ -12,23 +12,29 @@ from aiohttp import web
 
 from web.api import batch_json, create_batch
 from web.auth import SESSION_COOKIE, SESSION_TTL_S
-from web.keys import AUTH, CAPTURE, DB, SETTINGS
+from web.keys import AUTH, CAPTURE, DB, SESSION, SETTINGS
 from web.validation import InvalidSubmission, from_form
 
 routes = web.RouteTableDef()
 
 
-def _context(request: web.Request, **values: Any) -> dict[str, Any]:
-    session = request.get("session")
-    return {
+def render(
+    request: web.Request, template: str, values: dict[str, Any], *, status: int = 200
+) -> web.Response:
+    """Render a page with what every page needs (the CSRF token, whether this is dev mode)."""
+    session = request.get(SESSION)
+    context = {
         "csrf_token": session.csrf_token if session else "",
         "dev_mode": CAPTURE in request.app,
         **values,
     }
+    response = aiohttp_jinja2.render_template(template, request, context)
+    response.set_status(status)
+    return response
 
 
 def _check_csrf(request: web.Request, form: Any) -> None:
-    session = request.get("session")
+    session = request.get(SESSION)
     if session is None:
         raise web.HTTPForbidden(text="log in through the form to post it")
     if not _same(str(form.get("csrf_token", "")), session.csrf_token):
@@ -40,14 +46,14 @@ def _same(a: str, b: str) -> bool:
 
 
 def _safe_next(target: str) -> str:
-    # Only local paths: "//evil.example" would be another host.
-    return target if target.startswith("/") and not target.startswith("//") else "/"
+    # Only local paths: "//evil.example" (or "/\\evil.example", to browsers) is another host.
+    local = target.startswith("/") and not target.startswith(("//", "/\\"))
+    return target if local and "\r" not in target and "\n" not in target else "/"
 
 
 @routes.get("/login")
-@aiohttp_jinja2.template("login.html")
-async def login_form(request: web.Request) -> dict[str, Any]:
-    return {"next": _safe_next(request.query.get("next", "/")), "error": None}
+async def login_form(request: web.Request) -> web.Response:
+    return render(request, "login.html", {"next": _safe_next(request.query.get("next", "/")), "error": None})
 
 
 @routes.post("/login")
@@ -56,11 +62,9 @@ async def login(request: web.Request) -> web.StreamResponse:
     target = _safe_next(str(form.get("next", "/")))
     auth = request.app[AUTH]
     if not auth.token_matches(str(form.get("token", ""))):
-        response = aiohttp_jinja2.render_template(
-            "login.html", request, {"next": target, "error": "That token is not right."}
+        return render(
+            request, "login.html", {"next": target, "error": "That token is not right."}, status=401
         )
-        response.set_status(401)
-        return response
     _, cookie = auth.new_session()
     response = web.HTTPSeeOther(location=target)
     response.set_cookie(
@@ -79,12 +83,17 @@ async def logout(request: web.Request) -> web.StreamResponse:
 
 
 @routes.get("/")
-@aiohttp_jinja2.template("index.html")
-async def index(request: web.Request) -> dict[str, Any]:
+async def index(request: web.Request) -> web.Response:
     batches = await request.app[DB].recent_batches(limit=20)
-    return _context(
-        request, form={}, problems=[], batches=[batch_json(b) for b in batches],
-        max_batch_size=request.app[SETTINGS].max_batch_size,
+    return render(
+        request,
+        "index.html",
+        {
+            "form": {},
+            "problems": [],
+            "batches": [batch_json(b) for b in batches],
+            "max_batch_size": request.app[SETTINGS].max_batch_size,
+        },
     )
 
 
@@ -98,23 +107,24 @@ async def submit_batch(request: web.Request) -> web.StreamResponse:
         submission = from_form(fields, max_batch_size=settings.max_batch_size)
     except InvalidSubmission as exc:
         batches = await request.app[DB].recent_batches(limit=20)
-        response = aiohttp_jinja2.render_template(
-            "index.html",
+        return render(
             request,
-            _context(
-                request, form=fields, problems=exc.problems, total_problems=exc.total,
-                batches=[batch_json(b) for b in batches], max_batch_size=settings.max_batch_size,
-            ),
+            "index.html",
+            {
+                "form": fields,
+                "problems": exc.problems,
+                "total_problems": exc.total,
+                "batches": [batch_json(b) for b in batches],
+                "max_batch_size": settings.max_batch_size,
+            },
+            status=422,
         )
-        response.set_status(422)
-        return response
     batch_id = await create_batch(request, submission)
     raise web.HTTPSeeOther(location=f"/batches/{batch_id}")
 
 
 @routes.get("/batches/{batch_id}")
-@aiohttp_jinja2.template("batch.html")
-async def batch_page(request: web.Request) -> dict[str, Any]:
+async def batch_page(request: web.Request) -> web.Response:
     try:
         batch_id = uuid.UUID(request.match_info["batch_id"])
     except ValueError:
@@ -124,17 +134,16 @@ async def batch_page(request: web.Request) -> dict[str, Any]:
     if summary is None:
         raise web.HTTPNotFound(text="no such batch")
     recipients = await db.list_recipients(batch_id, limit=200)
-    return _context(request, batch=batch_json(summary), recipients=recipients)
+    return render(request, "batch.html", {"batch": batch_json(summary), "recipients": recipients})
 
 
 @routes.get("/dev/mail")
-@aiohttp_jinja2.template("mail.html")
-async def captured_mail(request: web.Request) -> dict[str, Any]:
+async def captured_mail(request: web.Request) -> web.Response:
     capture = request.app.get(CAPTURE)
     if capture is None:
         raise web.HTTPNotFound(text="the mail capture exists only in `mailroom dev`")
     messages = await asyncio.to_thread(capture.messages)
-    return _context(request, messages=messages, directory=str(capture.directory))
+    return render(request, "mail.html", {"messages": messages, "directory": str(capture.directory)})
 
 
 @routes.get("/dev/mail/{key}")

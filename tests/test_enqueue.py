@@ -1,0 +1,78 @@
+"""Enqueueing is one transaction: a commit leaves every job, a failure leaves nothing."""
+
+from __future__ import annotations
+
+import psycopg
+import pytest
+from aiohttp.test_utils import TestClient
+
+from shared.db import Database, NewBatch, NewRecipient
+from shared.queue import EMAIL_QUEUE, SEND_EMAIL_TASK
+from shared.settings import Settings
+from tests.conftest import AUTH, query
+
+BATCH = {"recipients": ["a@example.org", "b@example.org", "c@example.org"], "subject": "S", "body": "B"}
+
+
+async def _counts(database_url: str) -> tuple[int, int, int]:
+    rows = await query(
+        database_url,
+        "SELECT (SELECT count(*) FROM batches), (SELECT count(*) FROM recipients),"
+        " (SELECT count(*) FROM procrastinate_jobs)",
+    )
+    return rows[0]  # type: ignore[return-value]
+
+
+async def test_a_committed_batch_has_one_job_per_recipient_carrying_only_its_id(
+    client: TestClient, settings: Settings
+) -> None:
+    response = await client.post("/api/batches", json=BATCH, headers=AUTH)
+    assert response.status == 201
+    url = settings.database_url or ""
+    assert await _counts(url) == (1, 3, 3)
+    jobs = await query(
+        url,
+        "SELECT j.queue_name, j.task_name, j.status::text, j.args, r.email"
+        " FROM procrastinate_jobs j JOIN recipients r ON r.id = (j.args->>'recipient_id')::bigint"
+        " ORDER BY j.id",
+    )
+    assert [(q, t, s, e) for q, t, s, _, e in jobs] == [
+        (EMAIL_QUEUE, SEND_EMAIL_TASK, "todo", "a@example.org"),
+        (EMAIL_QUEUE, SEND_EMAIL_TASK, "todo", "b@example.org"),
+        (EMAIL_QUEUE, SEND_EMAIL_TASK, "todo", "c@example.org"),
+    ]
+    assert all(set(args) == {"recipient_id"} for _, _, _, args, _ in jobs)
+
+
+async def test_a_failure_after_the_recipients_insert_leaves_no_batch_recipient_or_job(
+    client: TestClient, settings: Settings
+) -> None:
+    url = settings.database_url or ""
+    # The job insert runs after the recipients insert in the same transaction; make it fail.
+    await query(
+        url,
+        "CREATE FUNCTION fail_job_insert() RETURNS trigger LANGUAGE plpgsql AS $$"
+        " BEGIN RAISE EXCEPTION 'injected failure'; END $$;"
+        " CREATE TRIGGER fail_job_insert BEFORE INSERT ON procrastinate_jobs"
+        " FOR EACH ROW EXECUTE FUNCTION fail_job_insert();",
+    )
+    response = await client.post("/api/batches", json=BATCH, headers=AUTH)
+    assert response.status == 500
+    body = await response.json()
+    assert body["error"]["code"] == "internal_error"
+    assert "injected" not in body["error"]["message"]  # no internals leak to the client
+    assert await _counts(url) == (0, 0, 0)
+
+
+async def test_a_failure_inside_create_batch_rolls_back_the_batch_row(db: Database, settings: Settings) -> None:
+    url = settings.database_url or ""
+    # The unique (batch, address) index is the backstop behind validation's de-duplication.
+    duplicate = NewBatch(
+        created_by="test",
+        subject_template="S",
+        body_template="B",
+        recipients=[NewRecipient("a@example.org"), NewRecipient("A@example.org")],
+    )
+    with pytest.raises(psycopg.errors.UniqueViolation):
+        await db.create_batch(duplicate)
+    assert await _counts(url) == (0, 0, 0)

@@ -1,0 +1,145 @@
+"""Specifications of the pure pieces: sandbox, backoff, failure classification, MIME."""
+
+from __future__ import annotations
+
+import random
+from email.policy import SMTP
+from types import SimpleNamespace
+
+import aiosmtplib
+import pytest
+
+from shared.templating import TemplateProblem, fields_used, render
+from worker.failures import PermanentFailure, TransientFailure, classify_smtp
+from worker.retry import BackoffRetry
+from worker.smtp import build_message, text_to_html
+
+# -- templates ------------------------------------------------------------------------------
+
+
+def test_templates_report_the_fields_they_read() -> None:
+    assert fields_used("Hi {{ name }} from {{ company|upper }} {% if vip %}!{% endif %}") == {
+        "name", "company", "vip",
+    }
+
+
+@pytest.mark.parametrize(
+    ("source", "fragment"),
+    [
+        ("{{ missing }}", "undefined: 'missing'"),
+        ("{{ ''.__class__.__mro__ }}", "not allowed"),
+        ("{{ 'x' * 100000000 }}", "not allowed"),
+        ("{{ 10 ** 100000 }}", "not allowed"),
+        ("{% for i in range(10**9) %}{% endfor %}", "Range too big"),
+        ("{{ name.upper.__globals__ }}", "undefined|not allowed"),
+        ("{{ 1 / 0 }}", "template failed"),
+    ],
+)
+def test_the_sandbox_refuses_what_a_hostile_template_tries(source: str, fragment: str) -> None:
+    with pytest.raises(TemplateProblem, match=fragment):
+        render(source, {"name": "Ada"})
+
+
+def test_rendered_text_has_a_size_limit() -> None:
+    with pytest.raises(TemplateProblem, match="longer than"):
+        render("{% for i in range(20) %}{{ big }}{% endfor %}", {"big": "x" * 9000})
+
+
+def test_templates_render_fields_without_escaping_text() -> None:
+    assert render("Hi {{ name }} <3", {"name": "O'Brien & Co"}) == "Hi O'Brien & Co <3"
+
+
+# -- retries --------------------------------------------------------------------------------
+
+
+def test_backoff_ceiling_doubles_from_the_base_up_to_the_cap() -> None:
+    policy = BackoffRetry(max_attempts=8, base_s=5, cap_s=3600)
+    assert [policy.ceiling_s(n) for n in range(1, 11)] == [
+        5, 10, 20, 40, 80, 160, 320, 640, 1280, 2560,
+    ]
+    assert policy.ceiling_s(11) == 3600
+    assert policy.ceiling_s(10_000) == 3600  # no overflow on absurd attempt counts
+
+
+def test_full_jitter_spreads_delays_across_the_whole_window() -> None:
+    policy = BackoffRetry(base_s=5, cap_s=3600, rng=random.Random(7))
+    delays = [policy.delay_s(3) for _ in range(2000)]
+    assert all(0 <= d <= 20 for d in delays)
+    assert min(delays) < 2 and max(delays) > 18  # full jitter, not "base ± a little"
+
+
+def test_a_longer_retry_after_wins_but_never_beyond_the_cap() -> None:
+    policy = BackoffRetry(base_s=1, cap_s=60, rng=random.Random(1))
+    assert policy.delay_s(1, retry_after_s=30) >= 30
+    assert policy.delay_s(1, retry_after_s=10_000) == 60
+
+
+def _job(attempts: int) -> SimpleNamespace:
+    return SimpleNamespace(attempts=attempts)
+
+
+def test_only_transient_failures_are_retried_and_only_up_to_max_attempts() -> None:
+    policy = BackoffRetry(max_attempts=3, base_s=1, cap_s=10)
+    transient = TransientFailure("451")
+    assert policy.get_retry_decision(exception=transient, job=_job(0)) is not None  # type: ignore[arg-type]
+    assert policy.get_retry_decision(exception=transient, job=_job(1)) is not None  # type: ignore[arg-type]
+    assert policy.get_retry_decision(exception=transient, job=_job(2)) is None  # type: ignore[arg-type]
+    assert policy.get_retry_decision(exception=PermanentFailure("550"), job=_job(0)) is None  # type: ignore[arg-type]
+    assert policy.get_retry_decision(exception=RuntimeError("bug"), job=_job(0)) is None  # type: ignore[arg-type]
+
+
+# -- SMTP failure classification ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("error", "stage", "kind", "code"),
+    [
+        (aiosmtplib.SMTPResponseException(550, "5.1.1 user unknown"), "rcpt", PermanentFailure, 550),
+        (aiosmtplib.SMTPResponseException(553, "mailbox name not allowed"), "rcpt", PermanentFailure, 553),
+        (aiosmtplib.SMTPResponseException(554, "transaction failed"), "data", PermanentFailure, 554),
+        (aiosmtplib.SMTPResponseException(552, "too big"), "data", PermanentFailure, 552),
+        (aiosmtplib.SMTPResponseException(550, "sender rejected"), "mail", PermanentFailure, 550),
+        (aiosmtplib.SMTPResponseException(421, "closing"), "rcpt", TransientFailure, 421),
+        (aiosmtplib.SMTPResponseException(450, "mailbox busy"), "rcpt", TransientFailure, 450),
+        (aiosmtplib.SMTPResponseException(451, "local error"), "data", TransientFailure, 451),
+        (aiosmtplib.SMTPResponseException(452, "storage"), "rcpt", TransientFailure, 452),
+        (aiosmtplib.SMTPResponseException(535, "auth failed"), "connect", TransientFailure, 535),
+        (aiosmtplib.SMTPRecipientsRefused([aiosmtplib.SMTPRecipientRefused(550, "no", "a@b.c")]), "rcpt", PermanentFailure, 550),
+        (aiosmtplib.SMTPConnectError("refused"), "connect", TransientFailure, None),
+        (aiosmtplib.SMTPServerDisconnected("gone"), "data", TransientFailure, None),
+        (aiosmtplib.SMTPTimeoutError("slow"), "data", TransientFailure, None),
+        (ConnectionResetError("reset"), "data", TransientFailure, None),
+        (ConnectionRefusedError("refused"), "connect", TransientFailure, None),
+        (TimeoutError(), "connect", TransientFailure, None),
+    ],
+)
+def test_smtp_errors_are_classified_in_one_table(
+    error: BaseException, stage: str, kind: type, code: int | None
+) -> None:
+    failure = classify_smtp(error, stage=stage)
+    assert type(failure) is kind
+    assert failure.smtp_code == code
+    if code is not None:
+        assert str(code) in failure.message
+
+
+def test_something_that_is_not_an_smtp_error_is_not_silently_classified() -> None:
+    with pytest.raises(TypeError):
+        classify_smtp(KeyError("x"), stage="data")
+
+
+# -- messages -------------------------------------------------------------------------------
+
+
+def test_the_html_part_escapes_everything_and_keeps_paragraphs() -> None:
+    markup = text_to_html('Hi <b>"you"</b> & co\nline two\n\nnext <script>')
+    assert "<p>Hi &lt;b&gt;&quot;you&quot;&lt;/b&gt; &amp; co<br>\nline two</p>" in markup
+    assert "<p>next &lt;script&gt;</p>" in markup
+
+
+def test_a_header_injection_in_the_subject_cannot_add_headers() -> None:
+    with pytest.raises(ValueError):
+        build_message(
+            sender="a@example.org", to="b@example.org", subject="Hi\r\nBcc: evil@example.org",
+            body="x", message_id="<1@example.org>",
+        ).as_bytes(policy=SMTP)
