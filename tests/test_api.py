@@ -58,7 +58,8 @@ async def _nothing_written(settings: Settings) -> None:
         (batch(body="{% for %}"), "body", "template error"),
         (batch(body="x" * 100_001), "body", "longer than"),
         (batch(drafter="carrier-pigeon"), "drafter", "must be one of"),
-        (batch(subject="Hi {{ name }}"), "recipients", "missing field(s) used by the templates: name"),
+        (batch(subject="Hi {{ name }}"), "recipients", "subject template fails: undefined: 'name'"),
+        (batch(body="{{ 1 / 0 }}"), "recipients", "body template fails"),
         ({**GOOD, "subjet": "typo"}, "subjet", "unknown field"),
     ],
 )
@@ -72,6 +73,26 @@ async def test_bad_input_is_422_naming_the_field_and_nothing_is_written(
     problems = error["details"]["problems"]
     assert any(p["field"] == field and fragment in p["message"] for p in problems), problems
     await _nothing_written(settings)
+
+
+async def test_fields_with_a_default_need_not_be_given(client: TestClient, settings: Settings) -> None:
+    payload = batch(
+        recipients=["ada@example.org", {"email": "grace@example.org", "name": "Grace"}],
+        subject="Hello {{ name | default(email) }}",
+    )
+    response = await client.post("/api/batches", json=payload, headers=AUTH)
+    assert response.status == 201, await response.text()
+
+
+async def test_only_recipients_lacking_a_needed_field_are_reported(client: TestClient) -> None:
+    payload = batch(
+        recipients=[{"email": "a@example.org", "name": "A"}, "b@example.org", {"email": "c@example.org", "name": "C"}, "d@example.org"],
+        body="Dear {{ name }}",
+    )
+    response = await client.post("/api/batches", json=payload, headers=AUTH)
+    assert response.status == 422
+    problems = (await response.json())["error"]["details"]["problems"]
+    assert [p["position"] for p in problems] == [1, 3]
 
 
 async def test_every_bad_address_is_listed_by_position(client: TestClient, settings: Settings) -> None:

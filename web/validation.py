@@ -13,7 +13,7 @@ from typing import Any
 
 from shared.addresses import InvalidAddress, dedupe_key, normalize_address
 from shared.db import NewBatch, NewRecipient
-from shared.templating import TemplateProblem, fields_used
+from shared.templating import TemplateProblem, fields_used, render
 
 DRAFTERS = ("template",)
 MAX_SUBJECT_TEMPLATE_CHARS = 998
@@ -132,13 +132,12 @@ def _validate(
     problems: list[Problem],
     max_batch_size: int,
 ) -> Submission:
-    subject_fields = _check_template(
+    templates_ok = _check_template(
         "subject", subject, MAX_SUBJECT_TEMPLATE_CHARS, problems, single_line=True
     )
-    body_fields = _check_template("body", body, MAX_BODY_TEMPLATE_CHARS, problems)
+    templates_ok &= _check_template("body", body, MAX_BODY_TEMPLATE_CHARS, problems)
     if drafter not in DRAFTERS:
         problems.append(Problem("drafter", f"must be one of: {', '.join(DRAFTERS)}"))
-    needed = (subject_fields | body_fields) - {"email"}
 
     if not entries and not any(p.field == "recipients" for p in problems):
         problems.append(Problem("recipients", "at least one recipient is required"))
@@ -149,10 +148,11 @@ def _validate(
         raise InvalidSubmission(problems)
 
     recipients: list[NewRecipient] = []
+    kept: list[_Entry] = []
     seen: set[str] = set()
     duplicates = 0
     for entry in entries:
-        recipient = _recipient(entry, needed, problems)
+        recipient = _recipient(entry, problems)
         if recipient is None:
             continue
         key = dedupe_key(recipient.email)
@@ -161,6 +161,9 @@ def _validate(
             continue
         seen.add(key)
         recipients.append(recipient)
+        kept.append(entry)
+    if templates_ok:
+        _dry_run(str(subject), str(body), recipients, kept, problems)
 
     if problems:
         raise InvalidSubmission(problems)
@@ -176,24 +179,60 @@ def _validate(
 
 def _check_template(
     name: str, value: Any, max_chars: int, problems: list[Problem], *, single_line: bool = False
-) -> set[str]:
+) -> bool:
     if not isinstance(value, str) or not value.strip():
         problems.append(Problem(name, "required"))
-        return set()
+        return False
     if len(value) > max_chars:
         problems.append(Problem(name, f"longer than {max_chars} characters"))
-        return set()
+        return False
     if single_line and ("\r" in value or "\n" in value):
         problems.append(Problem(name, "must be a single line"))
-        return set()
+        return False
     try:
-        return fields_used(value)
+        fields_used(value)
     except TemplateProblem as exc:
         problems.append(Problem(name, f"template error: {exc}"))
-        return set()
+        return False
+    return True
 
 
-def _recipient(entry: _Entry, needed: set[str], problems: list[Problem]) -> NewRecipient | None:
+def _dry_run(
+    subject: str,
+    body: str,
+    recipients: list[NewRecipient],
+    entries: list[_Entry],
+    problems: list[Problem],
+) -> None:
+    """Render both templates once per distinct set of recipient fields.
+
+    Recipients with the same fields fail the same way (a field the template needs and does not
+    default), so one render per shape catches them all without rendering every recipient.
+    """
+    shapes: dict[frozenset[str], list[int]] = {}
+    for index, recipient in enumerate(recipients):
+        shapes.setdefault(frozenset(recipient.fields), []).append(index)
+    for members in shapes.values():
+        sample = recipients[members[0]]
+        values = {**sample.fields, "email": sample.email}
+        for name, source in (("subject", subject), ("body", body)):
+            try:
+                render(source, values)
+            except TemplateProblem as exc:
+                for index in members:
+                    entry = entries[index]
+                    problems.append(
+                        Problem(
+                            "recipients",
+                            f"{recipients[index].email}: the {name} template fails: {exc}",
+                            position=entry.position,
+                            line=entry.line,
+                        )
+                    )
+                break
+
+
+def _recipient(entry: _Entry, problems: list[Problem]) -> NewRecipient | None:
     def problem(message: str) -> None:
         problems.append(Problem("recipients", message, position=entry.position, line=entry.line))
 
@@ -215,10 +254,6 @@ def _recipient(entry: _Entry, needed: set[str], problems: list[Problem]) -> NewR
     bad_fields = _field_problems(fields)
     if bad_fields:
         problem(f"{email}: {bad_fields}")
-        return None
-    missing = sorted(needed - fields.keys())
-    if missing:
-        problem(f"{email}: missing field(s) used by the templates: {', '.join(missing)}")
         return None
     return NewRecipient(email=email, fields=fields)
 
