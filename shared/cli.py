@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
         "worker",
         help="run a worker that drafts and sends queued emails",
         description="Run one long-lived worker process. SIGTERM stops fetching, lets sends in "
-        "flight finish within MAILROOM_WORKER_SHUTDOWN_GRACE_S, then exits 0. Needs "
+        "flight finish within MAILROOM_SHUTDOWN_GRACE_SECONDS, then exits 0. Needs "
         "MAILROOM_DATABASE_URL, MAILROOM_FROM_ADDRESS and the MAILROOM_SMTP_* settings.",
     )
     worker.add_argument(

@@ -134,6 +134,35 @@ class DeliveryClaim:
         )
 
 
+# Defers one send_email job per row of the CTE named ``rows`` (which must expose ``id``), in
+# the caller's statement and so in the caller's transaction. procrastinate's own SQL function
+# does the insert; we only skip its Python-side job objects.
+_DEFER_EMAIL_JOBS = """
+SELECT cardinality(procrastinate_defer_jobs_v1(ARRAY(
+    SELECT ROW(%(queue)s, %(task)s, 0, NULL, NULL,
+               jsonb_build_object('recipient_id', id), NULL
+           )::procrastinate_job_to_defer_v1
+      FROM rows ORDER BY id
+)))
+"""
+_DEFER_PARAMS = {"queue": EMAIL_QUEUE, "task": SEND_EMAIL_TASK}
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which dead letters an operator means: some ids, one batch's, or all of them."""
+
+    ids: Sequence[int] = ()
+    batch_id: uuid.UUID | None = None
+    everything: bool = False
+
+    def params(self) -> dict[str, Any]:
+        return {"ids": list(self.ids), "batch_id": self.batch_id, "everything": self.everything}
+
+
+_SELECTED = "(%(everything)s OR id = ANY(%(ids)s::bigint[]) OR batch_id = %(batch_id)s::uuid)"
+
+
 def email_key(recipient_id: int) -> str:
     """The idempotency key of the one email a recipient row stands for."""
     return f"email:{recipient_id}"
@@ -173,7 +202,7 @@ class Database:
             )
             cursor = await conn.execute(
                 """
-                WITH inserted AS (
+                WITH rows AS (
                     INSERT INTO recipients (batch_id, email, fields)
                     SELECT %(batch_id)s, t.email, t.fields
                       FROM unnest(%(emails)s::text[], %(fields)s::jsonb[])
@@ -181,20 +210,9 @@ class Database:
                      ORDER BY t.n
                     RETURNING id
                 )
-                SELECT cardinality(procrastinate_defer_jobs_v1(ARRAY(
-                    SELECT ROW(%(queue)s, %(task)s, 0, NULL, NULL,
-                               jsonb_build_object('recipient_id', id), NULL
-                           )::procrastinate_job_to_defer_v1
-                      FROM inserted ORDER BY id
-                )))
-                """,
-                {
-                    "batch_id": batch_id,
-                    "emails": emails,
-                    "fields": fields,
-                    "queue": EMAIL_QUEUE,
-                    "task": SEND_EMAIL_TASK,
-                },
+                """
+                + _DEFER_EMAIL_JOBS,
+                {"batch_id": batch_id, "emails": emails, "fields": fields, **_DEFER_PARAMS},
             )
             row = await cursor.fetchone()
             if row is None or row[0] != len(emails):
@@ -256,18 +274,34 @@ class Database:
 
     # -- delivery (worker) -----------------------------------------------------------------
 
-    async def recipient_for_send(self, recipient_id: int) -> RecipientForSend | None:
-        """The recipient and its batch's templates, or ``None`` if the row is gone."""
+    async def begin_attempt(self, recipient_id: int) -> RecipientForSend | None:
+        """Count an attempt, show the recipient as ``sending`` and return it with its templates.
+
+        ``None`` when there is nothing to do: the row is gone or already final (sent, dead or
+        cancelled), as it is for a duplicate job of a recipient that was sent.
+        """
         async with self.pool.connection() as conn:
             cursor = conn.cursor(row_factory=dict_row)
             await cursor.execute(
-                "SELECT r.id, r.batch_id, r.email, r.fields, r.status, r.attempts, r.subject,"
-                " r.body, b.drafter, b.subject_template, b.body_template"
-                " FROM recipients r JOIN batches b ON b.id = r.batch_id WHERE r.id = %s",
+                "UPDATE recipients r SET status = 'sending', attempts = r.attempts + 1,"
+                " updated_at = now() FROM batches b"
+                " WHERE r.id = %s AND b.id = r.batch_id"
+                " AND r.status IN ('queued', 'retrying', 'sending')"
+                " RETURNING r.id, r.batch_id, r.email, r.fields, r.status, r.attempts, r.subject,"
+                " r.body, b.drafter, b.subject_template, b.body_template",
                 (recipient_id,),
             )
             row = await cursor.fetchone()
         return RecipientForSend(**row) if row else None
+
+    async def give_back_attempt(self, recipient_id: int) -> None:
+        """Undo :meth:`begin_attempt` for an attempt cut off by a shutdown (not its fault)."""
+        async with self.pool.connection() as conn:
+            await conn.execute(
+                "UPDATE recipients SET status = 'queued', attempts = greatest(attempts - 1, 0),"
+                " updated_at = now() WHERE id = %s AND status = 'sending'",
+                (recipient_id,),
+            )
 
     async def save_draft(self, recipient_id: int, subject: str, body: str) -> None:
         """Store the drafted email; a draft already stored wins (a recipient is drafted once)."""
@@ -277,18 +311,6 @@ class Database:
                 " WHERE id = %s AND subject IS NULL",
                 (subject, body, recipient_id),
             )
-
-    async def mark_sending(self, recipient_id: int) -> int | None:
-        """Count an attempt and show it as ``sending``; ``None`` if the recipient is final."""
-        async with self.pool.connection() as conn:
-            cursor = await conn.execute(
-                "UPDATE recipients SET status = 'sending', attempts = attempts + 1,"
-                " updated_at = now() WHERE id = %s AND status IN ('queued', 'retrying', 'sending')"
-                " RETURNING attempts",
-                (recipient_id,),
-            )
-            row = await cursor.fetchone()
-        return row[0] if row else None
 
     @asynccontextmanager
     async def claim_delivery(self, recipient_id: int) -> AsyncIterator[DeliveryClaim]:
@@ -316,6 +338,69 @@ class Database:
                 " WHERE id = %s AND status IN ('queued', 'sending', 'retrying')",
                 (status, error[:2000], recipient_id),
             )
+
+    # -- dead letters ------------------------------------------------------------------------
+
+    async def list_dead_letters(
+        self, *, batch_id: uuid.UUID | None = None, after_id: int = 0, limit: int = 100
+    ) -> list[dict[str, Any]]:
+        """Dead recipients across batches (or one batch), oldest id first, keyset-paginated."""
+        async with self.pool.connection() as conn:
+            cursor = conn.cursor(row_factory=dict_row)
+            await cursor.execute(
+                "SELECT id, batch_id, email, attempts, last_error, updated_at AS died_at"
+                " FROM recipients WHERE status = 'dead'"
+                " AND (%s::uuid IS NULL OR batch_id = %s::uuid) AND id > %s ORDER BY id LIMIT %s",
+                (batch_id, batch_id, after_id, limit),
+            )
+            return await cursor.fetchall()
+
+    async def redrive(self, selection: Selection) -> int:
+        """Requeue the selected dead letters with a fresh attempt budget; return how many.
+
+        One statement: the recipients go back to ``queued`` and a *new* job is deferred for
+        each (procrastinate's ``retry_job`` would keep the old job's attempt count). Only
+        ``dead`` rows are touched, so a recipient that was sent is never sent again.
+        """
+        async with self.pool.connection() as conn:
+            cursor = await conn.execute(
+                "WITH rows AS (UPDATE recipients SET status = 'queued', attempts = 0,"
+                " last_error = NULL, enqueued_at = now(), updated_at = now()"
+                f" WHERE status = 'dead' AND {_SELECTED} RETURNING id)" + _DEFER_EMAIL_JOBS,
+                {**selection.params(), **_DEFER_PARAMS},
+            )
+            row = await cursor.fetchone()
+        return int(row[0] or 0) if row else 0
+
+    async def discard(self, selection: Selection) -> int:
+        """Give up on the selected dead letters (they become ``cancelled``, evidence kept)."""
+        async with self.pool.connection() as conn:
+            cursor = await conn.execute(
+                "UPDATE recipients SET status = 'cancelled', updated_at = now()"
+                f" WHERE status = 'dead' AND {_SELECTED}",
+                selection.params(),
+            )
+        return cursor.rowcount
+
+    # -- housekeeping ------------------------------------------------------------------------
+
+    async def prune_finished_jobs(self, *, retention_days: int, limit: int = 10_000) -> int:
+        """Delete failed, cancelled and aborted email jobs older than the retention period.
+
+        Succeeded jobs are deleted by the worker as they finish (the recipient row keeps the
+        evidence). The evidence of a failure is kept for ``retention_days``.
+        """
+        async with self.pool.connection() as conn:
+            cursor = await conn.execute(
+                "DELETE FROM procrastinate_jobs WHERE id IN ("
+                " SELECT j.id FROM procrastinate_jobs j"
+                " WHERE j.queue_name = %s AND j.status IN ('failed', 'cancelled', 'aborted')"
+                " AND NOT EXISTS (SELECT 1 FROM procrastinate_events e WHERE e.job_id = j.id"
+                "   AND e.at > now() - make_interval(days => %s))"
+                " LIMIT %s)",
+                (EMAIL_QUEUE, retention_days, limit),
+            )
+        return cursor.rowcount
 
     async def is_ready(self) -> bool:
         """True when the database answers."""

@@ -10,6 +10,8 @@ import procrastinate
 
 EMAIL_QUEUE = "emails"
 SEND_EMAIL_TASK = "send_email"
+# Periodic housekeeping (the stalled-job sweep, pruning) so it never waits behind emails.
+MAINTENANCE_QUEUE = "maintenance"
 
 
 def build_app() -> procrastinate.App:

@@ -1,7 +1,7 @@
 """Mailroom's configuration: one object, read from ``MAILROOM_*`` variables once per process.
 
 Every process builds a :class:`Settings` in its ``main()`` and passes it down; nothing else
-reads the environment. Field names carry their units (``smtp_timeout_s``). A missing or
+reads the environment. Field names carry their units (``smtp_timeout_seconds``). A missing or
 invalid value becomes a :class:`ConfigError` that names the environment variable, which the
 command line prints as one line before exiting with status 2.
 """
@@ -63,7 +63,7 @@ class Settings(BaseSettings):
     smtp_username: str | None = None
     smtp_password: SecretStr | None = None
     smtp_security: SmtpSecurity = SmtpSecurity.NONE
-    smtp_timeout_s: float = Field(default=30.0, gt=0, le=600)
+    smtp_timeout_seconds: float = Field(default=30.0, gt=0, le=600)
     from_address: str | None = None
 
     api_token: SecretStr | None = None
@@ -73,12 +73,17 @@ class Settings(BaseSettings):
     metrics_port: int = Field(default=9100, ge=0, le=65535)
 
     worker_concurrency: int = Field(default=8, ge=1, le=256)
-    worker_shutdown_grace_s: float = Field(default=20.0, ge=0, le=3600)
+    # Below systemd's (90 s) and compose's (10 s, raised to 30 s in ours) stop timeouts.
+    shutdown_grace_seconds: float = Field(default=20.0, ge=0, le=3600)
+    job_timeout_seconds: float = Field(default=120.0, gt=0, le=3600)
+    stalled_after_seconds: float = Field(default=30.0, ge=3, le=86_400)
+    sweep_interval_seconds: int = Field(default=15, ge=1, le=3600)
+    retention_days: int = Field(default=30, ge=1, le=3650)
     max_batch_size: int = Field(default=10_000, ge=1, le=1_000_000)
 
     retry_max_attempts: int = Field(default=8, ge=1, le=100)
-    retry_base_s: float = Field(default=5.0, gt=0, le=86_400)
-    retry_cap_s: float = Field(default=3600.0, gt=0, le=7 * 86_400)
+    retry_base_seconds: float = Field(default=5.0, gt=0, le=86_400)
+    retry_cap_seconds: float = Field(default=3600.0, gt=0, le=7 * 86_400)
 
     log_level: str = "INFO"
     log_format: LogFormat = LogFormat.AUTO
@@ -130,11 +135,21 @@ class Settings(BaseSettings):
 
     def require_valid(self) -> None:
         """Cross-field checks that a single field validator cannot make."""
-        if self.retry_cap_s < self.retry_base_s:
+        if self.retry_cap_seconds < self.retry_base_seconds:
             raise ConfigError(
-                f"{env_name('retry_cap_s')} ({self.retry_cap_s}) must not be below "
-                f"{env_name('retry_base_s')} ({self.retry_base_s})"
+                f"{env_name('retry_cap_seconds')} ({self.retry_cap_seconds}) must not be below "
+                f"{env_name('retry_base_seconds')} ({self.retry_base_seconds})"
             )
+        if self.sweep_interval_seconds > 59 and self.sweep_interval_seconds % 60:
+            raise ConfigError(
+                f"{env_name('sweep_interval_seconds')} above 59 must be whole minutes "
+                f"(got {self.sweep_interval_seconds})"
+            )
+
+    @property
+    def heartbeat_interval_seconds(self) -> float:
+        """How often a worker proves it is alive: well inside ``stalled_after_seconds``."""
+        return min(10.0, self.stalled_after_seconds / 3)
 
 
 def env_name(field: str) -> str:

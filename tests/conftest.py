@@ -97,15 +97,15 @@ def make_settings(database_url: str, smtp_port: int, **overrides: Any) -> Settin
         "database_url": database_url,
         "smtp_host": "127.0.0.1",
         "smtp_port": smtp_port,
-        "smtp_timeout_s": 5,
+        "smtp_timeout_seconds": 5,
         "from_address": "sender@example.com",
         "api_token": API_TOKEN,
         "secret_key": "test-secret-key",
         "worker_concurrency": 4,
-        "retry_base_s": 0.05,
-        "retry_cap_s": 0.2,
+        "retry_base_seconds": 0.05,
+        "retry_cap_seconds": 0.2,
         "retry_max_attempts": 3,
-        "worker_shutdown_grace_s": 5,
+        "shutdown_grace_seconds": 5,
     }
     values.update(overrides)
     return Settings(_env_file=None, **values)  # type: ignore[call-arg]

@@ -48,7 +48,7 @@ def test_no_command_is_a_usage_error() -> None:
         ({"MAILROOM_FROM_ADDRESS": "a@example.org\nBcc: x@y.org"}, "worker", "MAILROOM_FROM_ADDRESS", "line breaks"),
         ({"MAILROOM_DATABASE_URL": "mysql://x"}, "migrate", "MAILROOM_DATABASE_URL", "postgresql://"),
         ({"MAILROOM_LOG_LEVEL": "LOUD"}, "migrate", "MAILROOM_LOG_LEVEL", "one of DEBUG"),
-        ({"MAILROOM_RETRY_BASE_S": "10", "MAILROOM_RETRY_CAP_S": "5"}, "worker", "MAILROOM_RETRY_CAP_S", "must not be below"),
+        ({"MAILROOM_RETRY_BASE_SECONDS": "10", "MAILROOM_RETRY_CAP_SECONDS": "5"}, "worker", "MAILROOM_RETRY_CAP_SECONDS", "must not be below"),
         ({}, "migrate", "MAILROOM_DATABASE_URL", "required but not set"),
         ({}, "worker", "MAILROOM_DATABASE_URL", "required but not set"),
         ({"MAILROOM_DATABASE_URL": "postgresql://localhost/x"}, "worker", "MAILROOM_FROM_ADDRESS", "required"),

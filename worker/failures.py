@@ -25,6 +25,8 @@ class DeliveryFailure(Exception):
         self.smtp_code = smtp_code
         # How long the far side asked us to wait, if it said (an HTTP Retry-After, say).
         self.retry_after_s = retry_after_s
+        # Which attempt of the recipient this was (1-based); set by the task.
+        self.attempt: int | None = None
 
 
 class TransientFailure(DeliveryFailure):

@@ -1,20 +1,30 @@
-"""The worker process: one procrastinate worker with Mailroom's tasks, pool and SMTP pool.
+"""The worker process: a procrastinate worker with Mailroom's tasks, kept alive.
 
-procrastinate handles SIGTERM/SIGINT: it stops fetching, lets running jobs finish within
-``MAILROOM_WORKER_SHUTDOWN_GRACE_S`` and then aborts the rest (they are retried later).
+On SIGTERM or SIGINT the worker stops fetching, lets sends in flight finish within
+``MAILROOM_SHUTDOWN_GRACE_SECONDS``, requeues whatever is still running after that (without
+spending an attempt) and exits 0. A second signal exits at once: the database rolls back any
+claim held, and the stalled-job sweep requeues those jobs.
+
+procrastinate stops its worker when the database goes away (its listener dies, or a query
+fails). Rather than exit and rely on the service manager, :func:`run_worker` logs it, waits
+with backoff and starts a fresh worker on a fresh pool, until it is asked to stop.
 """
 
 from __future__ import annotations
 
+import asyncio
+import os
+import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 import procrastinate
 import structlog
+from procrastinate.worker import Worker
 
 from shared.db import Database, make_pool
-from shared.queue import EMAIL_QUEUE, build_app
+from shared.queue import EMAIL_QUEUE, MAINTENANCE_QUEUE, build_app
 from shared.settings import Settings
 from worker.drafting import Drafter, TemplateDrafter
 from worker.retry import BackoffRetry
@@ -26,6 +36,8 @@ log = structlog.get_logger(__name__)
 # Connections beyond one per concurrent job: procrastinate's fetch/finish queries, the
 # heartbeat and abort polling share the pool (LISTEN uses its own connection).
 POOL_HEADROOM = 3
+RESTART_BACKOFF_MAX_S = 30.0
+EXIT_FORCED = 1
 
 
 @asynccontextmanager
@@ -47,7 +59,7 @@ async def worker_runtime(
     await pool.open(wait=True, timeout=30)
     retry = BackoffRetry.from_settings(settings)
     app = build_app()
-    register_tasks(app, retry)
+    register_tasks(app, settings, retry)
     deps = WorkerDeps(
         settings=settings,
         db=Database(pool),
@@ -68,27 +80,81 @@ def worker_options(settings: Settings, deps: WorkerDeps, **overrides: Any) -> di
     """The options every Mailroom worker runs with (overridable for tests and dev)."""
     options: dict[str, Any] = {
         "name": "mailroom-worker",
-        "queues": [EMAIL_QUEUE],
+        "queues": [EMAIL_QUEUE, MAINTENANCE_QUEUE],
         "concurrency": settings.worker_concurrency,
-        "shutdown_graceful_timeout": settings.worker_shutdown_grace_s,
+        "shutdown_graceful_timeout": settings.shutdown_grace_seconds,
         "additional_context": {DEPS_KEY: deps},
         "listen_notify": True,
         # LISTEN/NOTIFY wakes the worker at once; polling only covers a lost notification
         # and jobs whose retry time has come.
         "fetch_job_polling_interval": 1.0,
+        "update_heartbeat_interval": settings.heartbeat_interval_seconds,
+        "stalled_worker_timeout": settings.stalled_after_seconds,
+        # A sent email's evidence is its recipient row; failed jobs stay for the retention
+        # period. Deleting succeeded jobs keeps the queue table small and fetches fast.
+        "delete_jobs": "successful",
     }
     options.update(overrides)
     return options
 
 
 async def run_worker(settings: Settings, **overrides: Any) -> None:
-    """Run the worker until it is stopped by a signal (or drains, with ``wait=False``)."""
-    async with worker_runtime(settings) as (app, deps):
-        log.info(
-            "worker_starting",
-            concurrency=settings.worker_concurrency,
-            smtp_host=settings.smtp_host,
-            smtp_port=settings.smtp_port,
-        )
-        await app.run_worker_async(**worker_options(settings, deps, **overrides))
-        log.info("worker_stopped")
+    """Run workers until a signal asks to stop; restart one that loses the database."""
+    stopping = asyncio.Event()
+    current: list[Worker] = []
+    _install_signal_handlers(stopping, current)
+    backoff_s = 1.0
+    while not stopping.is_set():
+        try:
+            async with worker_runtime(settings) as (app, deps):
+                worker = Worker(
+                    app=app,
+                    **worker_options(settings, deps, install_signal_handlers=False, **overrides),
+                )
+                current[:] = [worker]
+                if stopping.is_set():  # a signal arrived while we were connecting
+                    break
+                log.info(
+                    "worker_starting",
+                    concurrency=settings.worker_concurrency,
+                    smtp_host=settings.smtp_host,
+                    smtp_port=settings.smtp_port,
+                )
+                backoff_s = 1.0
+                await worker.run()
+        except Exception as exc:  # noqa: BLE001 - any failure restarts the worker, loudly
+            log.error("worker_crashed", error=f"{type(exc).__name__}: {exc}", restart_in_s=backoff_s)
+        else:
+            if not stopping.is_set():
+                if overrides.get("wait") is False:
+                    return  # drained the queue, as asked
+                log.error("worker_stopped_unexpectedly", restart_in_s=backoff_s)
+        finally:
+            current.clear()
+        if not stopping.is_set():
+            await _sleep_unless(stopping, backoff_s)
+            backoff_s = min(backoff_s * 2, RESTART_BACKOFF_MAX_S)
+    log.info("worker_stopped")
+
+
+async def _sleep_unless(event: asyncio.Event, seconds: float) -> None:
+    try:
+        await asyncio.wait_for(event.wait(), timeout=seconds)
+    except TimeoutError:
+        pass
+
+
+def _install_signal_handlers(stopping: asyncio.Event, current: list[Worker]) -> None:
+    loop = asyncio.get_running_loop()
+
+    def on_signal(signum: int) -> None:
+        if stopping.is_set():
+            log.warning("worker_forced_exit", signal=signal.Signals(signum).name)
+            os._exit(EXIT_FORCED)
+        log.info("worker_stop_requested", signal=signal.Signals(signum).name)
+        stopping.set()
+        for worker in current:
+            worker.stop()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)

@@ -3,11 +3,13 @@
 procrastinate's built-in strategy has neither jitter nor a cap. Here attempt ``n`` (1-based)
 waits a uniformly random time in ``[0, min(cap, base * 2**(n-1))]`` ("full jitter"), so a
 recovering SMTP server sees a spread-out trickle instead of a synchronized stampede. Only
-:class:`~worker.failures.TransientFailure` is retried, and only ``max_attempts`` times in all.
+:class:`~worker.failures.TransientFailure` is retried, and only ``max_attempts`` times in all;
+a job cut off by a shutdown is requeued at once without using up an attempt.
 """
 
 from __future__ import annotations
 
+import asyncio
 import random
 from dataclasses import dataclass, field
 
@@ -32,8 +34,8 @@ class BackoffRetry(BaseRetryStrategy):
     def from_settings(cls, settings: Settings) -> BackoffRetry:
         return cls(
             max_attempts=settings.retry_max_attempts,
-            base_s=settings.retry_base_s,
-            cap_s=settings.retry_cap_s,
+            base_s=settings.retry_base_seconds,
+            cap_s=settings.retry_cap_seconds,
         )
 
     def ceiling_s(self, attempt: int) -> float:
@@ -52,8 +54,14 @@ class BackoffRetry(BaseRetryStrategy):
         return attempt >= self.max_attempts
 
     def get_retry_decision(self, *, exception: BaseException, job: Job) -> RetryDecision | None:
-        attempt = job.attempts + 1
-        if not isinstance(exception, TransientFailure) or self.is_last(attempt):
+        if isinstance(exception, asyncio.CancelledError):
+            # The worker was shutting down and its grace period ran out: the job did nothing
+            # wrong, so it goes straight back to the queue.
+            return RetryDecision(retry_in={"seconds": 0})
+        if not isinstance(exception, TransientFailure):
             return None
-        retry_after = getattr(exception, "retry_after_s", None)
-        return RetryDecision(retry_in={"seconds": self.delay_s(attempt, retry_after)})
+        # The recipient's own count (a shutdown gives its attempt back); the job's as fallback.
+        attempt = exception.attempt or job.attempts + 1
+        if self.is_last(attempt):
+            return None
+        return RetryDecision(retry_in={"seconds": self.delay_s(attempt, exception.retry_after_s)})

@@ -168,7 +168,7 @@ class SmtpMailer:
         client = aiosmtplib.SMTP(
             hostname=s.smtp_host,
             port=s.smtp_port,
-            timeout=s.smtp_timeout_s,
+            timeout=s.smtp_timeout_seconds,
             use_tls=s.smtp_security is SmtpSecurity.TLS,
             start_tls=s.smtp_security is SmtpSecurity.STARTTLS,
             username=s.smtp_username,

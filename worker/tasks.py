@@ -6,10 +6,15 @@ A task only loads by id, drafts, sends and records; the pieces live in :mod:`wor
 while the claim is held, and the claim commits together with ``status = 'sent'``. The one
 window left: the SMTP server accepted the message and the process died before that commit; the
 job then runs again and the recipient receives the message twice (same Message-ID).
+
+Two maintenance tasks run periodically in every deployment: ``sweep_stalled_jobs`` puts the
+jobs of a worker that stopped heartbeating (killed, frozen, cut off) back in the queue, and
+``prune_jobs`` drops old failed job rows once their retention period is over.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from dataclasses import dataclass
 
@@ -19,7 +24,7 @@ import structlog
 from procrastinate import JobContext
 
 from shared.db import Database, RecipientForSend
-from shared.queue import EMAIL_QUEUE, SEND_EMAIL_TASK
+from shared.queue import EMAIL_QUEUE, MAINTENANCE_QUEUE, SEND_EMAIL_TASK
 from shared.settings import Settings
 from worker.drafting import Draft, Drafter
 from worker.failures import DeliveryFailure, TransientFailure
@@ -43,40 +48,57 @@ class WorkerDeps:
 DEPS_KEY = "mailroom"
 
 
-def register_tasks(app: procrastinate.App, retry: BackoffRetry) -> None:
-    """Attach Mailroom's tasks to ``app`` with the process's retry policy."""
+def register_tasks(app: procrastinate.App, settings: Settings, retry: BackoffRetry) -> None:
+    """Attach Mailroom's tasks to ``app``: the email task and the periodic maintenance."""
     app.task(name=SEND_EMAIL_TASK, queue=EMAIL_QUEUE, pass_context=True, retry=retry)(send_email)
+    app.periodic(cron=_every(settings.sweep_interval_seconds), periodic_id="sweep")(
+        app.task(name="sweep_stalled_jobs", queue=MAINTENANCE_QUEUE, pass_context=True)(
+            sweep_stalled_jobs
+        )
+    )
+    app.periodic(cron="17 * * * *", periodic_id="prune")(
+        app.task(name="prune_jobs", queue=MAINTENANCE_QUEUE, pass_context=True)(prune_jobs)
+    )
+
+
+def _every(seconds: int) -> str:
+    # procrastinate's cron takes an optional sixth column for seconds.
+    return f"* * * * * */{seconds}" if seconds < 60 else f"*/{seconds // 60} * * * *"
 
 
 async def send_email(context: JobContext, recipient_id: int) -> str:
     """Draft and send the email of one recipient; returns what happened (for the job log)."""
     deps: WorkerDeps = context.additional_context[DEPS_KEY]
-    attempt = context.job.attempts + 1
-    recipient = await deps.db.recipient_for_send(recipient_id)
-    if recipient is None or recipient.status in {"sent", "dead", "cancelled"}:
+    recipient = await deps.db.begin_attempt(recipient_id)
+    if recipient is None:
         return "skipped"
     try:
-        draft = await _draft_once(deps, recipient)
-        return await _deliver(deps, recipient, draft)
-    except DeliveryFailure as failure:
-        await _record_failure(deps, recipient_id, failure, attempt)
-        raise
+        async with asyncio.timeout(deps.settings.job_timeout_seconds):
+            draft = await _draft_once(deps, recipient)
+            return await _deliver(deps, recipient, draft)
+    except TimeoutError:
+        failure: DeliveryFailure = TransientFailure(
+            f"attempt took longer than {deps.settings.job_timeout_seconds:g} s"
+        )
+    except DeliveryFailure as exc:
+        failure = exc
     except psycopg.Error as exc:
         # The database went away mid-attempt: nothing was recorded as sent, so trying again
         # later is safe. Recording the failure may fail too; the job's retry still stands.
         failure = TransientFailure(f"database unavailable: {type(exc).__name__}")
+    except asyncio.CancelledError:
+        # Cut off by a shutdown past its grace period: the retry policy requeues the job at
+        # once, and the attempt does not count against the recipient's budget.
         with contextlib.suppress(psycopg.Error):
-            await _record_failure(deps, recipient_id, failure, attempt)
-        raise failure from exc
-
-
-async def _record_failure(
-    deps: WorkerDeps, recipient_id: int, failure: DeliveryFailure, attempt: int
-) -> None:
-    final = failure.permanent or deps.retry.is_last(attempt)
-    await deps.db.mark_failed(
-        recipient_id, status="dead" if final else "retrying", error=failure.message
-    )
+            await asyncio.shield(deps.db.give_back_attempt(recipient_id))
+        raise
+    failure.attempt = recipient.attempts
+    final = failure.permanent or deps.retry.is_last(recipient.attempts)
+    with contextlib.suppress(psycopg.Error):
+        await deps.db.mark_failed(
+            recipient_id, status="dead" if final else "retrying", error=failure.message
+        )
+    raise failure
 
 
 async def _draft_once(deps: WorkerDeps, recipient: RecipientForSend) -> Draft:
@@ -89,13 +111,14 @@ async def _draft_once(deps: WorkerDeps, recipient: RecipientForSend) -> Draft:
 
 
 async def _deliver(deps: WorkerDeps, recipient: RecipientForSend, draft: Draft) -> str:
-    if await deps.db.mark_sending(recipient.id) is None:
-        return "skipped"
     sender = deps.settings.from_address
     assert sender is not None  # required by the worker's startup checks
     message_id = message_id_for(recipient.id, recipient.batch_id, sender_domain(sender))
     message = build_message(
-        sender=sender, to=recipient.email, subject=draft.subject, body=draft.body,
+        sender=sender,
+        to=recipient.email,
+        subject=draft.subject,
+        body=draft.body,
         message_id=message_id,
     )
     async with deps.db.claim_delivery(recipient.id) as claim:
@@ -104,3 +127,29 @@ async def _deliver(deps: WorkerDeps, recipient: RecipientForSend, draft: Draft) 
         reply = await deps.mailer.send(message)
         await claim.mark_sent(message_id, reply)
     return "sent"
+
+
+async def sweep_stalled_jobs(context: JobContext, timestamp: int) -> int:
+    """Requeue jobs whose worker has not sent a heartbeat for ``stalled_after_seconds``.
+
+    procrastinate leaves the jobs of a killed worker in ``doing`` forever; this is how they
+    come back. Each counts as an attempt (it did start).
+    """
+    deps: WorkerDeps = context.additional_context[DEPS_KEY]
+    manager = context.app.job_manager
+    stalled = list(
+        await manager.get_stalled_jobs(seconds_since_heartbeat=deps.settings.stalled_after_seconds)
+    )
+    for job in stalled:
+        await manager.retry_job(job)
+        log.warning("stalled_job_requeued", job_id=job.id, task=job.task_name, worker_id=job.worker_id)
+    return len(stalled)
+
+
+async def prune_jobs(context: JobContext, timestamp: int) -> int:
+    """Delete failed job rows older than ``MAILROOM_RETENTION_DAYS``."""
+    deps: WorkerDeps = context.additional_context[DEPS_KEY]
+    deleted = await deps.db.prune_finished_jobs(retention_days=deps.settings.retention_days)
+    if deleted:
+        log.info("old_jobs_pruned", deleted=deleted)
+    return deleted
