@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -85,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--concurrency", type=_positive,
         help="jobs in flight at once (default: MAILROOM_WORKER_CONCURRENCY)",
     )
+    _add_dead_letters(commands)
     commands.add_parser(
         "migrate",
         help="create or update the database schema (safe to run repeatedly)",
@@ -92,6 +94,33 @@ def build_parser() -> argparse.ArgumentParser:
         "MAILROOM_DATABASE_URL. Running it again is a no-op.",
     )
     return parser
+
+
+def _uuid(text: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a batch id: {text!r}") from None
+
+
+def _add_dead_letters(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    dead = commands.add_parser(
+        "dead-letters",
+        help="list, redrive or discard emails that failed permanently",
+        description="Emails that failed permanently or ran out of attempts are dead letters. "
+        "List them, redrive them (requeue with a fresh attempt budget, once the cause is "
+        "fixed) or discard them (they become cancelled; the evidence stays).",
+    )
+    actions = dead.add_subparsers(dest="action", metavar="ACTION", required=True)
+    listing = actions.add_parser("list", help="show dead letters, oldest first")
+    listing.add_argument("--batch", type=_uuid, help="only this batch")
+    listing.add_argument("--limit", type=_positive, default=100, help="at most this many (default: %(default)s)")
+    for name, verb in (("redrive", "requeue"), ("discard", "give up on")):
+        action = actions.add_parser(name, help=f"{verb} dead letters")
+        target = action.add_mutually_exclusive_group(required=True)
+        target.add_argument("ids", nargs="*", type=_positive, default=[], help="recipient ids")
+        target.add_argument("--batch", type=_uuid, help=f"{verb} every dead letter of this batch")
+        target.add_argument("--all", action="store_true", help=f"{verb} every dead letter")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -102,6 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "web": _web,
         "worker": _worker,
         "migrate": _migrate,
+        "dead-letters": _dead_letters,
     }
     try:
         settings = load_settings()
@@ -142,6 +172,41 @@ def _worker(settings: Settings, args: argparse.Namespace) -> int:
     except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as exc:
         print(f"mailroom worker: cannot reach the database: {exc}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _dead_letters(settings: Settings, args: argparse.Namespace) -> int:
+    settings.require("database_url")
+    if args.action != "list" and not (args.ids or args.batch or args.all):
+        print(f"mailroom dead-letters {args.action}: give recipient ids, --batch or --all", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        return asyncio.run(_run_dead_letters(settings, args))
+    except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as exc:
+        print(f"mailroom dead-letters: cannot reach the database: {exc}", file=sys.stderr)
+        return 1
+
+
+async def _run_dead_letters(settings: Settings, args: argparse.Namespace) -> int:
+    from shared.db import Database, Selection, make_pool
+
+    assert settings.database_url is not None
+    async with make_pool(settings.database_url, max_size=1, name="mailroom-cli") as pool:
+        db = Database(pool)
+        if args.action == "list":
+            rows = await db.list_dead_letters(batch_id=args.batch, limit=args.limit)
+            for row in rows:
+                print(
+                    f"{row['id']}\t{row['batch_id']}\t{row['email']}\t{row['attempts']}\t"
+                    f"{row['died_at']:%Y-%m-%d %H:%M:%S}\t{row['last_error'] or ''}"
+                )
+            print(f"{len(rows)} dead letter(s)", file=sys.stderr)
+            return 0
+        selection = Selection(ids=args.ids, batch_id=args.batch, everything=args.all)
+        if args.action == "redrive":
+            print(f"redriven: {await db.redrive(selection)}")
+        else:
+            print(f"discarded: {await db.discard(selection)}")
     return 0
 
 

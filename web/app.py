@@ -15,7 +15,7 @@ from shared.capture import MailCapture
 from shared.db import Database, make_pool
 from shared.schema import pending_migrations
 from shared.settings import Settings
-from web import api, pages
+from web import api, dead_letters, pages
 from web.auth import Authenticator
 from web.keys import AUTH, CAPTURE, DB, SETTINGS
 from web.middlewares import (
@@ -91,6 +91,7 @@ def create_app(
     )
     app.router.add_routes(routes)
     app.router.add_routes(api.routes)
+    app.router.add_routes(dead_letters.routes)
     app.router.add_routes(pages.routes)
     app.router.add_static("/static", HERE / "static")
     return app
