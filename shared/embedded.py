@@ -51,6 +51,20 @@ class EmbeddedPostgres:
                 conn.execute("SELECT pg_reload_conf()")
         return uri
 
+    def pause(self) -> None:
+        """Stop the server process but keep this handle (to test outages; see :meth:`resume`)."""
+        self._pg_ctl("-w", "stop", "-m", "fast")
+
+    def resume(self) -> None:
+        """Start the server again after :meth:`pause`, with the options it had."""
+        assert self._server is not None
+        self._pg_ctl("-w", "-o", '-h ""', "-o", f"-k {self._server.get_postmaster_info().socket_dir}",
+                     "-l", str(self.pgdata / "log"), "start")
+
+    def _pg_ctl(self, *args: str) -> None:
+        assert self._server is not None, "start() first"
+        _server_module().pg_ctl(list(args), pgdata=self.pgdata, user=self._server.system_user)
+
     def stop(self) -> None:
         """Stop the server if this process started or attached to it."""
         if self._server is not None:

@@ -76,7 +76,7 @@ class Settings(BaseSettings):
     # Below systemd's (90 s) and compose's (10 s, raised to 30 s in ours) stop timeouts.
     shutdown_grace_seconds: float = Field(default=20.0, ge=0, le=3600)
     job_timeout_seconds: float = Field(default=120.0, gt=0, le=3600)
-    stalled_after_seconds: float = Field(default=30.0, ge=3, le=86_400)
+    stalled_after_seconds: float = Field(default=30.0, ge=2, le=86_400)
     sweep_interval_seconds: int = Field(default=15, ge=1, le=3600)
     retention_days: int = Field(default=30, ge=1, le=3650)
     max_batch_size: int = Field(default=10_000, ge=1, le=1_000_000)

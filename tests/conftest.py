@@ -135,9 +135,9 @@ async def client(settings: Settings, db: Database) -> AsyncIterator[TestClient]:
 AUTH = {"Authorization": f"Bearer {API_TOKEN}"}
 
 
-async def drain(settings: Settings, **overrides: Any) -> None:
+async def drain(settings: Settings, *, drafter: Any = None, **overrides: Any) -> None:
     """Run a worker until no job is ready, then return (no sleeps, no timing guesses)."""
-    async with worker_runtime(settings) as (app, deps):
+    async with worker_runtime(settings, drafter=drafter) as (app, deps):
         await app.run_worker_async(
             **worker_options(settings, deps, wait=False, install_signal_handlers=False, **overrides)
         )

@@ -27,7 +27,7 @@ from shared.db import Database, RecipientForSend
 from shared.queue import EMAIL_QUEUE, MAINTENANCE_QUEUE, SEND_EMAIL_TASK
 from shared.settings import Settings
 from worker.drafting import Draft, Drafter
-from worker.failures import DeliveryFailure, TransientFailure
+from worker.failures import DeliveryFailure, PermanentFailure, TransientFailure
 from worker.retry import BackoffRetry
 from worker.smtp import Mailer, build_message, message_id_for, sender_domain
 
@@ -69,7 +69,10 @@ def _every(seconds: int) -> str:
 async def send_email(context: JobContext, recipient_id: int) -> str:
     """Draft and send the email of one recipient; returns what happened (for the job log)."""
     deps: WorkerDeps = context.additional_context[DEPS_KEY]
-    recipient = await deps.db.begin_attempt(recipient_id)
+    try:
+        recipient = await deps.db.begin_attempt(recipient_id)
+    except psycopg.Error as exc:
+        raise _database_failure(exc) from exc
     if recipient is None:
         return "skipped"
     try:
@@ -83,15 +86,18 @@ async def send_email(context: JobContext, recipient_id: int) -> str:
     except DeliveryFailure as exc:
         failure = exc
     except psycopg.Error as exc:
-        # The database went away mid-attempt: nothing was recorded as sent, so trying again
-        # later is safe. Recording the failure may fail too; the job's retry still stands.
-        failure = TransientFailure(f"database unavailable: {type(exc).__name__}")
+        failure = _database_failure(exc)
     except asyncio.CancelledError:
         # Cut off by a shutdown past its grace period: the retry policy requeues the job at
         # once, and the attempt does not count against the recipient's budget.
         with contextlib.suppress(psycopg.Error):
             await asyncio.shield(deps.db.give_back_attempt(recipient_id))
         raise
+    except Exception as exc:
+        # A bug, not the far side: make it a dead letter an operator can see and redrive,
+        # rather than a recipient stuck in "sending" forever.
+        log.exception("send_email_crashed", recipient_id=recipient_id)
+        failure = PermanentFailure(f"internal error: {type(exc).__name__}: {exc}"[:500])
     failure.attempt = recipient.attempts
     final = failure.permanent or deps.retry.is_last(recipient.attempts)
     with contextlib.suppress(psycopg.Error):
@@ -99,6 +105,13 @@ async def send_email(context: JobContext, recipient_id: int) -> str:
             recipient_id, status="dead" if final else "retrying", error=failure.message
         )
     raise failure
+
+
+def _database_failure(exc: psycopg.Error) -> TransientFailure:
+    # The database went away mid-attempt: nothing was recorded as sent, so trying again later
+    # is safe. If even the retry cannot be recorded, the job stays "doing" and the stalled-job
+    # sweep requeues it once this worker's heartbeat goes stale.
+    return TransientFailure(f"database unavailable: {type(exc).__name__}")
 
 
 async def _draft_once(deps: WorkerDeps, recipient: RecipientForSend) -> Draft:

@@ -1,0 +1,60 @@
+"""Starting real ``mailroom`` processes from tests, configured like an operator would."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from shared.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+_EXPORTED = (
+    "database_url", "smtp_host", "smtp_port", "smtp_timeout_seconds", "from_address",
+    "worker_concurrency", "retry_base_seconds", "retry_cap_seconds", "retry_max_attempts",
+    "shutdown_grace_seconds", "job_timeout_seconds", "stalled_after_seconds",
+    "sweep_interval_seconds", "api_token", "secret_key", "web_port",
+)
+
+
+def environment(settings: Settings, **extra: str) -> dict[str, str]:
+    """The process environment that gives a subprocess exactly these settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MAILROOM_")}
+    for name in _EXPORTED:
+        value = getattr(settings, name)
+        if value is None:
+            continue
+        text = value.get_secret_value() if hasattr(value, "get_secret_value") else str(value)
+        env[f"MAILROOM_{name.upper()}"] = text
+    env["MAILROOM_LOG_FORMAT"] = "json"
+    env.update(extra)
+    return env
+
+
+async def start(settings: Settings, *args: str, log_path: Path | None = None) -> asyncio.subprocess.Process:
+    """Start ``mailroom ARGS`` with ``settings``; its output goes to ``log_path`` (or nowhere)."""
+    output = log_path.open("ab") if log_path else asyncio.subprocess.DEVNULL
+    try:
+        return await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "shared.cli", *args,
+            env=environment(settings), cwd=ROOT, stdout=output, stderr=output,
+        )
+    finally:
+        if log_path:
+            output.close()  # type: ignore[union-attr]
+
+
+@asynccontextmanager
+async def worker_process(settings: Settings, log_path: Path | None = None) -> AsyncIterator[asyncio.subprocess.Process]:
+    """A ``mailroom worker`` that is killed on the way out if the test left it running."""
+    proc = await start(settings, "worker", log_path=log_path)
+    try:
+        yield proc
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()

@@ -1,0 +1,65 @@
+"""Failures inside the worker never strand a recipient: they retry or become dead letters."""
+
+from __future__ import annotations
+
+import asyncio
+
+from shared.db import Database, NewBatch, NewRecipient, RecipientForSend
+from shared.settings import Settings
+from tests.conftest import drain, query
+from tests.smtp_server import RecordingSMTPServer
+from worker.drafting import Draft
+
+
+async def _one(db: Database, subject: str = "S") -> None:
+    await db.create_batch(
+        NewBatch(created_by="t", subject_template=subject, body_template="B",
+                 recipients=[NewRecipient("x@example.org")])
+    )
+
+
+async def test_a_database_error_at_the_start_of_an_attempt_is_retried(
+    db: Database, settings: Settings, smtp: RecordingSMTPServer
+) -> None:
+    await _one(db)
+    url = settings.database_url or ""
+    await query(
+        url,
+        "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$"
+        " BEGIN RAISE EXCEPTION 'database hiccup'; END $$;"
+        " CREATE TRIGGER refuse BEFORE UPDATE ON recipients FOR EACH ROW EXECUTE FUNCTION refuse();",
+    )
+    await drain(settings)
+    jobs = await query(url, "SELECT status::text, attempts FROM procrastinate_jobs WHERE queue_name = 'emails'")
+    assert jobs == [("todo", 1)], "scheduled for another try, not failed"
+    await query(url, "DROP TRIGGER refuse ON recipients")
+    await asyncio.sleep(settings.retry_cap_seconds + 0.05)
+    await drain(settings)
+    assert await query(url, "SELECT status FROM recipients") == [("sent",)]
+    assert len(smtp.received) == 1
+
+
+class BrokenDrafter:
+    async def draft(self, recipient: RecipientForSend) -> Draft:
+        raise RuntimeError("drafter bug")
+
+
+async def test_a_bug_while_drafting_makes_a_visible_dead_letter(
+    db: Database, settings: Settings, smtp: RecordingSMTPServer
+) -> None:
+    await _one(db)
+    await drain(settings, drafter=BrokenDrafter())
+    row = await query(settings.database_url or "", "SELECT status, last_error FROM recipients")
+    assert row == [("dead", "internal error: RuntimeError: drafter bug")]
+    assert smtp.received == []
+
+
+async def test_a_template_that_fails_at_send_time_is_a_dead_letter(
+    db: Database, settings: Settings, smtp: RecordingSMTPServer
+) -> None:
+    # Validation renders once per shape of fields; values can still break a template later.
+    await _one(db, subject="{{ email | int // 0 }}")
+    await drain(settings)
+    row = await query(settings.database_url or "", "SELECT status, attempts, last_error FROM recipients")
+    assert row[0][:2] == ("dead", 1)
+    assert row[0][2].startswith("template: ")
