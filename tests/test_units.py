@@ -78,6 +78,28 @@ def _job(attempts: int) -> SimpleNamespace:
     return SimpleNamespace(attempts=attempts)
 
 
+def test_retries_wait_behind_fresh_jobs_and_shutdown_requeues_at_once() -> None:
+    import asyncio
+    import datetime
+
+    policy = BackoffRetry(max_attempts=3, base_s=10, cap_s=10)
+    decision = policy.get_retry_decision(exception=TransientFailure("451"), job=_job(0))  # type: ignore[arg-type]
+    assert decision is not None and decision.priority == -1
+    requeue = policy.get_retry_decision(exception=asyncio.CancelledError(), job=_job(5))  # type: ignore[arg-type]
+    assert requeue is not None and requeue.priority is None
+    assert requeue.retry_at is not None
+    assert requeue.retry_at <= datetime.datetime.now(datetime.UTC)
+
+
+def test_the_recipients_attempt_count_decides_when_to_stop() -> None:
+    policy = BackoffRetry(max_attempts=3, base_s=1, cap_s=10)
+    failure = TransientFailure("451")
+    failure.attempt = 3
+    assert policy.get_retry_decision(exception=failure, job=_job(0)) is None  # type: ignore[arg-type]
+    failure.attempt = 2
+    assert policy.get_retry_decision(exception=failure, job=_job(7)) is not None  # type: ignore[arg-type]
+
+
 def test_only_transient_failures_are_retried_and_only_up_to_max_attempts() -> None:
     policy = BackoffRetry(max_attempts=3, base_s=1, cap_s=10)
     transient = TransientFailure("451")
