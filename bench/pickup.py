@@ -11,7 +11,7 @@ Measured in one run, on an embedded PostgreSQL started here:
 2. end to end: a one-recipient batch created with ``Database.create_batch`` until the SMTP
    server accepts the message, through a real Mailroom worker, in the same three states.
 
-    uv run python -m bench.pickup [--waiting 20000] [--samples 300] [--json bench/results/pickup.json]
+    uv run python -m bench.pickup [--waiting 20000] [--samples 300] [--json FILE]
 """
 
 from __future__ import annotations
@@ -36,7 +36,11 @@ from shared.schema import migrate
 from shared.settings import Settings
 from worker.main import worker_options, worker_runtime
 
-STATES = {"empty": None, "waiting at priority 0 (stock)": 0, "waiting at priority -1 (Mailroom)": -1}
+STATES = {
+    "empty": None,
+    "waiting at priority 0 (stock)": 0,
+    "waiting at priority -1 (Mailroom)": -1,
+}
 
 
 @dataclass
@@ -81,11 +85,13 @@ async def fetch_latency(conn: psycopg.AsyncConnection, samples: int) -> list[flo
     timings = []
     for _ in range(samples):
         await conn.execute(
-            "INSERT INTO procrastinate_jobs (queue_name, task_name, args) VALUES ('emails', 'send_email', '{}')"
+            "INSERT INTO procrastinate_jobs (queue_name, task_name, args)"
+            " VALUES ('emails', 'send_email', '{}')"
         )
         started = time.perf_counter()
         cursor = await conn.execute(
-            "SELECT id FROM procrastinate_fetch_job_v2(ARRAY['emails']::varchar[], %s)", (worker_id,)
+            "SELECT id FROM procrastinate_fetch_job_v2(ARRAY['emails']::varchar[], %s)",
+            (worker_id,),
         )
         row = await cursor.fetchone()
         timings.append((time.perf_counter() - started) * 1000)
@@ -95,7 +101,9 @@ async def fetch_latency(conn: psycopg.AsyncConnection, samples: int) -> list[flo
     return timings
 
 
-async def end_to_end(settings: Settings, db: Database, smtp: StampingSMTP, samples: int, tag: str) -> list[float]:
+async def end_to_end(
+    settings: Settings, db: Database, smtp: StampingSMTP, samples: int, tag: str
+) -> list[float]:
     submitted: dict[str, float] = {}
     async with worker_runtime(settings) as (app, deps):
         worker = Worker(app=app, **worker_options(settings, deps, install_signal_handlers=False))
@@ -105,12 +113,17 @@ async def end_to_end(settings: Settings, db: Database, smtp: StampingSMTP, sampl
             address = f"{tag}{i}@example.org"
             submitted[address] = time.perf_counter()
             await db.create_batch(
-                NewBatch(created_by="bench", subject_template="S", body_template="B",
-                         recipients=[NewRecipient(address)])
+                NewBatch(
+                    created_by="bench",
+                    subject_template="S",
+                    body_template="B",
+                    recipients=[NewRecipient(address)],
+                )
             )
             await asyncio.sleep(0.02)  # an idle-ish queue: one new email every 20 ms
         deadline = time.monotonic() + 60
-        while not all(a in smtp.accepted for a in submitted) and time.monotonic() < deadline:
+        # A bounded poll: the SMTP handler has no one to notify.
+        while not all(a in smtp.accepted for a in submitted) and time.monotonic() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.05)
         worker.stop()
         await running
@@ -118,7 +131,12 @@ async def end_to_end(settings: Settings, db: Database, smtp: StampingSMTP, sampl
 
 
 async def run(waiting: int, samples: int) -> dict[str, Any]:
-    results: dict[str, Any] = {"waiting": waiting, "samples": samples, "fetch": {}, "end_to_end": {}}
+    results: dict[str, Any] = {
+        "waiting": waiting,
+        "samples": samples,
+        "fetch": {},
+        "end_to_end": {},
+    }
     smtp = StampingSMTP()
     loop = asyncio.get_running_loop()
     server = await loop.create_server(lambda: SMTP(smtp), "127.0.0.1", 0)
@@ -127,8 +145,12 @@ async def run(waiting: int, samples: int) -> dict[str, Any]:
         url = await asyncio.to_thread(ensure_database, await asyncio.to_thread(pg.start), "bench")
         await migrate(url)
         settings = Settings(  # type: ignore[call-arg]
-            _env_file=None, database_url=url, smtp_host="127.0.0.1", smtp_port=port,
-            from_address="bench@example.com", worker_concurrency=8,
+            _env_file=None,
+            database_url=url,
+            smtp_host="127.0.0.1",
+            smtp_port=port,
+            from_address="bench@example.com",
+            worker_concurrency=8,
         )
         async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
             for label, priority in STATES.items():
@@ -148,7 +170,10 @@ async def run(waiting: int, samples: int) -> dict[str, Any]:
 def print_table(results: dict[str, Any]) -> None:
     floor = results["fetch"]["empty"]["p50_ms"]
     print(f"\nPickup of a fresh job with {results['waiting']:,} jobs waiting in backoff\n")
-    print(f"{'state':36} {'fetch p50':>10} {'fetch p99':>10} {'x empty':>8} {'e2e p50':>9} {'e2e p99':>9}")
+    print(
+        f"{'state':36} {'fetch p50':>10} {'fetch p99':>10} {'x empty':>8}"
+        f" {'e2e p50':>9} {'e2e p99':>9}"
+    )
     for label in STATES:
         f, e = results["fetch"][label], results["end_to_end"][label]
         print(
@@ -160,10 +185,17 @@ def print_table(results: dict[str, Any]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.pickup", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--waiting", type=int, default=20_000, help="jobs in backoff (default: %(default)s)")
-    parser.add_argument("--samples", type=int, default=300, help="fetches per state (default: %(default)s)")
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.pickup",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--waiting", type=int, default=20_000, help="jobs in backoff (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--samples", type=int, default=300, help="fetches per state (default: %(default)s)"
+    )
     parser.add_argument("--json", type=Path, default=Path("bench/results/pickup.json"))
     args = parser.parse_args()
     results = asyncio.run(run(args.waiting, args.samples))

@@ -70,9 +70,11 @@ class MailCapture:
     def messages(self, limit: int = 500) -> list[CapturedMessage]:
         """The newest ``limit`` messages, newest first (headers only)."""
         found = []
-        for key in self._maildir.keys():
-            path = Path(self.directory) / self._maildir._lookup(key)  # noqa: SLF001
-            found.append((path.stat().st_mtime, key, path))
+        for folder in ("new", "cur"):
+            for path in (self.directory / folder).iterdir():
+                if not path.name.startswith("."):
+                    # A Maildir key is the file name up to its ":2,FLAGS" info part.
+                    found.append((path.stat().st_mtime, path.name.split(":", 1)[0], path))
         found.sort(reverse=True)
         return [self._summary(key, path, mtime) for mtime, key, path in found[:limit]]
 

@@ -58,14 +58,20 @@ def build_parser() -> argparse.ArgumentParser:
         "PostgreSQL under --data-dir, a local SMTP capture that keeps every message, the web "
         "tier and a worker. Prints the URL and the login token. Ctrl-C stops everything.",
     )
-    dev.add_argument("--host", default="127.0.0.1", help="web address to bind (default: %(default)s)")
+    dev.add_argument(
+        "--host", default="127.0.0.1", help="web address to bind (default: %(default)s)"
+    )
     dev.add_argument("--port", type=_port, default=8080, help="web port (default: %(default)s)")
     dev.add_argument(
-        "--smtp-port", type=_port, default=1025,
+        "--smtp-port",
+        type=_port,
+        default=1025,
         help="port of the local SMTP capture (default: %(default)s)",
     )
     dev.add_argument(
-        "--data-dir", type=Path, default=Path(".mailroom"),
+        "--data-dir",
+        type=Path,
+        default=Path(".mailroom"),
         help="where the database and captured mail live (default: %(default)s)",
     )
 
@@ -83,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
         "MAILROOM_DATABASE_URL, MAILROOM_FROM_ADDRESS and the MAILROOM_SMTP_* settings.",
     )
     worker.add_argument(
-        "--concurrency", type=_positive,
+        "--concurrency",
+        type=_positive,
         help="jobs in flight at once (default: MAILROOM_WORKER_CONCURRENCY)",
     )
     _add_dead_letters(commands)
@@ -114,7 +121,9 @@ def _add_dead_letters(commands: argparse._SubParsersAction[argparse.ArgumentPars
     actions = dead.add_subparsers(dest="action", metavar="ACTION", required=True)
     listing = actions.add_parser("list", help="show dead letters, oldest first")
     listing.add_argument("--batch", type=_uuid, help="only this batch")
-    listing.add_argument("--limit", type=_positive, default=100, help="at most this many (default: %(default)s)")
+    listing.add_argument(
+        "--limit", type=_positive, default=100, help="at most this many (default: %(default)s)"
+    )
     for name, verb in (("redrive", "requeue"), ("discard", "give up on")):
         action = actions.add_parser(name, help=f"{verb} dead letters")
         target = action.add_mutually_exclusive_group(required=True)
@@ -178,7 +187,10 @@ def _worker(settings: Settings, args: argparse.Namespace) -> int:
 def _dead_letters(settings: Settings, args: argparse.Namespace) -> int:
     settings.require("database_url")
     if args.action != "list" and not (args.ids or args.batch or args.all):
-        print(f"mailroom dead-letters {args.action}: give recipient ids, --batch or --all", file=sys.stderr)
+        print(
+            f"mailroom dead-letters {args.action}: give recipient ids, --batch or --all",
+            file=sys.stderr,
+        )
         return EXIT_CONFIG
     try:
         return asyncio.run(_run_dead_letters(settings, args))
@@ -220,7 +232,11 @@ def _migrate(settings: Settings, args: argparse.Namespace) -> int:
     except psycopg.OperationalError as exc:
         print(f"mailroom migrate: cannot reach the database: {exc}", file=sys.stderr)
         return 1
-    print(f"applied {len(applied)} migration(s): {', '.join(applied)}" if applied else "schema is up to date")
+    print(
+        f"applied {len(applied)} migration(s): {', '.join(applied)}"
+        if applied
+        else "schema is up to date"
+    )
     return 0
 
 

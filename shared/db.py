@@ -226,7 +226,8 @@ class Database:
         async with self.pool.connection() as conn:
             cursor = conn.cursor(row_factory=dict_row)
             await cursor.execute(
-                "SELECT id, created_at, total, drafter, subject_template FROM batches WHERE id = %s",
+                "SELECT id, created_at, total, drafter, subject_template"
+                " FROM batches WHERE id = %s",
                 (batch_id,),
             )
             batch = await cursor.fetchone()

@@ -53,7 +53,9 @@ def dev_secrets(data_dir: Path, settings: Settings) -> tuple[str, str]:
     path = data_dir / "dev-secrets.json"
     stored: dict[str, str] = json.loads(path.read_text()) if path.exists() else {}
     token = settings.api_token.get_secret_value() if settings.api_token else stored.get("api_token")
-    key = settings.secret_key.get_secret_value() if settings.secret_key else stored.get("secret_key")
+    key = (
+        settings.secret_key.get_secret_value() if settings.secret_key else stored.get("secret_key")
+    )
     token = token or secrets.token_urlsafe(18)
     key = key or secrets.token_urlsafe(32)
     if not settings.api_token or not settings.secret_key:
@@ -80,8 +82,12 @@ async def run_dev(base: Settings, options: DevOptions) -> int:
         try:
             smtp_port = await capture.start("127.0.0.1", options.smtp_port)
         except OSError as exc:
-            print(f"mailroom dev: cannot listen for SMTP on port {options.smtp_port}: {exc.strerror}; "
-                  "pass --smtp-port", file=sys.stderr)
+            print(
+                f"mailroom dev: cannot listen for SMTP on port {options.smtp_port}: "
+                f"{exc.strerror}; "
+                "pass --smtp-port",
+                file=sys.stderr,
+            )
             return 1
         token, key = dev_secrets(data_dir, base)
         settings = base.model_copy(
@@ -115,28 +121,38 @@ async def _serve(
     forced: asyncio.Event,
 ) -> int:
     assert settings.database_url is not None
-    pool = make_pool(settings.database_url, max_size=settings.database_pool_size, name="mailroom-web")
+    pool = make_pool(
+        settings.database_url, max_size=settings.database_pool_size, name="mailroom-web"
+    )
     await pool.open(wait=True, timeout=30)
-    runner = web.AppRunner(create_app(settings, db=Database(pool), capture=capture), access_log=None)
+    runner = web.AppRunner(
+        create_app(settings, db=Database(pool), capture=capture), access_log=None
+    )
     await runner.setup()
     try:
         site = web.TCPSite(runner, options.host, options.port)
         try:
             await site.start()
         except OSError as exc:
-            print(f"mailroom dev: cannot listen on {options.host}:{options.port}: {exc.strerror}; "
-                  "pass --port", file=sys.stderr)
+            print(
+                f"mailroom dev: cannot listen on {options.host}:{options.port}: {exc.strerror}; "
+                "pass --port",
+                file=sys.stderr,
+            )
             return 1
         async with worker_runtime(settings) as (app, deps):
             worker = asyncio.create_task(
-                app.run_worker_async(**worker_options(settings, deps, install_signal_handlers=False)),
+                app.run_worker_async(
+                    **worker_options(settings, deps, install_signal_handlers=False)
+                ),
                 name="worker",
             )
             _banner(settings, options, capture)
             await _wait_for(stop, worker)
             worker.cancel()
-            done, _ = await asyncio.wait({worker, asyncio.create_task(forced.wait())},
-                                         return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(
+                {worker, asyncio.create_task(forced.wait())}, return_when=asyncio.FIRST_COMPLETED
+            )
             if worker not in done:
                 print("Second signal: not waiting for jobs in flight.", flush=True)
     finally:

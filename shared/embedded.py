@@ -58,8 +58,16 @@ class EmbeddedPostgres:
     def resume(self) -> None:
         """Start the server again after :meth:`pause`, with the options it had."""
         assert self._server is not None
-        self._pg_ctl("-w", "-o", '-h ""', "-o", f"-k {self._server.get_postmaster_info().socket_dir}",
-                     "-l", str(self.pgdata / "log"), "start")
+        self._pg_ctl(
+            "-w",
+            "-o",
+            '-h ""',
+            "-o",
+            f"-k {self._server.get_postmaster_info().socket_dir}",
+            "-l",
+            str(self.pgdata / "log"),
+            "start",
+        )
 
     def _pg_ctl(self, *args: str) -> None:
         assert self._server is not None, "start() first"

@@ -63,5 +63,7 @@ def configure_logging(level: str = "INFO", fmt: LogFormat = LogFormat.AUTO) -> N
         logging.getLogger(name).setLevel(max(quiet_level, logging.getLevelName(level)))
 
 
-def _keep(logger: object, method: str, event: structlog.types.EventDict) -> structlog.types.EventDict:
+def _keep(
+    logger: object, method: str, event: structlog.types.EventDict
+) -> structlog.types.EventDict:
     return event

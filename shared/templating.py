@@ -13,6 +13,7 @@ from typing import Any
 
 import jinja2
 from jinja2 import meta
+from jinja2.exceptions import SecurityError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 MAX_RENDERED_CHARS = 100_000
@@ -31,9 +32,9 @@ class _Sandbox(ImmutableSandboxedEnvironment):
         if op == "*" and any(isinstance(v, str | list | tuple) for v in (left, right)):
             count = right if isinstance(left, str | list | tuple) else left
             if isinstance(count, int) and count > _MAX_REPEAT:
-                raise jinja2.sandbox.SecurityError("repetition too large")
+                raise SecurityError("repetition too large")
         if op == "**" and isinstance(right, int | float) and right > _MAX_EXPONENT:
-            raise jinja2.sandbox.SecurityError("exponent too large")
+            raise SecurityError("exponent too large")
         return operator.mul(left, right) if op == "*" else operator.pow(left, right)
 
 
@@ -65,7 +66,7 @@ def render(source: str, values: dict[str, Any]) -> str:
         raise TemplateProblem(f"line {exc.lineno}: {exc.message}") from None
     except jinja2.UndefinedError as exc:
         raise TemplateProblem(f"undefined: {exc.message}") from None
-    except jinja2.sandbox.SecurityError as exc:
+    except SecurityError as exc:
         raise TemplateProblem(f"not allowed in a template: {exc}") from None
     except (TypeError, ValueError, ArithmeticError, LookupError) as exc:
         raise TemplateProblem(f"template failed: {exc}") from None

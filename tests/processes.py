@@ -14,10 +14,22 @@ from shared.settings import Settings
 ROOT = Path(__file__).resolve().parent.parent
 
 _EXPORTED = (
-    "database_url", "smtp_host", "smtp_port", "smtp_timeout_seconds", "from_address",
-    "worker_concurrency", "retry_base_seconds", "retry_cap_seconds", "retry_max_attempts",
-    "shutdown_grace_seconds", "job_timeout_seconds", "stalled_after_seconds",
-    "sweep_interval_seconds", "api_token", "secret_key", "web_port",
+    "database_url",
+    "smtp_host",
+    "smtp_port",
+    "smtp_timeout_seconds",
+    "from_address",
+    "worker_concurrency",
+    "retry_base_seconds",
+    "retry_cap_seconds",
+    "retry_max_attempts",
+    "shutdown_grace_seconds",
+    "job_timeout_seconds",
+    "stalled_after_seconds",
+    "sweep_interval_seconds",
+    "api_token",
+    "secret_key",
+    "web_port",
 )
 
 
@@ -35,13 +47,21 @@ def environment(settings: Settings, **extra: str) -> dict[str, str]:
     return env
 
 
-async def start(settings: Settings, *args: str, log_path: Path | None = None) -> asyncio.subprocess.Process:
+async def start(
+    settings: Settings, *args: str, log_path: Path | None = None
+) -> asyncio.subprocess.Process:
     """Start ``mailroom ARGS`` with ``settings``; its output goes to ``log_path`` (or nowhere)."""
     output = log_path.open("ab") if log_path else asyncio.subprocess.DEVNULL
     try:
         return await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "shared.cli", *args,
-            env=environment(settings), cwd=ROOT, stdout=output, stderr=output,
+            sys.executable,
+            "-m",
+            "shared.cli",
+            *args,
+            env=environment(settings),
+            cwd=ROOT,
+            stdout=output,
+            stderr=output,
         )
     finally:
         if log_path:
@@ -49,7 +69,9 @@ async def start(settings: Settings, *args: str, log_path: Path | None = None) ->
 
 
 @asynccontextmanager
-async def worker_process(settings: Settings, log_path: Path | None = None) -> AsyncIterator[asyncio.subprocess.Process]:
+async def worker_process(
+    settings: Settings, log_path: Path | None = None
+) -> AsyncIterator[asyncio.subprocess.Process]:
     """A ``mailroom worker`` that is killed on the way out if the test left it running."""
     proc = await start(settings, "worker", log_path=log_path)
     try:

@@ -43,9 +43,21 @@ async def _nothing_written(settings: Settings) -> None:
         (batch(recipients=[42]), "recipients", "address string"),
         (batch(recipients=[None]), "recipients", "address string"),
         (batch(recipients=[{"name": "no email"}]), "recipients", "address string"),
-        (batch(recipients=[{"email": "a@example.org", "bad name": "x"}]), "recipients", "field name"),
-        (batch(recipients=[{"email": "a@example.org", "nested": {"a": 1}}]), "recipients", "string, number"),
-        (batch(recipients=[{"email": "a@example.org", "n": "x" * 3000}]), "recipients", "longer than"),
+        (
+            batch(recipients=[{"email": "a@example.org", "bad name": "x"}]),
+            "recipients",
+            "field name",
+        ),
+        (
+            batch(recipients=[{"email": "a@example.org", "nested": {"a": 1}}]),
+            "recipients",
+            "string, number",
+        ),
+        (
+            batch(recipients=[{"email": "a@example.org", "n": "x" * 3000}]),
+            "recipients",
+            "longer than",
+        ),
         (batch(subject=...), "subject", "required"),
         (batch(subject=""), "subject", "required"),
         (batch(subject="   "), "subject", "required"),
@@ -75,7 +87,9 @@ async def test_bad_input_is_422_naming_the_field_and_nothing_is_written(
     await _nothing_written(settings)
 
 
-async def test_fields_with_a_default_need_not_be_given(client: TestClient, settings: Settings) -> None:
+async def test_fields_with_a_default_need_not_be_given(
+    client: TestClient, settings: Settings
+) -> None:
     payload = batch(
         recipients=["ada@example.org", {"email": "grace@example.org", "name": "Grace"}],
         subject="Hello {{ name | default(email) }}",
@@ -86,7 +100,12 @@ async def test_fields_with_a_default_need_not_be_given(client: TestClient, setti
 
 async def test_only_recipients_lacking_a_needed_field_are_reported(client: TestClient) -> None:
     payload = batch(
-        recipients=[{"email": "a@example.org", "name": "A"}, "b@example.org", {"email": "c@example.org", "name": "C"}, "d@example.org"],
+        recipients=[
+            {"email": "a@example.org", "name": "A"},
+            "b@example.org",
+            {"email": "c@example.org", "name": "C"},
+            "d@example.org",
+        ],
         body="Dear {{ name }}",
     )
     response = await client.post("/api/batches", json=payload, headers=AUTH)
@@ -95,7 +114,9 @@ async def test_only_recipients_lacking_a_needed_field_are_reported(client: TestC
     assert [p["position"] for p in problems] == [1, 3]
 
 
-async def test_every_bad_address_is_listed_by_position(client: TestClient, settings: Settings) -> None:
+async def test_every_bad_address_is_listed_by_position(
+    client: TestClient, settings: Settings
+) -> None:
     recipients = ["ok@example.org", "bad1", "ok2@example.org", "bad2@", "", "ok3@example.org"]
     response = await client.post("/api/batches", json=batch(recipients=recipients), headers=AUTH)
     assert response.status == 422
@@ -105,7 +126,9 @@ async def test_every_bad_address_is_listed_by_position(client: TestClient, setti
     await _nothing_written(settings)
 
 
-async def test_addresses_differing_only_in_case_are_sent_once(client: TestClient, settings: Settings) -> None:
+async def test_addresses_differing_only_in_case_are_sent_once(
+    client: TestClient, settings: Settings
+) -> None:
     recipients = ["Ada@Example.org", "ada@example.org", "ADA@EXAMPLE.ORG", "grace@example.org"]
     response = await client.post("/api/batches", json=batch(recipients=recipients), headers=AUTH)
     assert response.status == 201
@@ -115,7 +138,9 @@ async def test_addresses_differing_only_in_case_are_sent_once(client: TestClient
     assert rows == [("Ada@example.org",), ("grace@example.org",)]
 
 
-async def test_more_recipients_than_the_limit_is_refused(client: TestClient, settings: Settings) -> None:
+async def test_more_recipients_than_the_limit_is_refused(
+    client: TestClient, settings: Settings
+) -> None:
     too_many = [f"p{i}@example.org" for i in range(settings.max_batch_size + 1)]
     response = await client.post("/api/batches", json=batch(recipients=too_many), headers=AUTH)
     assert response.status == 422
@@ -126,7 +151,9 @@ async def test_more_recipients_than_the_limit_is_refused(client: TestClient, set
 
 async def test_malformed_json_is_400(client: TestClient, settings: Settings) -> None:
     response = await client.post(
-        "/api/batches", data=b'{"recipients": [', headers={**AUTH, "Content-Type": "application/json"}
+        "/api/batches",
+        data=b'{"recipients": [',
+        headers={**AUTH, "Content-Type": "application/json"},
     )
     assert response.status == 400
     assert (await response.json())["error"]["code"] == "malformed_json"
@@ -135,7 +162,9 @@ async def test_malformed_json_is_400(client: TestClient, settings: Settings) -> 
 
 async def test_invalid_utf8_is_400(client: TestClient) -> None:
     response = await client.post(
-        "/api/batches", data=b'{"subject": "\xff"}', headers={**AUTH, "Content-Type": "application/json"}
+        "/api/batches",
+        data=b'{"subject": "\xff"}',
+        headers={**AUTH, "Content-Type": "application/json"},
     )
     assert response.status == 400
 
@@ -165,7 +194,9 @@ async def test_an_oversized_body_is_413_in_the_error_shape(client: TestClient) -
         {"Authorization": AUTH["Authorization"] + "x"},
     ],
 )
-async def test_a_missing_or_wrong_token_is_401(client: TestClient, settings: Settings, headers: dict[str, str]) -> None:
+async def test_a_missing_or_wrong_token_is_401(
+    client: TestClient, settings: Settings, headers: dict[str, str]
+) -> None:
     response = await client.post("/api/batches", json=GOOD, headers=headers)
     assert response.status == 401
     assert (await response.json())["error"]["code"] == "unauthorized"
@@ -174,29 +205,40 @@ async def test_a_missing_or_wrong_token_is_401(client: TestClient, settings: Set
 
 
 async def test_unknown_or_malformed_batch_ids_are_404(client: TestClient) -> None:
-    for path in ["/api/batches/not-a-uuid", "/api/batches/00000000-0000-0000-0000-000000000000",
-                 "/api/batches/00000000-0000-0000-0000-000000000000/recipients"]:
+    for path in [
+        "/api/batches/not-a-uuid",
+        "/api/batches/00000000-0000-0000-0000-000000000000",
+        "/api/batches/00000000-0000-0000-0000-000000000000/recipients",
+    ]:
         response = await client.get(path, headers=AUTH)
         assert response.status == 404, path
         assert (await response.json())["error"]["code"] == "not_found"
 
 
-@pytest.mark.parametrize("query_string", ["status=lost", "limit=0", "limit=100000", "after=-1", "limit=abc"])
+@pytest.mark.parametrize(
+    "query_string", ["status=lost", "limit=0", "limit=100000", "after=-1", "limit=abc"]
+)
 async def test_bad_recipient_list_queries_are_422(client: TestClient, query_string: str) -> None:
     created = await (await client.post("/api/batches", json=GOOD, headers=AUTH)).json()
-    response = await client.get(f"/api/batches/{created['id']}/recipients?{query_string}", headers=AUTH)
+    response = await client.get(
+        f"/api/batches/{created['id']}/recipients?{query_string}", headers=AUTH
+    )
     assert response.status == 422
     assert (await response.json())["error"]["code"] == "invalid_query"
 
 
 async def test_recipient_pages_chain_with_next_after(client: TestClient) -> None:
     recipients = [f"p{i}@example.org" for i in range(5)]
-    created = await (await client.post("/api/batches", json=batch(recipients=recipients), headers=AUTH)).json()
+    created = await (
+        await client.post("/api/batches", json=batch(recipients=recipients), headers=AUTH)
+    ).json()
     seen: list[str] = []
     after = 0
     while after is not None:
         page = await (
-            await client.get(f"/api/batches/{created['id']}/recipients?limit=2&after={after}", headers=AUTH)
+            await client.get(
+                f"/api/batches/{created['id']}/recipients?limit=2&after={after}", headers=AUTH
+            )
         ).json()
         seen += [r["email"] for r in page["recipients"]]
         after = page["next_after"]
@@ -215,7 +257,9 @@ async def test_health_and_readiness(client: TestClient, settings: Settings) -> N
     assert (await client.get("/healthz")).status == 200
     ready = await client.get("/readyz")
     assert ready.status == 200, await ready.text()
-    await query(settings.database_url or "", "DELETE FROM mailroom_migrations WHERE name = '0001_core'")
+    await query(
+        settings.database_url or "", "DELETE FROM mailroom_migrations WHERE name = '0001_core'"
+    )
     not_ready = await client.get("/readyz")
     assert not_ready.status == 503
     assert (await not_ready.json())["pending"] == ["0001_core"]

@@ -11,7 +11,9 @@ import pytest
 from shared.settings import ConfigError, load_settings
 
 
-def mailroom(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def mailroom(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("MAILROOM_")}
     return subprocess.run(
         [sys.executable, "-m", "shared.cli", *args],
@@ -34,7 +36,10 @@ def test_every_command_has_help(command: list[str]) -> None:
 def test_no_command_is_a_usage_error() -> None:
     result = mailroom()
     assert result.returncode == 2
-    assert "required: COMMAND" in result.stderr or "the following arguments are required" in result.stderr
+    assert (
+        "required: COMMAND" in result.stderr
+        or "the following arguments are required" in result.stderr
+    )
 
 
 @pytest.mark.parametrize(
@@ -42,20 +47,57 @@ def test_no_command_is_a_usage_error() -> None:
     [
         ({"MAILROOM_SMTP_PORT": "abc"}, "worker", "MAILROOM_SMTP_PORT", "valid integer"),
         ({"MAILROOM_SMTP_PORT": "70000"}, "worker", "MAILROOM_SMTP_PORT", "less than or equal"),
-        ({"MAILROOM_SMTP_SECURITY": "ssl3"}, "worker", "MAILROOM_SMTP_SECURITY", "'none', 'starttls' or 'tls'"),
-        ({"MAILROOM_WORKER_CONCURRENCY": "0"}, "worker", "MAILROOM_WORKER_CONCURRENCY", "greater than or equal"),
+        (
+            {"MAILROOM_SMTP_SECURITY": "ssl3"},
+            "worker",
+            "MAILROOM_SMTP_SECURITY",
+            "'none', 'starttls' or 'tls'",
+        ),
+        (
+            {"MAILROOM_WORKER_CONCURRENCY": "0"},
+            "worker",
+            "MAILROOM_WORKER_CONCURRENCY",
+            "greater than or equal",
+        ),
         ({"MAILROOM_FROM_ADDRESS": "not an address"}, "worker", "MAILROOM_FROM_ADDRESS", "@-sign"),
-        ({"MAILROOM_FROM_ADDRESS": "a@example.org\nBcc: x@y.org"}, "worker", "MAILROOM_FROM_ADDRESS", "line breaks"),
-        ({"MAILROOM_DATABASE_URL": "mysql://x"}, "migrate", "MAILROOM_DATABASE_URL", "postgresql://"),
+        (
+            {"MAILROOM_FROM_ADDRESS": "a@example.org\nBcc: x@y.org"},
+            "worker",
+            "MAILROOM_FROM_ADDRESS",
+            "line breaks",
+        ),
+        (
+            {"MAILROOM_DATABASE_URL": "mysql://x"},
+            "migrate",
+            "MAILROOM_DATABASE_URL",
+            "postgresql://",
+        ),
         ({"MAILROOM_LOG_LEVEL": "LOUD"}, "migrate", "MAILROOM_LOG_LEVEL", "one of DEBUG"),
-        ({"MAILROOM_RETRY_BASE_SECONDS": "10", "MAILROOM_RETRY_CAP_SECONDS": "5"}, "worker", "MAILROOM_RETRY_CAP_SECONDS", "must not be below"),
+        (
+            {"MAILROOM_RETRY_BASE_SECONDS": "10", "MAILROOM_RETRY_CAP_SECONDS": "5"},
+            "worker",
+            "MAILROOM_RETRY_CAP_SECONDS",
+            "must not be below",
+        ),
         ({}, "migrate", "MAILROOM_DATABASE_URL", "required but not set"),
         ({}, "worker", "MAILROOM_DATABASE_URL", "required but not set"),
-        ({"MAILROOM_DATABASE_URL": "postgresql://localhost/x"}, "worker", "MAILROOM_FROM_ADDRESS", "required"),
-        ({"MAILROOM_DATABASE_URL": "postgresql://localhost/x"}, "web", "MAILROOM_API_TOKEN", "required"),
+        (
+            {"MAILROOM_DATABASE_URL": "postgresql://localhost/x"},
+            "worker",
+            "MAILROOM_FROM_ADDRESS",
+            "required",
+        ),
+        (
+            {"MAILROOM_DATABASE_URL": "postgresql://localhost/x"},
+            "web",
+            "MAILROOM_API_TOKEN",
+            "required",
+        ),
         (
             {"MAILROOM_DATABASE_URL": "postgresql://localhost/x", "MAILROOM_API_TOKEN": "t"},
-            "web", "MAILROOM_SECRET_KEY", "required",
+            "web",
+            "MAILROOM_SECRET_KEY",
+            "required",
         ),
     ],
 )
@@ -72,13 +114,22 @@ def test_configuration_errors_exit_2_with_one_clear_line(
 
 
 def test_secrets_are_never_echoed_in_configuration_errors() -> None:
-    result = mailroom("worker", env={"MAILROOM_SMTP_PASSWORD": "", "MAILROOM_SMTP_PORT": "x", "MAILROOM_API_TOKEN": "hunter2"})
+    result = mailroom(
+        "worker",
+        env={
+            "MAILROOM_SMTP_PASSWORD": "",
+            "MAILROOM_SMTP_PORT": "x",
+            "MAILROOM_API_TOKEN": "hunter2",
+        },
+    )
     assert result.returncode == 2
     assert "hunter2" not in result.stderr
 
 
 def test_an_unreachable_database_is_a_clear_error(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    result = mailroom("migrate", env={"MAILROOM_DATABASE_URL": f"postgresql://nobody@/x?host={tmp_path}"})
+    result = mailroom(
+        "migrate", env={"MAILROOM_DATABASE_URL": f"postgresql://nobody@/x?host={tmp_path}"}
+    )
     assert result.returncode == 1
     assert "cannot reach the database" in result.stderr
     assert "Traceback" not in result.stderr

@@ -49,15 +49,23 @@ async def test_a_550_is_dead_at_the_first_attempt_and_the_rest_is_sent(
     batch_id = await _batch(client, GOOD + BAD)
     await drain(settings)
     rows = await query(
-        settings.database_url or "", "SELECT email, status, attempts, last_error FROM recipients ORDER BY id"
+        settings.database_url or "",
+        "SELECT email, status, attempts, last_error FROM recipients ORDER BY id",
     )
-    assert [(e, s, a) for e, s, a, _ in rows] == [(e, "sent", 1) for e in GOOD] + [(e, "dead", 1) for e in BAD]
-    assert all("550" in (err or "") and "user unknown" in err for _, s, _, err in rows if s == "dead")
+    assert [(e, s, a) for e, s, a, _ in rows] == [(e, "sent", 1) for e in GOOD] + [
+        (e, "dead", 1) for e in BAD
+    ]
+    assert all(
+        "550" in (err or "") and "user unknown" in err for _, s, _, err in rows if s == "dead"
+    )
     assert sorted(smtp.to_addresses()) == sorted(GOOD)
     status = await (await client.get(f"/api/batches/{batch_id}", headers=AUTH)).json()
     assert status["status"] == "done" and status["counts"]["dead"] == 2
     # The failed job rows stay as evidence.
-    jobs = await query(settings.database_url or "", "SELECT status::text FROM procrastinate_jobs WHERE queue_name = 'emails'")
+    jobs = await query(
+        settings.database_url or "",
+        "SELECT status::text FROM procrastinate_jobs WHERE queue_name = 'emails'",
+    )
     assert jobs == [("failed",), ("failed",)]
 
 
@@ -67,7 +75,9 @@ async def test_a_5xx_after_data_is_permanent_too(
     smtp.rules["spam@example.org"] = Rule("554 5.7.1 message rejected", at_data=True)
     await _batch(client, ["spam@example.org"])
     await drain(settings)
-    assert await query(settings.database_url or "", "SELECT status, attempts FROM recipients") == [("dead", 1)]
+    assert await query(settings.database_url or "", "SELECT status, attempts FROM recipients") == [
+        ("dead", 1)
+    ]
 
 
 async def test_transient_failures_that_never_stop_exhaust_the_budget(
@@ -76,23 +86,34 @@ async def test_transient_failures_that_never_stop_exhaust_the_budget(
     smtp.rules["busy@example.org"] = Rule("451 4.3.0 try later")
     await _batch(client, ["busy@example.org"])
     await _drain_until_settled(settings)
-    row = await query(settings.database_url or "", "SELECT status, attempts, last_error FROM recipients")
+    row = await query(
+        settings.database_url or "", "SELECT status, attempts, last_error FROM recipients"
+    )
     assert row[0][:2] == ("dead", settings.retry_max_attempts)
     assert "451" in row[0][2]
     assert smtp.rules["busy@example.org"].seen == settings.retry_max_attempts
 
 
-async def test_dead_letters_are_listed_across_batches(client: TestClient, settings: Settings, smtp: RecordingSMTPServer) -> None:
+async def test_dead_letters_are_listed_across_batches(
+    client: TestClient, settings: Settings, smtp: RecordingSMTPServer
+) -> None:
     smtp.rules[BAD[0]] = Rule("550 no")
     smtp.rules[BAD[1]] = Rule("550 no")
     first = await _batch(client, [BAD[0], GOOD[0]])
     second = await _batch(client, [BAD[1]])
     await drain(settings)
     listing = await (await client.get("/api/dead-letters", headers=AUTH)).json()
-    assert [(d["email"], d["batch_id"]) for d in listing["dead_letters"]] == [(BAD[0], first), (BAD[1], second)]
-    only_second = await (await client.get(f"/api/dead-letters?batch_id={second}", headers=AUTH)).json()
+    assert [(d["email"], d["batch_id"]) for d in listing["dead_letters"]] == [
+        (BAD[0], first),
+        (BAD[1], second),
+    ]
+    only_second = await (
+        await client.get(f"/api/dead-letters?batch_id={second}", headers=AUTH)
+    ).json()
     assert [d["email"] for d in only_second["dead_letters"]] == [BAD[1]]
-    by_status = await (await client.get(f"/api/batches/{first}/recipients?status=dead", headers=AUTH)).json()
+    by_status = await (
+        await client.get(f"/api/batches/{first}/recipients?status=dead", headers=AUTH)
+    ).json()
     assert [r["email"] for r in by_status["recipients"]] == [BAD[0]]
 
 
@@ -104,7 +125,12 @@ async def test_redrive_after_fixing_the_cause_delivers_each_dead_letter_exactly_
         smtp.rules[address] = Rule("550 5.1.1 user unknown")
     batch_id = await _batch(client, GOOD + BAD)
     await drain(settings)
-    dead_ids = [d["id"] for d in (await (await client.get("/api/dead-letters", headers=AUTH)).json())["dead_letters"]]
+    dead_ids = [
+        d["id"]
+        for d in (await (await client.get("/api/dead-letters", headers=AUTH)).json())[
+            "dead_letters"
+        ]
+    ]
     smtp.rules.clear()  # the mailbox exists now
 
     body: dict[str, Any] = {
@@ -116,7 +142,8 @@ async def test_redrive_after_fixing_the_cause_delivers_each_dead_letter_exactly_
     assert response.status == 200
     assert (await response.json())["redriven"] == 2
     assert await query(
-        settings.database_url or "", "SELECT status, attempts FROM recipients WHERE status <> 'sent'"
+        settings.database_url or "",
+        "SELECT status, attempts FROM recipients WHERE status <> 'sent'",
     ) == [("queued", 0), ("queued", 0)]
     await drain(settings)
     assert smtp.to_addresses() == {address: 1 for address in GOOD + BAD}
@@ -127,7 +154,9 @@ async def test_redrive_after_fixing_the_cause_delivers_each_dead_letter_exactly_
     assert sum(smtp.to_addresses().values()) == len(GOOD + BAD)
 
 
-async def test_redrive_never_touches_a_sent_recipient(client: TestClient, settings: Settings, smtp: RecordingSMTPServer) -> None:
+async def test_redrive_never_touches_a_sent_recipient(
+    client: TestClient, settings: Settings, smtp: RecordingSMTPServer
+) -> None:
     await _batch(client, GOOD[:1])
     await drain(settings)
     sent_id = (await query(settings.database_url or "", "SELECT id FROM recipients"))[0][0]
@@ -137,7 +166,9 @@ async def test_redrive_never_touches_a_sent_recipient(client: TestClient, settin
     assert len(smtp.received) == 1
 
 
-async def test_discard_keeps_the_evidence(client: TestClient, settings: Settings, smtp: RecordingSMTPServer) -> None:
+async def test_discard_keeps_the_evidence(
+    client: TestClient, settings: Settings, smtp: RecordingSMTPServer
+) -> None:
     smtp.rules[BAD[0]] = Rule("550 no such user")
     await _batch(client, [BAD[0]])
     await drain(settings)
@@ -145,7 +176,9 @@ async def test_discard_keeps_the_evidence(client: TestClient, settings: Settings
     assert (await response.json())["discarded"] == 1
     row = await query(settings.database_url or "", "SELECT status, last_error FROM recipients")
     assert row[0][0] == "cancelled" and "550" in row[0][1]
-    assert (await (await client.get("/api/dead-letters", headers=AUTH)).json())["dead_letters"] == []
+    assert (await (await client.get("/api/dead-letters", headers=AUTH)).json())[
+        "dead_letters"
+    ] == []
 
 
 @pytest.mark.parametrize(
@@ -169,7 +202,9 @@ async def test_garbage_selections_are_refused(client: TestClient, body: Any, sta
     for action in ("redrive", "discard"):
         if body is None:
             response = await client.post(
-                f"/api/dead-letters/{action}", data=b"{not json", headers={**AUTH, "Content-Type": "application/json"}
+                f"/api/dead-letters/{action}",
+                data=b"{not json",
+                headers={**AUTH, "Content-Type": "application/json"},
             )
         else:
             response = await client.post(f"/api/dead-letters/{action}", json=body, headers=AUTH)
@@ -188,7 +223,10 @@ def _cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
     env["MAILROOM_DATABASE_URL"] = settings.database_url or ""
     return subprocess.run(
         [sys.executable, "-m", "shared.cli", "dead-letters", *args],
-        env=env, capture_output=True, text=True, timeout=60,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
 
 
@@ -213,7 +251,13 @@ async def test_the_cli_lists_redrives_and_discards(
     await drain(settings)
     assert smtp.to_addresses() == {BAD[0]: 1}
 
-    for bad in (["redrive"], ["redrive", "--batch", "nope"], ["redrive", "x"], ["frobnicate"], ["redrive", "1", "--all"]):
+    for bad in (
+        ["redrive"],
+        ["redrive", "--batch", "nope"],
+        ["redrive", "x"],
+        ["frobnicate"],
+        ["redrive", "1", "--all"],
+    ):
         result = await asyncio.to_thread(_cli, settings, *bad)
         assert result.returncode == 2, (bad, result.stderr)
         assert "Traceback" not in result.stderr

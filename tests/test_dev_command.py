@@ -42,9 +42,20 @@ async def running_dev(data_dir: Path) -> AsyncIterator[tuple[asyncio.subprocess.
     port, smtp_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MAILROOM_")}
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "shared.cli", "dev", "--port", str(port),
-        "--smtp-port", str(smtp_port), "--data-dir", str(data_dir),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, cwd=ROOT, env=env,
+        sys.executable,
+        "-m",
+        "shared.cli",
+        "dev",
+        "--port",
+        str(port),
+        "--smtp-port",
+        str(smtp_port),
+        "--data-dir",
+        str(data_dir),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        cwd=ROOT,
+        env=env,
     )
     assert proc.stdout is not None
     output = []
@@ -67,7 +78,9 @@ async def running_dev(data_dir: Path) -> AsyncIterator[tuple[asyncio.subprocess.
     await drain_output
 
 
-async def test_dev_delivers_a_batch_to_its_capture_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
+async def test_dev_delivers_a_batch_to_its_capture_and_stops_cleanly_on_sigterm(
+    tmp_path: Path,
+) -> None:
     data_dir = tmp_path / "data"
     recipients = [f"dev{i}@example.org" for i in range(5)]
     async with running_dev(data_dir) as (proc, base, token):
@@ -84,7 +97,9 @@ async def test_dev_delivers_a_batch_to_its_capture_and_stops_cleanly_on_sigterm(
             async with asyncio.timeout(30):
                 while len(messages) < len(recipients):
                     await asyncio.sleep(0.2)
-                    messages = (await (await http.get("/api/dev/messages", headers=auth)).json())["messages"]
+                    messages = (await (await http.get("/api/dev/messages", headers=auth)).json())[
+                        "messages"
+                    ]
             assert sorted(m["to"][0] for m in messages) == recipients  # type: ignore[index]
             assert (tmp_path / "data" / "mail" / "new").is_dir()
 

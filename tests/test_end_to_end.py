@@ -12,9 +12,7 @@ from tests.smtp_server import RecordingSMTPServer
 async def test_fifty_recipients_arrive_exactly_once_with_the_right_headers(
     client: TestClient, settings: Settings, smtp: RecordingSMTPServer
 ) -> None:
-    recipients = [
-        {"email": f"person{i}@example.org", "name": f"Person <{i}>"} for i in range(50)
-    ]
+    recipients = [{"email": f"person{i}@example.org", "name": f"Person <{i}>"} for i in range(50)]
     response = await client.post(
         "/api/batches",
         json={
@@ -61,7 +59,10 @@ async def test_fifty_recipients_arrive_exactly_once_with_the_right_headers(
     )
     assert stored == [(50, 50)]
     # The Message-ID stored is the one the server received.
-    sent_ids = {row[0] for row in await query(settings.database_url or "", "SELECT message_id FROM recipients")}
+    sent_ids = {
+        row[0]
+        for row in await query(settings.database_url or "", "SELECT message_id FROM recipients")
+    }
     assert sent_ids == set(smtp.message_ids())
 
 

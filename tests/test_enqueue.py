@@ -11,7 +11,11 @@ from shared.queue import EMAIL_QUEUE, SEND_EMAIL_TASK
 from shared.settings import Settings
 from tests.conftest import AUTH, query
 
-BATCH = {"recipients": ["a@example.org", "b@example.org", "c@example.org"], "subject": "S", "body": "B"}
+BATCH = {
+    "recipients": ["a@example.org", "b@example.org", "c@example.org"],
+    "subject": "S",
+    "body": "B",
+}
 
 
 async def _counts(database_url: str) -> tuple[int, int, int]:
@@ -64,7 +68,9 @@ async def test_a_failure_after_the_recipients_insert_leaves_no_batch_recipient_o
     assert await _counts(url) == (0, 0, 0)
 
 
-async def test_a_failure_inside_create_batch_rolls_back_the_batch_row(db: Database, settings: Settings) -> None:
+async def test_a_failure_inside_create_batch_rolls_back_the_batch_row(
+    db: Database, settings: Settings
+) -> None:
     url = settings.database_url or ""
     # The unique (batch, address) index is the backstop behind validation's de-duplication.
     duplicate = NewBatch(

@@ -63,7 +63,9 @@ async def wait_until(check: Callable[[], Awaitable[bool]], timeout_s: float, wha
 
 def all_sent(settings: Settings, total: int) -> Callable[[], Awaitable[bool]]:
     async def check() -> bool:
-        rows = await query(settings.database_url or "", "SELECT count(*) FROM recipients WHERE status = 'sent'")
+        rows = await query(
+            settings.database_url or "", "SELECT count(*) FROM recipients WHERE status = 'sent'"
+        )
         return bool(rows[0][0] == total)
 
     return check
@@ -92,13 +94,16 @@ async def test_chaos_sigkill_the_worker_repeatedly_loses_nothing(
     received = smtp.to_addresses()
     assert set(received) == set(addresses), "every recipient received at least one message"
     duplicates = sum(received.values()) - len(addresses)
-    print(f"\nchaos: {kills} SIGKILLs, {len(addresses)} recipients, {duplicates} duplicate deliveries")
+    print(
+        f"\nchaos: {kills} SIGKILLs, {len(addresses)} recipients, {duplicates} duplicate deliveries"
+    )
     assert duplicates <= kills * settings.worker_concurrency
     ids = await query(settings.database_url or "", "SELECT message_id FROM recipients")
     assert {row[0] for row in ids} == set(smtp.message_ids())
     leftovers = await query(
         settings.database_url or "",
-        "SELECT status::text, count(*) FROM procrastinate_jobs WHERE queue_name = 'emails' GROUP BY 1",
+        "SELECT status::text, count(*) FROM procrastinate_jobs"
+        " WHERE queue_name = 'emails' GROUP BY 1",
     )
     assert leftovers == []
 
@@ -106,7 +111,9 @@ async def test_chaos_sigkill_the_worker_repeatedly_loses_nothing(
 async def test_an_smtp_outage_is_ridden_out_with_backoff_not_a_hot_loop(
     db: Database, settings: Settings, smtp: RecordingSMTPServer
 ) -> None:
-    settings = fast_recovery(settings, retry_base_seconds=0.5, retry_cap_seconds=2.0, worker_concurrency=4)
+    settings = fast_recovery(
+        settings, retry_base_seconds=0.5, retry_cap_seconds=2.0, worker_concurrency=4
+    )
     await smtp.stop()  # connection refused from now on
     addresses = await enqueue(db, 20)
     async with worker_process(settings) as proc:
@@ -115,18 +122,26 @@ async def test_an_smtp_outage_is_ridden_out_with_backoff_not_a_hot_loop(
             settings.database_url or "",
             "SELECT status, max(attempts), sum(attempts) FROM recipients GROUP BY status",
         )
-        assert [row[0] for row in during] == ["retrying"] or {row[0] for row in during} <= {"retrying", "sending", "queued"}
+        assert [row[0] for row in during] == ["retrying"] or {row[0] for row in during} <= {
+            "retrying",
+            "sending",
+            "queued",
+        }
         total_attempts = sum(row[2] for row in during)
         # A hot loop would make hundreds of attempts in 4 s; backoff allows a handful each.
         assert total_attempts <= len(addresses) * 5, during
-        errors = await query(settings.database_url or "", "SELECT DISTINCT last_error FROM recipients")
+        errors = await query(
+            settings.database_url or "", "SELECT DISTINCT last_error FROM recipients"
+        )
         assert any("connection failed" in (e or "") for (e,) in errors), errors
         await smtp.start()  # back, on the same port
         await wait_until(all_sent(settings, len(addresses)), 60, "delivery after the outage")
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), 30) == 0
     assert smtp.to_addresses() == {a: 1 for a in addresses}
-    attempts = await query(settings.database_url or "", "SELECT min(attempts), max(attempts) FROM recipients")
+    attempts = await query(
+        settings.database_url or "", "SELECT min(attempts), max(attempts) FROM recipients"
+    )
     assert attempts[0][1] >= 2, "the outage shows in the attempt counts"
 
 
@@ -136,8 +151,12 @@ async def test_421_and_451_replies_are_retried_and_then_sent(
     smtp.rules["a@example.org"] = Rule("421 4.7.0 too many connections, slow down", times=2)
     smtp.rules["b@example.org"] = Rule("451 4.3.0 local problem", times=1, at_data=True)
     await db.create_batch(
-        NewBatch(created_by="t", subject_template="S", body_template="B",
-                 recipients=[NewRecipient("a@example.org"), NewRecipient("b@example.org")])
+        NewBatch(
+            created_by="t",
+            subject_template="S",
+            body_template="B",
+            recipients=[NewRecipient("a@example.org"), NewRecipient("b@example.org")],
+        )
     )
     settings = fast_recovery(settings, retry_base_seconds=0.05, retry_cap_seconds=0.2)
     for _ in range(10):
@@ -145,7 +164,9 @@ async def test_421_and_451_replies_are_retried_and_then_sent(
         if await all_sent(settings, 2)():
             break
         await asyncio.sleep(0.2)
-    rows = await query(settings.database_url or "", "SELECT email, status, attempts FROM recipients ORDER BY email")
+    rows = await query(
+        settings.database_url or "", "SELECT email, status, attempts FROM recipients ORDER BY email"
+    )
     assert rows == [("a@example.org", "sent", 3), ("b@example.org", "sent", 2)]
     assert smtp.to_addresses() == {"a@example.org": 1, "b@example.org": 1}
 
@@ -166,7 +187,9 @@ async def test_sigterm_mid_batch_exits_0_within_the_grace_and_loses_nothing(
         assert time.monotonic() - started < settings.shutdown_grace_seconds + 3
     sent_before = len(smtp.received)
     assert sent_before < len(addresses), "the signal landed mid-batch"
-    in_flight = await query(settings.database_url or "", "SELECT count(*) FROM recipients WHERE status = 'sending'")
+    in_flight = await query(
+        settings.database_url or "", "SELECT count(*) FROM recipients WHERE status = 'sending'"
+    )
     assert in_flight == [(0,)], "sends in flight finished or went back to the queue"
     async with worker_process(settings) as proc:
         await wait_until(all_sent(settings, len(addresses)), 60, "the rest after a restart")
@@ -178,16 +201,24 @@ async def test_sigterm_mid_batch_exits_0_within_the_grace_and_loses_nothing(
 async def test_a_shutdown_past_the_grace_requeues_without_spending_an_attempt(
     db: Database, settings: Settings, smtp: RecordingSMTPServer
 ) -> None:
-    settings = fast_recovery(settings, shutdown_grace_seconds=0.5, worker_concurrency=2, job_timeout_seconds=30)
+    settings = fast_recovery(
+        settings, shutdown_grace_seconds=0.5, worker_concurrency=2, job_timeout_seconds=30
+    )
     smtp.data_delay_s = 5  # every send outlasts the grace period
     await enqueue(db, 2)
     async with worker_process(settings) as proc:
-        await wait_until(lambda: _count(settings, "status = 'sending'", at_least=2), 30, "sends in flight")
+        await wait_until(
+            lambda: _count(settings, "status = 'sending'", at_least=2), 30, "sends in flight"
+        )
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), 30) == 0
     rows = await query(settings.database_url or "", "SELECT status, attempts FROM recipients")
     assert rows == [("queued", 0), ("queued", 0)]
-    jobs = await query(settings.database_url or "", "SELECT status::text, scheduled_at <= now() FROM procrastinate_jobs WHERE queue_name = 'emails'")
+    jobs = await query(
+        settings.database_url or "",
+        "SELECT status::text, scheduled_at <= now() FROM procrastinate_jobs"
+        " WHERE queue_name = 'emails'",
+    )
     assert jobs == [("todo", True), ("todo", True)]
 
 
@@ -198,7 +229,9 @@ async def test_a_second_signal_exits_at_once_and_the_sweep_recovers_the_jobs(
     smtp.data_delay_s = 3
     addresses = await enqueue(db, 2)
     async with worker_process(settings) as proc:
-        await wait_until(lambda: _count(settings, "status = 'sending'", at_least=2), 30, "sends in flight")
+        await wait_until(
+            lambda: _count(settings, "status = 'sending'", at_least=2), 30, "sends in flight"
+        )
         proc.send_signal(signal.SIGTERM)
         await asyncio.sleep(0.3)
         started = time.monotonic()
@@ -229,7 +262,9 @@ async def test_a_hung_smtp_server_times_out_and_the_job_is_retried(
         started = time.monotonic()
         await drain(hung)
         assert time.monotonic() - started < 10
-        row = await query(settings.database_url or "", "SELECT status, attempts, last_error FROM recipients")
+        row = await query(
+            settings.database_url or "", "SELECT status, attempts, last_error FROM recipients"
+        )
         assert row[0][:2] == ("retrying", 1)
         assert "timeout" in row[0][2].lower() or "timed out" in row[0][2].lower()
     finally:
@@ -240,7 +275,9 @@ async def test_a_hung_smtp_server_times_out_and_the_job_is_retried(
     # The server that answers gets it on the retry.
     await asyncio.sleep(1.1)
     await drain(fast_recovery(settings))
-    assert await query(settings.database_url or "", "SELECT status, attempts FROM recipients") == [("sent", 2)]
+    assert await query(settings.database_url or "", "SELECT status, attempts FROM recipients") == [
+        ("sent", 2)
+    ]
 
 
 async def test_an_attempt_longer_than_the_job_time_limit_is_cut_off_as_transient(
@@ -254,7 +291,9 @@ async def test_an_attempt_longer_than_the_job_time_limit_is_cut_off_as_transient
 
 
 async def _count(settings: Settings, where: str, at_least: int) -> bool:
-    rows = await query(settings.database_url or "", f"SELECT count(*) FROM recipients WHERE {where}")
+    rows = await query(
+        settings.database_url or "", f"SELECT count(*) FROM recipients WHERE {where}"
+    )
     return bool(rows[0][0] >= at_least)
 
 
@@ -262,8 +301,8 @@ async def test_a_postgresql_restart_mid_run_loses_nothing(
     smtp: RecordingSMTPServer, tmp_path: Path
 ) -> None:
     # A server of the test's own, so it can be taken down without disturbing other tests.
-    from shared.embedded import EmbeddedPostgres, ensure_database
     from shared.db import make_pool
+    from shared.embedded import EmbeddedPostgres, ensure_database
     from shared.schema import migrate
     from tests.conftest import make_settings
 
@@ -277,7 +316,9 @@ async def test_a_postgresql_restart_mid_run_loses_nothing(
             addresses = await enqueue(Database(pool), 300)
         log = tmp_path / "worker.log"
         async with worker_process(settings, log) as proc:
-            await wait_until(lambda: _count(settings, "status = 'sent'", at_least=30), 60, "sending to start")
+            await wait_until(
+                lambda: _count(settings, "status = 'sent'", at_least=30), 60, "sending to start"
+            )
             await asyncio.to_thread(server.pause)
             await asyncio.sleep(2)
             assert proc.returncode is None, "the worker rides out the outage"

@@ -11,9 +11,16 @@ from tests.conftest import drain, query
 from tests.smtp_server import RecordingSMTPServer, Rule
 
 
-async def _one_recipient_batch(db: Database, address: str = "once@example.org") -> tuple[uuid.UUID, int]:
+async def _one_recipient_batch(
+    db: Database, address: str = "once@example.org"
+) -> tuple[uuid.UUID, int]:
     batch_id = await db.create_batch(
-        NewBatch(created_by="test", subject_template="S", body_template="Body", recipients=[NewRecipient(address)])
+        NewBatch(
+            created_by="test",
+            subject_template="S",
+            body_template="Body",
+            recipients=[NewRecipient(address)],
+        )
     )
     rows = await db.list_recipients(batch_id)
     return batch_id, rows[0]["id"]
@@ -31,7 +38,7 @@ async def _duplicate_job(database_url: str, recipient_id: int) -> None:
 async def test_the_same_job_run_twice_sends_once(
     db: Database, settings: Settings, smtp: RecordingSMTPServer
 ) -> None:
-    _, recipient_id = await _one_recipient_batch(db)
+    await _one_recipient_batch(db)
     await drain(settings)
     assert len(smtp.received) == 1
     # Run the very same job again, as a retry after a lost acknowledgement would.
@@ -76,7 +83,7 @@ async def test_two_workers_racing_on_one_recipient_send_once(
 async def test_a_failed_send_rolls_the_claim_back_and_a_retry_sends(
     db: Database, settings: Settings, smtp: RecordingSMTPServer
 ) -> None:
-    _, recipient_id = await _one_recipient_batch(db, "flaky@example.org")
+    await _one_recipient_batch(db, "flaky@example.org")
     url = settings.database_url or ""
     smtp.rules["flaky@example.org"] = Rule("451 4.3.0 try again later", times=1)
     await drain(settings)
@@ -89,4 +96,6 @@ async def test_a_failed_send_rolls_the_claim_back_and_a_retry_sends(
     await asyncio.sleep(settings.retry_cap_seconds + 0.05)
     await drain(settings)
     assert len(smtp.received) == 1
-    assert await query(url, "SELECT status, attempts, last_error FROM recipients") == [("sent", 2, None)]
+    assert await query(url, "SELECT status, attempts, last_error FROM recipients") == [
+        ("sent", 2, None)
+    ]

@@ -17,7 +17,9 @@ from web.app import create_app
 
 async def login(client: TestClient) -> str:
     """Log in with the token; return the CSRF token the form pages carry."""
-    response = await client.post("/login", data={"token": API_TOKEN, "next": "/"}, allow_redirects=False)
+    response = await client.post(
+        "/login", data={"token": API_TOKEN, "next": "/"}, allow_redirects=False
+    )
     assert response.status == 303
     cookie = response.cookies["mailroom_session"]
     assert cookie["httponly"] and cookie["samesite"] == "Lax"
@@ -50,7 +52,9 @@ async def test_login_only_redirects_to_local_paths(client: TestClient) -> None:
 
 
 async def test_a_forged_cookie_is_not_a_session(client: TestClient) -> None:
-    client.session.cookie_jar.update_cookies({"mailroom_session": "eyJleHAiOiA5OTk5OTk5OTk5fQ==.abc"})
+    client.session.cookie_jar.update_cookies(
+        {"mailroom_session": "eyJleHAiOiA5OTk5OTk5OTk5fQ==.abc"}
+    )
     assert (await client.get("/", allow_redirects=False)).status == 303
 
 
@@ -157,7 +161,11 @@ async def test_dev_mode_shows_captured_mail(dev_client: TestClient) -> None:
     settings: Settings = dev_client.app_settings  # type: ignore[attr-defined]
     created = await dev_client.post(
         "/api/batches",
-        json={"recipients": ["a@example.org", "b@example.org"], "subject": "Hi <b>{{ email }}</b>", "body": "B"},
+        json={
+            "recipients": ["a@example.org", "b@example.org"],
+            "subject": "Hi <b>{{ email }}</b>",
+            "body": "B",
+        },
         headers=AUTH,
     )
     assert created.status == 201
@@ -165,7 +173,10 @@ async def test_dev_mode_shows_captured_mail(dev_client: TestClient) -> None:
     messages = (await (await dev_client.get("/api/dev/messages", headers=AUTH)).json())["messages"]
     assert sorted(m["to"][0] for m in messages) == ["a@example.org", "b@example.org"]
     assert all(m["message_id"].startswith("<mailroom.") and m["received_at"] for m in messages)
-    assert {m["subject"] for m in messages} == {"Hi <b>a@example.org</b>", "Hi <b>b@example.org</b>"}
+    assert {m["subject"] for m in messages} == {
+        "Hi <b>a@example.org</b>",
+        "Hi <b>b@example.org</b>",
+    }
     await login(dev_client)
     page = await (await dev_client.get("/dev/mail")).text()
     assert "Hi &lt;b&gt;a@example.org&lt;/b&gt;" in page

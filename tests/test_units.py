@@ -19,7 +19,9 @@ from worker.smtp import build_message, text_to_html
 
 def test_templates_report_the_fields_they_read() -> None:
     assert fields_used("Hi {{ name }} from {{ company|upper }} {% if vip %}!{% endif %}") == {
-        "name", "company", "vip",
+        "name",
+        "company",
+        "vip",
     }
 
 
@@ -55,7 +57,16 @@ def test_templates_render_fields_without_escaping_text() -> None:
 def test_backoff_ceiling_doubles_from_the_base_up_to_the_cap() -> None:
     policy = BackoffRetry(max_attempts=8, base_s=5, cap_s=3600)
     assert [policy.ceiling_s(n) for n in range(1, 11)] == [
-        5, 10, 20, 40, 80, 160, 320, 640, 1280, 2560,
+        5,
+        10,
+        20,
+        40,
+        80,
+        160,
+        320,
+        640,
+        1280,
+        2560,
     ]
     assert policy.ceiling_s(11) == 3600
     assert policy.ceiling_s(10_000) == 3600  # no overflow on absurd attempt counts
@@ -116,9 +127,24 @@ def test_only_transient_failures_are_retried_and_only_up_to_max_attempts() -> No
 @pytest.mark.parametrize(
     ("error", "stage", "kind", "code"),
     [
-        (aiosmtplib.SMTPResponseException(550, "5.1.1 user unknown"), "rcpt", PermanentFailure, 550),
-        (aiosmtplib.SMTPResponseException(553, "mailbox name not allowed"), "rcpt", PermanentFailure, 553),
-        (aiosmtplib.SMTPResponseException(554, "transaction failed"), "data", PermanentFailure, 554),
+        (
+            aiosmtplib.SMTPResponseException(550, "5.1.1 user unknown"),
+            "rcpt",
+            PermanentFailure,
+            550,
+        ),
+        (
+            aiosmtplib.SMTPResponseException(553, "mailbox name not allowed"),
+            "rcpt",
+            PermanentFailure,
+            553,
+        ),
+        (
+            aiosmtplib.SMTPResponseException(554, "transaction failed"),
+            "data",
+            PermanentFailure,
+            554,
+        ),
         (aiosmtplib.SMTPResponseException(552, "too big"), "data", PermanentFailure, 552),
         (aiosmtplib.SMTPResponseException(550, "sender rejected"), "mail", PermanentFailure, 550),
         (aiosmtplib.SMTPResponseException(421, "closing"), "rcpt", TransientFailure, 421),
@@ -126,7 +152,12 @@ def test_only_transient_failures_are_retried_and_only_up_to_max_attempts() -> No
         (aiosmtplib.SMTPResponseException(451, "local error"), "data", TransientFailure, 451),
         (aiosmtplib.SMTPResponseException(452, "storage"), "rcpt", TransientFailure, 452),
         (aiosmtplib.SMTPResponseException(535, "auth failed"), "connect", TransientFailure, 535),
-        (aiosmtplib.SMTPRecipientsRefused([aiosmtplib.SMTPRecipientRefused(550, "no", "a@b.c")]), "rcpt", PermanentFailure, 550),
+        (
+            aiosmtplib.SMTPRecipientsRefused([aiosmtplib.SMTPRecipientRefused(550, "no", "a@b.c")]),
+            "rcpt",
+            PermanentFailure,
+            550,
+        ),
         (aiosmtplib.SMTPConnectError("refused"), "connect", TransientFailure, None),
         (aiosmtplib.SMTPServerDisconnected("gone"), "data", TransientFailure, None),
         (aiosmtplib.SMTPTimeoutError("slow"), "data", TransientFailure, None),
@@ -162,6 +193,9 @@ def test_the_html_part_escapes_everything_and_keeps_paragraphs() -> None:
 def test_a_header_injection_in_the_subject_cannot_add_headers() -> None:
     with pytest.raises(ValueError):
         build_message(
-            sender="a@example.org", to="b@example.org", subject="Hi\r\nBcc: evil@example.org",
-            body="x", message_id="<1@example.org>",
+            sender="a@example.org",
+            to="b@example.org",
+            subject="Hi\r\nBcc: evil@example.org",
+            body="x",
+            message_id="<1@example.org>",
         ).as_bytes(policy=SMTP)

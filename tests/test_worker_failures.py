@@ -13,8 +13,12 @@ from worker.drafting import Draft
 
 async def _one(db: Database, subject: str = "S") -> None:
     await db.create_batch(
-        NewBatch(created_by="t", subject_template=subject, body_template="B",
-                 recipients=[NewRecipient("x@example.org")])
+        NewBatch(
+            created_by="t",
+            subject_template=subject,
+            body_template="B",
+            recipients=[NewRecipient("x@example.org")],
+        )
     )
 
 
@@ -27,10 +31,13 @@ async def test_a_database_error_at_the_start_of_an_attempt_is_retried(
         url,
         "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$"
         " BEGIN RAISE EXCEPTION 'database hiccup'; END $$;"
-        " CREATE TRIGGER refuse BEFORE UPDATE ON recipients FOR EACH ROW EXECUTE FUNCTION refuse();",
+        " CREATE TRIGGER refuse BEFORE UPDATE ON recipients"
+        " FOR EACH ROW EXECUTE FUNCTION refuse();",
     )
     await drain(settings)
-    jobs = await query(url, "SELECT status::text, attempts FROM procrastinate_jobs WHERE queue_name = 'emails'")
+    jobs = await query(
+        url, "SELECT status::text, attempts FROM procrastinate_jobs WHERE queue_name = 'emails'"
+    )
     assert jobs == [("todo", 1)], "scheduled for another try, not failed"
     await query(url, "DROP TRIGGER refuse ON recipients")
     await asyncio.sleep(settings.retry_cap_seconds + 0.05)
@@ -60,6 +67,8 @@ async def test_a_template_that_fails_at_send_time_is_a_dead_letter(
     # Validation renders once per shape of fields; values can still break a template later.
     await _one(db, subject="{{ email | int // 0 }}")
     await drain(settings)
-    row = await query(settings.database_url or "", "SELECT status, attempts, last_error FROM recipients")
+    row = await query(
+        settings.database_url or "", "SELECT status, attempts, last_error FROM recipients"
+    )
     assert row[0][:2] == ("dead", 1)
     assert row[0][2].startswith("template: ")

@@ -146,4 +146,3 @@ async def get_dev_messages(request: web.Request) -> web.Response:
         return api_error(404, "not_found", "the mail capture exists only in `mailroom dev`")
     messages = await asyncio.to_thread(capture.messages)
     return web.json_response({"messages": [m.as_dict() for m in messages]})
-

@@ -115,6 +115,10 @@ def run_web(settings: Settings) -> None:
     app = create_app(settings)
     log.info("web_starting", host=settings.web_host, port=settings.web_port)
     web.run_app(
-        app, host=settings.web_host, port=settings.web_port, print=None, access_log=None,
+        app,
+        host=settings.web_host,
+        port=settings.web_port,
+        print=None,
+        access_log=None,
         shutdown_timeout=10,
     )

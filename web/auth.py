@@ -42,7 +42,9 @@ class Authenticator:
         return scheme.lower() == "bearer" and bool(token) and self.token_matches(token.strip())
 
     def new_session(self) -> tuple[Session, str]:
-        session = Session(expires_at=time.time() + SESSION_TTL_S, csrf_token=secrets.token_urlsafe(24))
+        session = Session(
+            expires_at=time.time() + SESSION_TTL_S, csrf_token=secrets.token_urlsafe(24)
+        )
         body = base64.urlsafe_b64encode(
             json.dumps({"exp": session.expires_at, "csrf": session.csrf_token}).encode()
         ).decode()

@@ -55,8 +55,13 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         if not is_api(request) or exc.status < 400:
             raise
         code = {
-            400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
-            405: "method_not_allowed", 413: "payload_too_large", 415: "unsupported_media_type",
+            400: "bad_request",
+            401: "unauthorized",
+            403: "forbidden",
+            404: "not_found",
+            405: "method_not_allowed",
+            413: "payload_too_large",
+            415: "unsupported_media_type",
         }.get(exc.status, "http_error")
         message = exc.text if exc.text and not exc.text.startswith(f"{exc.status}:") else exc.reason
         return api_error(exc.status, code, message)
@@ -98,4 +103,6 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         return await handler(request)
     if is_api(request):
         return api_error(401, "unauthorized", "send 'Authorization: Bearer <MAILROOM_API_TOKEN>'")
-    raise web.HTTPSeeOther(location=f"/login?next={request.path_qs}" if request.method == "GET" else "/login")
+    raise web.HTTPSeeOther(
+        location=f"/login?next={request.path_qs}" if request.method == "GET" else "/login"
+    )

@@ -53,7 +53,9 @@ def _safe_next(target: str) -> str:
 
 @routes.get("/login")
 async def login_form(request: web.Request) -> web.Response:
-    return render(request, "login.html", {"next": _safe_next(request.query.get("next", "/")), "error": None})
+    return render(
+        request, "login.html", {"next": _safe_next(request.query.get("next", "/")), "error": None}
+    )
 
 
 @routes.post("/login")
@@ -68,8 +70,13 @@ async def login(request: web.Request) -> web.StreamResponse:
     _, cookie = auth.new_session()
     response = web.HTTPSeeOther(location=target)
     response.set_cookie(
-        SESSION_COOKIE, cookie, max_age=SESSION_TTL_S, httponly=True, samesite="Lax",
-        secure=request.secure, path="/",
+        SESSION_COOKIE,
+        cookie,
+        max_age=SESSION_TTL_S,
+        httponly=True,
+        samesite="Lax",
+        secure=request.secure,
+        path="/",
     )
     raise response
 

@@ -87,9 +87,7 @@ def from_json(payload: Any, *, max_batch_size: int) -> Submission:
     """Validate the API's JSON body (``{"recipients": [...], "subject", "body", "drafter"}``)."""
     if not isinstance(payload, dict):
         raise InvalidSubmission([Problem("body", "expected a JSON object")])
-    problems = [
-        Problem(key, "unknown field") for key in sorted(set(payload) - _API_KEYS)
-    ]
+    problems = [Problem(key, "unknown field") for key in sorted(set(payload) - _API_KEYS)]
     raw = payload.get("recipients")
     entries: list[_Entry] = []
     if not isinstance(raw, list):
@@ -244,7 +242,7 @@ def _recipient(entry: _Entry, problems: list[Problem]) -> NewRecipient | None:
     else:
         address = raw
     if not isinstance(address, str):
-        problem("expected an address string or an object with an \"email\" string")
+        problem('expected an address string or an object with an "email" string')
         return None
     try:
         email = normalize_address(address)

@@ -49,7 +49,9 @@ def classify_smtp(exc: BaseException, *, stage: str) -> DeliveryFailure:
         return _by_code(exc.code, exc.message, stage=stage)
     if isinstance(exc, aiosmtplib.SMTPTimeoutError | asyncio.TimeoutError | TimeoutError):
         return TransientFailure(f"SMTP timeout during {stage}")
-    if isinstance(exc, ssl.SSLError | aiosmtplib.SMTPConnectError | aiosmtplib.SMTPServerDisconnected):
+    if isinstance(
+        exc, ssl.SSLError | aiosmtplib.SMTPConnectError | aiosmtplib.SMTPServerDisconnected
+    ):
         return TransientFailure(f"SMTP connection failed during {stage}: {exc}")
     if isinstance(exc, ConnectionError | OSError):
         return TransientFailure(f"SMTP connection failed during {stage}: {exc}")

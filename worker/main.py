@@ -121,9 +121,11 @@ async def run_worker(settings: Settings, **overrides: Any) -> None:
                     smtp_port=settings.smtp_port,
                 )
                 backoff_s = 1.0
-                await worker.run()
-        except Exception as exc:  # noqa: BLE001 - any failure restarts the worker, loudly
-            log.error("worker_crashed", error=f"{type(exc).__name__}: {exc}", restart_in_s=backoff_s)
+                await worker.run()  # type: ignore[no-untyped-call]
+        except Exception as exc:
+            log.error(
+                "worker_crashed", error=f"{type(exc).__name__}: {exc}", restart_in_s=backoff_s
+            )
         else:
             if not stopping.is_set():
                 if overrides.get("wait") is False:
@@ -154,7 +156,7 @@ def _install_signal_handlers(stopping: asyncio.Event, current: list[Worker]) -> 
         log.info("worker_stop_requested", signal=signal.Signals(signum).name)
         stopping.set()
         for worker in current:
-            worker.stop()
+            worker.stop()  # type: ignore[no-untyped-call]
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)

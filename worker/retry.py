@@ -10,6 +10,7 @@ a job cut off by a shutdown is requeued at once without using up an attempt.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import random
 from dataclasses import dataclass, field
 
@@ -19,7 +20,6 @@ from procrastinate.retry import BaseRetryStrategy
 
 from shared.settings import Settings
 from worker.failures import TransientFailure
-
 
 # Retried jobs go back with a lower priority than fresh ones. procrastinate's fetch walks its
 # (priority DESC, id ASC) index and filters out rows scheduled in the future; with retries at
@@ -48,11 +48,11 @@ class BackoffRetry(BaseRetryStrategy):
 
     def ceiling_s(self, attempt: int) -> float:
         """The longest wait after failed attempt number ``attempt`` (1-based)."""
-        return min(self.cap_s, self.base_s * 2 ** min(attempt - 1, 62))
+        return float(min(self.cap_s, self.base_s * 2.0 ** min(attempt - 1, 62)))
 
     def delay_s(self, attempt: int, retry_after_s: float | None = None) -> float:
         """A jittered wait after attempt ``attempt``; a longer ``Retry-After`` wins."""
-        delay = self.rng.uniform(0, self.ceiling_s(attempt))
+        delay = float(self.rng.uniform(0, self.ceiling_s(attempt)))
         if retry_after_s is not None:
             delay = max(delay, min(retry_after_s, self.cap_s))
         return delay
@@ -65,14 +65,16 @@ class BackoffRetry(BaseRetryStrategy):
         if isinstance(exception, asyncio.CancelledError):
             # The worker was shutting down and its grace period ran out: the job did nothing
             # wrong, so it goes straight back to the queue.
-            return RetryDecision(retry_in={"seconds": 0})
+            return RetryDecision(retry_at=_now())
         if not isinstance(exception, TransientFailure):
             return None
         # The recipient's own count (a shutdown gives its attempt back); the job's as fallback.
         attempt = exception.attempt or job.attempts + 1
         if self.is_last(attempt):
             return None
-        return RetryDecision(
-            retry_in={"seconds": self.delay_s(attempt, exception.retry_after_s)},
-            priority=RETRY_PRIORITY,
-        )
+        delay = datetime.timedelta(seconds=self.delay_s(attempt, exception.retry_after_s))
+        return RetryDecision(retry_at=_now() + delay, priority=RETRY_PRIORITY)
+
+
+def _now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC)

@@ -155,7 +155,9 @@ async def sweep_stalled_jobs(context: JobContext, timestamp: int) -> int:
     )
     for job in stalled:
         await manager.retry_job(job)
-        log.warning("stalled_job_requeued", job_id=job.id, task=job.task_name, worker_id=job.worker_id)
+        log.warning(
+            "stalled_job_requeued", job_id=job.id, task=job.task_name, worker_id=job.worker_id
+        )
     return len(stalled)
 
 
