@@ -223,35 +223,38 @@ class Database:
 
     async def batch_summary(self, batch_id: uuid.UUID) -> BatchSummary | None:
         """The batch with its recipient counts by status, or ``None`` if there is no such batch."""
-        async with self.pool.connection() as conn:
-            cursor = conn.cursor(row_factory=dict_row)
-            await cursor.execute(
-                "SELECT id, created_at, total, drafter, subject_template"
-                " FROM batches WHERE id = %s",
-                (batch_id,),
-            )
-            batch = await cursor.fetchone()
-            if batch is None:
-                return None
-            await cursor.execute(
-                "SELECT status, count(*) AS n FROM recipients WHERE batch_id = %s GROUP BY status",
-                (batch_id,),
-            )
-            counts = dict.fromkeys(RECIPIENT_STATUSES, 0)
-            for row in await cursor.fetchall():
-                counts[row["status"]] = row["n"]
-        return BatchSummary(counts=counts, **batch)
+        found = await self._summaries("WHERE b.id = %s", (batch_id,))
+        return found[0] if found else None
 
     async def recent_batches(self, limit: int = 50) -> list[BatchSummary]:
         """The newest batches first, with their counts."""
+        return await self._summaries("ORDER BY b.created_at DESC LIMIT %s", (limit,))
+
+    async def batch_exists(self, batch_id: uuid.UUID) -> bool:
+        """Whether a batch with this id exists (cheaper than its summary)."""
+        async with self.pool.connection() as conn:
+            cursor = await conn.execute("SELECT 1 FROM batches WHERE id = %s", (batch_id,))
+            return await cursor.fetchone() is not None
+
+    async def _summaries(self, tail: str, params: tuple[Any, ...]) -> list[BatchSummary]:
+        # One statement: the counts come from the (batch_id, status) index per batch.
         async with self.pool.connection() as conn:
             cursor = conn.cursor(row_factory=dict_row)
             await cursor.execute(
-                "SELECT id FROM batches ORDER BY created_at DESC LIMIT %s", (limit,)
+                "SELECT b.id, b.created_at, b.total, b.drafter, b.subject_template,"
+                " (SELECT coalesce(jsonb_object_agg(status, n), '{}') FROM"
+                "   (SELECT status, count(*) AS n FROM recipients r"
+                "     WHERE r.batch_id = b.id GROUP BY status) c) AS counts"
+                f" FROM batches b {tail}",
+                params,
             )
-            ids = [row["id"] for row in await cursor.fetchall()]
-        summaries = [await self.batch_summary(batch_id) for batch_id in ids]
-        return [s for s in summaries if s is not None]
+            rows = await cursor.fetchall()
+        return [
+            BatchSummary(
+                counts={**dict.fromkeys(RECIPIENT_STATUSES, 0), **row.pop("counts")}, **row
+            )
+            for row in rows
+        ]
 
     async def list_recipients(
         self,
@@ -402,9 +405,3 @@ class Database:
                 (EMAIL_QUEUE, retention_days, limit),
             )
         return cursor.rowcount
-
-    async def is_ready(self) -> bool:
-        """True when the database answers."""
-        async with self.pool.connection() as conn:
-            await conn.execute("SELECT 1")
-        return True

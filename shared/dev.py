@@ -101,7 +101,6 @@ async def run_dev(base: Settings, options: DevOptions) -> int:
                 "from_address": base.from_address or DEV_FROM_ADDRESS,
                 "api_token": SecretStr(token),
                 "secret_key": SecretStr(key),
-                "dev_capture_dir": capture.directory,
             }
         )
         try:

@@ -9,11 +9,12 @@ command line prints as one line before exiting with status 2.
 from __future__ import annotations
 
 import enum
-from pathlib import Path
 from typing import Any
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from shared.addresses import InvalidAddress, normalize_address
 
 ENV_PREFIX = "MAILROOM_"
 
@@ -88,17 +89,12 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     log_format: LogFormat = LogFormat.AUTO
 
-    # Set by ``mailroom dev`` only: where the local SMTP capture keeps its Maildir.
-    dev_capture_dir: Path | None = None
-
     @field_validator("from_address")
     @classmethod
     def _from_address_is_an_address(cls, value: str | None) -> str | None:
         if value is None:
             return None
         _header_safe(value)
-        from shared.addresses import InvalidAddress, normalize_address
-
         try:
             return normalize_address(value)
         except InvalidAddress as exc:

@@ -120,7 +120,7 @@ async def get_recipients(request: web.Request) -> web.Response:
     if not 1 <= limit <= MAX_PAGE_SIZE or after < 0:
         return api_error(422, "invalid_query", f"limit must be 1..{MAX_PAGE_SIZE}, after >= 0")
     db = request.app[DB]
-    if await db.batch_summary(batch_id) is None:
+    if not await db.batch_exists(batch_id):
         return api_error(404, "not_found", "no such batch")
     rows = await db.list_recipients(batch_id, status=status, after_id=after, limit=limit)
     items = [
