@@ -48,7 +48,12 @@ class InvalidSubmission(Exception):
 
     def __init__(self, problems: list[Problem], total: int | None = None) -> None:
         super().__init__(f"{len(problems)} problem(s) in the submission")
-        self.problems = problems[:MAX_PROBLEMS_LISTED]
+        # Whole-field problems first, then entries in the order the operator wrote them.
+        ordered = sorted(
+            problems,
+            key=lambda p: (p.position is not None or p.line is not None, p.position or p.line or 0),
+        )
+        self.problems = ordered[:MAX_PROBLEMS_LISTED]
         self.total = total if total is not None else len(problems)
 
 

@@ -19,15 +19,39 @@
     }
   }
 
+  // Rebuild the first page of recipients; text only, so nothing from the data becomes markup.
+  async function refreshRecipients() {
+    const body = document.getElementById("recipients");
+    if (!body) return;
+    const response = await fetch(body.dataset.url, { credentials: "same-origin" });
+    if (!response.ok) return;
+    const page = await response.json();
+    const rows = page.recipients.map(function (r) {
+      const row = document.createElement("tr");
+      const badge = document.createElement("span");
+      badge.className = "status status-" + r.status;
+      badge.textContent = r.status;
+      [r.email, badge, String(r.attempts), r.last_error || ""].forEach(function (value) {
+        const cell = document.createElement("td");
+        if (typeof value === "string") cell.textContent = value; else cell.appendChild(value);
+        row.appendChild(cell);
+      });
+      return row;
+    });
+    body.replaceChildren.apply(body, rows);
+  }
+
   async function tick() {
     try {
       const response = await fetch(url, { headers: { Accept: "application/json" }, credentials: "same-origin" });
       if (response.ok) {
         const batch = await response.json();
         const seen = JSON.stringify(batch.counts);
-        delay = seen === last ? Math.min(delay * 2, 15000) : 1000;
+        const changed = seen !== last;
+        delay = changed ? 1000 : Math.min(delay * 2, 15000);
         last = seen;
         render(batch);
+        if (changed) await refreshRecipients();
         if (batch.status === "done") return;
       } else {
         delay = Math.min(delay * 2, 15000);
