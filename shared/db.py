@@ -111,6 +111,8 @@ class RecipientForSend:
     drafter: str
     subject_template: str
     body_template: str
+    enqueued_at: datetime
+    request_id: str | None
 
 
 class DeliveryClaim:
@@ -292,7 +294,8 @@ class Database:
                 " WHERE r.id = %s AND b.id = r.batch_id"
                 " AND r.status IN ('queued', 'retrying', 'sending')"
                 " RETURNING r.id, r.batch_id, r.email, r.fields, r.status, r.attempts, r.subject,"
-                " r.body, b.drafter, b.subject_template, b.body_template",
+                " r.body, b.drafter, b.subject_template, b.body_template, r.enqueued_at,"
+                " b.request_id",
                 (recipient_id,),
             )
             row = await cursor.fetchone()
@@ -342,6 +345,17 @@ class Database:
                 " WHERE id = %s AND status IN ('queued', 'sending', 'retrying')",
                 (status, error[:2000], recipient_id),
             )
+
+    async def heartbeat_age_s(self, worker_id: int) -> float | None:
+        """Seconds since procrastinate last saw worker ``worker_id`` (None: not registered)."""
+        async with self.pool.connection() as conn:
+            cursor = await conn.execute(
+                "SELECT extract(epoch FROM now() - last_heartbeat)::float8"
+                " FROM procrastinate_workers WHERE id = %s",
+                (worker_id,),
+            )
+            row = await cursor.fetchone()
+        return float(row[0]) if row else None
 
     # -- dead letters ------------------------------------------------------------------------
 

@@ -68,9 +68,13 @@ class Settings(BaseSettings):
     from_address: str | None = None
 
     api_token: SecretStr | None = None
+    # When set, GET /metrics needs "Authorization: Bearer <token>"; unset, it is open.
+    metrics_token: SecretStr | None = None
     secret_key: SecretStr | None = None
     web_host: str = "127.0.0.1"
     web_port: int = Field(default=8080, ge=1, le=65535)
+    # The worker's /metrics and /healthz; 0 turns that endpoint off.
+    metrics_host: str = "127.0.0.1"
     metrics_port: int = Field(default=9100, ge=0, le=65535)
 
     worker_concurrency: int = Field(default=8, ge=1, le=256)
@@ -174,4 +178,4 @@ def _describe(exc: ValidationError) -> str:
 
 
 def _is_secret(field: str) -> bool:
-    return field in {"smtp_password", "api_token", "secret_key"}
+    return field in {"smtp_password", "api_token", "secret_key", "metrics_token"}

@@ -108,6 +108,7 @@ def make_settings(database_url: str, smtp_port: int, **overrides: Any) -> Settin
         "retry_cap_seconds": 0.2,
         "retry_max_attempts": 3,
         "shutdown_grace_seconds": 5,
+        "metrics_port": 0,
     }
     values.update(overrides)
     return Settings(_env_file=None, **values)  # type: ignore[call-arg]

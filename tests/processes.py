@@ -30,6 +30,7 @@ _EXPORTED = (
     "api_token",
     "secret_key",
     "web_port",
+    "metrics_port",
 )
 
 

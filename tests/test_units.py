@@ -102,6 +102,16 @@ def test_retries_wait_behind_fresh_jobs_and_shutdown_requeues_at_once() -> None:
     assert requeue.retry_at <= datetime.datetime.now(datetime.UTC)
 
 
+def test_infrastructure_failures_never_use_up_the_budget() -> None:
+    from worker.failures import InfrastructureFailure
+
+    policy = BackoffRetry(max_attempts=3, base_s=1, cap_s=10)
+    decision = policy.get_retry_decision(exception=InfrastructureFailure("db"), job=_job(50))  # type: ignore[arg-type]
+    assert decision is not None
+    assert not policy.gives_up(InfrastructureFailure("db"), attempt=99)
+    assert policy.gives_up(PermanentFailure("550"), attempt=1)
+
+
 def test_the_recipients_attempt_count_decides_when_to_stop() -> None:
     policy = BackoffRetry(max_attempts=3, base_s=1, cap_s=10)
     failure = TransientFailure("451")

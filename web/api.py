@@ -11,6 +11,7 @@ import structlog
 from aiohttp import web
 
 from shared.db import RECIPIENT_STATUSES, BatchSummary
+from shared.metrics import BATCHES_CREATED, RECIPIENTS_ENQUEUED
 from web.keys import AUTH_KIND, CAPTURE, DB, REQUEST_ID, SETTINGS
 from web.middlewares import api_error
 from web.validation import InvalidSubmission, Submission, from_json
@@ -48,6 +49,8 @@ async def create_batch(request: web.Request, submission: Submission) -> uuid.UUI
         created_by=request.get(AUTH_KIND, "unknown"), request_id=request.get(REQUEST_ID)
     )
     batch_id = await request.app[DB].create_batch(batch)
+    BATCHES_CREATED.inc()
+    RECIPIENTS_ENQUEUED.inc(len(submission.recipients))
     log.info(
         "batch_created",
         batch_id=str(batch_id),

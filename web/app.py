@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import hmac
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -10,17 +12,20 @@ import jinja2
 import psycopg
 import structlog
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 
 from shared.capture import MailCapture
 from shared.db import Database, make_pool
+from shared.metrics import QueueCollector, render
 from shared.schema import pending_migrations
 from shared.settings import Settings
 from web import api, dead_letters, pages
 from web.auth import Authenticator
-from web.keys import AUTH, CAPTURE, DB, SETTINGS
+from web.keys import AUTH, CAPTURE, DB, METRICS_REGISTRY, SETTINGS
 from web.middlewares import (
     auth_middleware,
     error_middleware,
+    metrics_middleware,
     request_id_middleware,
     security_headers_middleware,
 )
@@ -38,6 +43,18 @@ routes = web.RouteTableDef()
 async def healthz(request: web.Request) -> web.Response:
     """The process is up and serving."""
     return web.json_response({"status": "ok"})
+
+
+@routes.get("/metrics")
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus exposition; rendered in a thread (the queue collector queries PostgreSQL)."""
+    token = request.app[SETTINGS].metrics_token
+    if token is not None:
+        given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+        if not hmac.compare_digest(given.encode(), token.get_secret_value().encode()):
+            return web.Response(status=401, text="metrics need MAILROOM_METRICS_TOKEN\n")
+    body = await asyncio.to_thread(render, request.app[METRICS_REGISTRY])
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 @routes.get("/readyz")
@@ -67,6 +84,7 @@ def create_app(
     app = web.Application(
         client_max_size=MAX_REQUEST_BYTES,
         middlewares=[
+            metrics_middleware,
             request_id_middleware,
             error_middleware,
             security_headers_middleware,
@@ -79,6 +97,14 @@ def create_app(
     )
     if capture is not None:
         app[CAPTURE] = capture
+    registry = CollectorRegistry(auto_describe=True)
+    if settings.database_url:
+        collector = QueueCollector(
+            settings.database_url, stalled_after_s=settings.stalled_after_seconds
+        )
+        registry.register(collector)
+        app.on_cleanup.append(lambda _: asyncio.to_thread(collector.close))
+    app[METRICS_REGISTRY] = registry
     if db is not None:
         app[DB] = db
     else:

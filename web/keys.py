@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 
 from shared.capture import MailCapture
 from shared.db import Database
@@ -13,6 +14,7 @@ SETTINGS = web.AppKey("settings", Settings)
 DB = web.AppKey("db", Database)
 AUTH = web.AppKey("auth", Authenticator)
 CAPTURE = web.AppKey("capture", MailCapture)
+METRICS_REGISTRY = web.AppKey("metrics_registry", CollectorRegistry)
 
 # Per request, set by the middlewares.
 REQUEST_ID = web.RequestKey("request_id", str)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import re
 import secrets
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import structlog
 from aiohttp import web
 
+from shared.metrics import HTTP_DURATION, HTTP_REQUESTS
 from web.keys import AUTH, AUTH_KIND, REQUEST_ID, SESSION
 
 log = structlog.get_logger(__name__)
@@ -18,7 +20,8 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 REQUEST_ID_HEADER = "X-Request-ID"
 _SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
-PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/login"})
+# /metrics checks its own token (MAILROOM_METRICS_TOKEN), so Prometheus needs no session.
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/login", "/metrics"})
 CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
     "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
@@ -34,6 +37,27 @@ def api_error(status: int, code: str, message: str, details: Any = None) -> web.
 
 def is_api(request: web.Request) -> bool:
     return request.path.startswith("/api/")
+
+
+@web.middleware
+async def metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Count and time every request by route template (never by raw path: ids are unbounded)."""
+    started = time.perf_counter()
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except web.HTTPException as exc:
+        status = exc.status
+        raise
+    finally:
+        resource = request.match_info.route.resource
+        route = resource.canonical if resource is not None else "unmatched"
+        HTTP_REQUESTS.labels(route=route, method=request.method, status=str(status)).inc()
+        HTTP_DURATION.labels(route=route, method=request.method).observe(
+            time.perf_counter() - started
+        )
 
 
 @web.middleware

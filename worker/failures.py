@@ -33,6 +33,14 @@ class TransientFailure(DeliveryFailure):
     """Worth another attempt later (4xx replies, timeouts, refused connections)."""
 
 
+class InfrastructureFailure(TransientFailure):
+    """Our own side failed (the database went away): retried without limit.
+
+    It says nothing about the email, and while the database is gone the recipient cannot even
+    be marked dead; giving up would strand it. Backoff still applies, up to its cap.
+    """
+
+
 class PermanentFailure(DeliveryFailure):
     """Trying again cannot help (5xx replies, a template that cannot render)."""
 

@@ -24,12 +24,14 @@ import structlog
 from procrastinate.worker import Worker
 
 from shared.db import Database, make_pool
+from shared.metrics import WORKER_UP
 from shared.queue import EMAIL_QUEUE, MAINTENANCE_QUEUE, build_app
 from shared.settings import Settings
 from worker.drafting import Drafter, TemplateDrafter
+from worker.health import start_health_server
 from worker.retry import BackoffRetry
 from worker.smtp import Mailer, SmtpMailer
-from worker.tasks import DEPS_KEY, WorkerDeps, register_tasks
+from worker.tasks import DEPS_KEY, WorkerDeps, job_summary_middleware, register_tasks
 
 log = structlog.get_logger(__name__)
 
@@ -93,6 +95,7 @@ def worker_options(settings: Settings, deps: WorkerDeps, **overrides: Any) -> di
         # A sent email's evidence is its recipient row; failed jobs stay for the retention
         # period. Deleting succeeded jobs keeps the queue table small and fetches fast.
         "delete_jobs": "successful",
+        "worker_middleware": [job_summary_middleware],
     }
     options.update(overrides)
     return options
@@ -102,7 +105,30 @@ async def run_worker(settings: Settings, **overrides: Any) -> None:
     """Run workers until a signal asks to stop; restart one that loses the database."""
     stopping = asyncio.Event()
     current: list[Worker] = []
+    databases: list[Database] = []
     _install_signal_handlers(stopping, current)
+
+    def running() -> tuple[int, Database] | None:
+        if current and databases and current[0].worker_id is not None:
+            return current[0].worker_id, databases[0]
+        return None
+
+    health = await start_health_server(settings, running)
+    try:
+        await _supervise(settings, stopping, current, databases, overrides)
+    finally:
+        if health is not None:
+            await health.cleanup()
+    log.info("worker_stopped")
+
+
+async def _supervise(
+    settings: Settings,
+    stopping: asyncio.Event,
+    current: list[Worker],
+    databases: list[Database],
+    overrides: dict[str, Any],
+) -> None:
     backoff_s = 1.0
     while not stopping.is_set():
         try:
@@ -112,6 +138,7 @@ async def run_worker(settings: Settings, **overrides: Any) -> None:
                     **worker_options(settings, deps, install_signal_handlers=False, **overrides),
                 )
                 current[:] = [worker]
+                databases[:] = [deps.db]
                 if stopping.is_set():  # a signal arrived while we were connecting
                     break
                 log.info(
@@ -121,6 +148,7 @@ async def run_worker(settings: Settings, **overrides: Any) -> None:
                     smtp_port=settings.smtp_port,
                 )
                 backoff_s = 1.0
+                WORKER_UP.set(1)
                 await worker.run()  # type: ignore[no-untyped-call]
         except Exception as exc:
             log.error(
@@ -132,11 +160,12 @@ async def run_worker(settings: Settings, **overrides: Any) -> None:
                     return  # drained the queue, as asked
                 log.error("worker_stopped_unexpectedly", restart_in_s=backoff_s)
         finally:
+            WORKER_UP.set(0)
             current.clear()
+            databases.clear()
         if not stopping.is_set():
             await _sleep_unless(stopping, backoff_s)
             backoff_s = min(backoff_s * 2, RESTART_BACKOFF_MAX_S)
-    log.info("worker_stopped")
 
 
 async def _sleep_unless(event: asyncio.Event, seconds: float) -> None:

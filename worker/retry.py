@@ -19,7 +19,7 @@ from procrastinate.jobs import Job
 from procrastinate.retry import BaseRetryStrategy
 
 from shared.settings import Settings
-from worker.failures import TransientFailure
+from worker.failures import DeliveryFailure, InfrastructureFailure, TransientFailure
 
 # Retried jobs go back with a lower priority than fresh ones. procrastinate's fetch walks its
 # (priority DESC, id ASC) index and filters out rows scheduled in the future; with retries at
@@ -61,6 +61,14 @@ class BackoffRetry(BaseRetryStrategy):
         """True when attempt ``attempt`` (1-based) is the final one allowed."""
         return attempt >= self.max_attempts
 
+    def gives_up(self, failure: DeliveryFailure, attempt: int | None = None) -> bool:
+        """Whether ``failure`` ends the recipient's attempts (it becomes a dead letter)."""
+        if failure.permanent:
+            return True
+        if isinstance(failure, InfrastructureFailure):
+            return False
+        return self.is_last(attempt or failure.attempt or 1)
+
     def get_retry_decision(self, *, exception: BaseException, job: Job) -> RetryDecision | None:
         if isinstance(exception, asyncio.CancelledError):
             # The worker was shutting down and its grace period ran out: the job did nothing
@@ -70,7 +78,7 @@ class BackoffRetry(BaseRetryStrategy):
             return None
         # The recipient's own count (a shutdown gives its attempt back); the job's as fallback.
         attempt = exception.attempt or job.attempts + 1
-        if self.is_last(attempt):
+        if self.gives_up(exception, attempt):
             return None
         delay = datetime.timedelta(seconds=self.delay_s(attempt, exception.retry_after_s))
         return RetryDecision(retry_at=_now() + delay, priority=RETRY_PRIORITY)

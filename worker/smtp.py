@@ -19,6 +19,7 @@ from typing import Protocol
 
 import aiosmtplib
 
+from shared.metrics import SMTP_SEND
 from shared.settings import Settings, SmtpSecurity
 from worker.failures import PermanentFailure, classify_smtp
 
@@ -103,6 +104,7 @@ class SmtpMailer:
     async def send(self, message: EmailMessage) -> str:
         """Send ``message``; return the server's reply or raise a DeliveryFailure."""
         async with self._slots:
+            started = time.perf_counter()
             conn, reused = await self._checkout()
             try:
                 reply = await self._transmit(conn, message)
@@ -124,6 +126,7 @@ class SmtpMailer:
             except BaseException:
                 await self._discard(conn)
                 raise
+            SMTP_SEND.observe(time.perf_counter() - started)
             if conn.sent >= self._max_messages:
                 await self._discard(conn)
             else:

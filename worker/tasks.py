@@ -16,7 +16,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
 
 import procrastinate
 import psycopg
@@ -24,10 +28,23 @@ import structlog
 from procrastinate import JobContext
 
 from shared.db import Database, RecipientForSend
+from shared.metrics import (
+    DEAD_LETTERS,
+    EMAIL_FAILURES,
+    EMAILS_SENT,
+    JOB_DURATION,
+    JOB_QUEUE_WAIT,
+    JOB_RETRIES,
+)
 from shared.queue import EMAIL_QUEUE, MAINTENANCE_QUEUE, SEND_EMAIL_TASK
 from shared.settings import Settings
 from worker.drafting import Draft, Drafter
-from worker.failures import DeliveryFailure, PermanentFailure, TransientFailure
+from worker.failures import (
+    DeliveryFailure,
+    InfrastructureFailure,
+    PermanentFailure,
+    TransientFailure,
+)
 from worker.retry import BackoffRetry
 from worker.smtp import Mailer, build_message, message_id_for, sender_domain
 
@@ -61,6 +78,39 @@ def register_tasks(app: procrastinate.App, settings: Settings, retry: BackoffRet
     )
 
 
+async def job_summary_middleware(
+    call_next: Callable[[], Awaitable[Any]], context: JobContext, worker: object
+) -> Any:
+    """One log line and one histogram observation per job, with its ids bound as context.
+
+    Ids bound here (and by the task: batch, recipient, request) appear on every line the job
+    logs; each job runs in its own asyncio task, so the bindings never leak between jobs.
+    """
+    job = context.job
+    structlog.contextvars.bind_contextvars(
+        job_id=job.id, task=job.task_name, attempt=job.attempts + 1
+    )
+    started = time.perf_counter()
+    outcome, result = "error", None
+    try:
+        result = await call_next()
+        outcome = "succeeded"
+        return result
+    except DeliveryFailure as failure:
+        outcome = "permanent" if failure.permanent else "transient"
+        raise
+    except asyncio.CancelledError:
+        outcome = "aborted"
+        raise
+    finally:
+        duration = time.perf_counter() - started
+        JOB_DURATION.labels(task=job.task_name, outcome=outcome).observe(duration)
+        level = {"permanent": "warning", "error": "error"}.get(outcome, "info")
+        getattr(log, level)(
+            "job_finished", outcome=outcome, result=result, duration_s=round(duration, 4)
+        )
+
+
 def _every(seconds: int) -> str:
     # procrastinate's cron takes an optional sixth column for seconds.
     return f"* * * * * */{seconds}" if seconds < 60 else f"*/{seconds // 60} * * * *"
@@ -75,6 +125,11 @@ async def send_email(context: JobContext, recipient_id: int) -> str:
         raise _database_failure(exc) from exc
     if recipient is None:
         return "skipped"
+    structlog.contextvars.bind_contextvars(
+        batch_id=str(recipient.batch_id), recipient_id=recipient.id, request_id=recipient.request_id
+    )
+    ready_at = context.job.scheduled_at or recipient.enqueued_at
+    JOB_QUEUE_WAIT.observe(max(0.0, (datetime.now(UTC) - ready_at).total_seconds()))
     try:
         async with asyncio.timeout(deps.settings.job_timeout_seconds):
             draft = await _draft_once(deps, recipient)
@@ -99,7 +154,16 @@ async def send_email(context: JobContext, recipient_id: int) -> str:
         log.exception("send_email_crashed", recipient_id=recipient_id)
         failure = PermanentFailure(f"internal error: {type(exc).__name__}: {exc}"[:500])
     failure.attempt = recipient.attempts
-    final = failure.permanent or deps.retry.is_last(recipient.attempts)
+    final = deps.retry.gives_up(failure)
+    EMAIL_FAILURES.labels(kind="permanent" if failure.permanent else "transient").inc()
+    (DEAD_LETTERS if final else JOB_RETRIES).inc()
+    log.info(
+        "email_attempt_failed",
+        attempt=recipient.attempts,
+        error=failure.message,
+        smtp_code=failure.smtp_code,
+        outcome="dead" if final else "retrying",
+    )
     with contextlib.suppress(psycopg.Error):
         await deps.db.mark_failed(
             recipient_id, status="dead" if final else "retrying", error=failure.message
@@ -107,11 +171,11 @@ async def send_email(context: JobContext, recipient_id: int) -> str:
     raise failure
 
 
-def _database_failure(exc: psycopg.Error) -> TransientFailure:
+def _database_failure(exc: psycopg.Error) -> InfrastructureFailure:
     # The database went away mid-attempt: nothing was recorded as sent, so trying again later
     # is safe. If even the retry cannot be recorded, the job stays "doing" and the stalled-job
     # sweep requeues it once this worker's heartbeat goes stale.
-    return TransientFailure(f"database unavailable: {type(exc).__name__}")
+    return InfrastructureFailure(f"database unavailable: {type(exc).__name__}")
 
 
 async def _draft_once(deps: WorkerDeps, recipient: RecipientForSend) -> Draft:
@@ -139,6 +203,7 @@ async def _deliver(deps: WorkerDeps, recipient: RecipientForSend, draft: Draft) 
             return "duplicate"
         reply = await deps.mailer.send(message)
         await claim.mark_sent(message_id, reply)
+    EMAILS_SENT.inc()
     return "sent"
 
 
