@@ -89,6 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
         "MAILROOM_DATABASE_URL, MAILROOM_FROM_ADDRESS and the MAILROOM_SMTP_* settings.",
     )
     worker.add_argument(
+        "--instance",
+        type=_instance,
+        default=0,
+        help="instance number N when several workers share a host (systemd's %%i): the "
+        "worker's metrics port becomes MAILROOM_METRICS_PORT + N (default: %(default)s)",
+    )
+    worker.add_argument(
         "--concurrency",
         type=_positive,
         help="jobs in flight at once (default: MAILROOM_WORKER_CONCURRENCY)",
@@ -101,6 +108,16 @@ def build_parser() -> argparse.ArgumentParser:
         "MAILROOM_DATABASE_URL. Running it again is a no-op.",
     )
     return parser
+
+
+def _instance(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an instance number: {text!r}") from None
+    if not 0 <= value <= 999:
+        raise argparse.ArgumentTypeError("an instance number is 0..999")
+    return value
 
 
 def _uuid(text: str) -> uuid.UUID:
@@ -175,9 +192,14 @@ def _worker(settings: Settings, args: argparse.Namespace) -> int:
 
     if args.concurrency:
         settings = settings.model_copy(update={"worker_concurrency": args.concurrency})
+    if args.instance and settings.metrics_port:
+        port = settings.metrics_port + args.instance
+        if port > 65535:
+            raise ConfigError(f"MAILROOM_METRICS_PORT + instance {args.instance} exceeds 65535")
+        settings = settings.model_copy(update={"metrics_port": port})
     settings.require("database_url", "from_address")
     try:
-        asyncio.run(run_worker(settings))
+        asyncio.run(run_worker(settings, name=f"mailroom-worker-{args.instance}"))
     except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as exc:
         print(f"mailroom worker: cannot reach the database: {exc}", file=sys.stderr)
         return 1
