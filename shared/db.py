@@ -21,7 +21,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from shared.queue import EMAIL_QUEUE, SEND_EMAIL_TASK
 
-RECIPIENT_STATUSES = ("queued", "sending", "sent", "retrying", "dead", "cancelled")
+RECIPIENT_STATUSES = ("queued", "sending", "drafted", "sent", "retrying", "dead", "cancelled")
 FINAL_STATUSES = frozenset({"sent", "dead", "cancelled"})
 
 # Keep half-open connections from hanging a process forever: the kernel gives up on a peer that
@@ -68,6 +68,8 @@ class NewBatch:
     recipients: Sequence[NewRecipient]
     drafter: str = "template"
     request_id: str | None = None
+    context: str | None = None
+    review: bool = False
 
 
 @dataclass(frozen=True)
@@ -78,13 +80,23 @@ class BatchSummary:
     counts: dict[str, int]
     drafter: str
     subject_template: str
+    review: bool = False
+    approved: bool = False
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
 
     @property
     def status(self) -> str:
-        """``queued`` until a recipient is picked up, ``done`` once every one is final."""
+        """``queued`` until a recipient is picked up, ``done`` once every one is final.
+
+        A review batch whose every open recipient is drafted is ``awaiting_review`` until an
+        operator sends it.
+        """
         finished = sum(self.counts[s] for s in FINAL_STATUSES)
         if finished >= self.total:
             return "done"
+        if self.review and not self.approved and finished + self.counts["drafted"] >= self.total:
+            return "awaiting_review"
         if self.counts["queued"] == self.total:
             return "queued"
         return "sending"
@@ -113,6 +125,9 @@ class RecipientForSend:
     body_template: str
     enqueued_at: datetime
     request_id: str | None
+    context: str | None = None
+    # True while the batch waits for an operator: draft, then stop.
+    hold_for_review: bool = False
 
 
 class DeliveryClaim:
@@ -191,7 +206,8 @@ class Database:
         async with self.pool.connection() as conn, conn.transaction():
             await conn.execute(
                 "INSERT INTO batches (id, created_by, request_id, drafter, subject_template,"
-                " body_template, total) VALUES (%s, %s, %s, %s, %s, %s, %s)",
+                " body_template, total, context, review)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
                 (
                     batch_id,
                     batch.created_by,
@@ -200,6 +216,8 @@ class Database:
                     batch.subject_template,
                     batch.body_template,
                     len(emails),
+                    batch.context,
+                    batch.review,
                 ),
             )
             cursor = await conn.execute(
@@ -243,10 +261,15 @@ class Database:
         async with self.pool.connection() as conn:
             cursor = conn.cursor(row_factory=dict_row)
             await cursor.execute(
-                "SELECT b.id, b.created_at, b.total, b.drafter, b.subject_template,"
+                "SELECT b.id, b.created_at, b.total, b.drafter, b.subject_template, b.review,"
+                " b.approved_at IS NOT NULL AS approved,"
                 " (SELECT coalesce(jsonb_object_agg(status, n), '{}') FROM"
                 "   (SELECT status, count(*) AS n FROM recipients r"
-                "     WHERE r.batch_id = b.id GROUP BY status) c) AS counts"
+                "     WHERE r.batch_id = b.id GROUP BY status) c) AS counts,"
+                " (SELECT coalesce(sum(prompt_tokens), 0) FROM recipients r"
+                "   WHERE r.batch_id = b.id)::int AS prompt_tokens,"
+                " (SELECT coalesce(sum(completion_tokens), 0) FROM recipients r"
+                "   WHERE r.batch_id = b.id)::int AS completion_tokens"
                 f" FROM batches b {tail}",
                 params,
             )
@@ -270,8 +293,8 @@ class Database:
         async with self.pool.connection() as conn:
             cursor = conn.cursor(row_factory=dict_row)
             await cursor.execute(
-                "SELECT id, email, status, attempts, last_error, message_id, subject,"
-                " enqueued_at, sent_at FROM recipients"
+                "SELECT id, email, status, attempts, last_error, message_id, subject, body,"
+                " prompt_tokens, completion_tokens, enqueued_at, sent_at FROM recipients"
                 " WHERE batch_id = %s AND (%s::text IS NULL OR status = %s) AND id > %s"
                 " ORDER BY id LIMIT %s",
                 (batch_id, status, status, after_id, limit),
@@ -295,7 +318,8 @@ class Database:
                 " AND r.status IN ('queued', 'retrying', 'sending')"
                 " RETURNING r.id, r.batch_id, r.email, r.fields, r.status, r.attempts, r.subject,"
                 " r.body, b.drafter, b.subject_template, b.body_template, r.enqueued_at,"
-                " b.request_id",
+                " b.request_id, b.context,"
+                " (b.review AND b.approved_at IS NULL) AS hold_for_review",
                 (recipient_id,),
             )
             row = await cursor.fetchone()
@@ -310,14 +334,78 @@ class Database:
                 (recipient_id,),
             )
 
-    async def save_draft(self, recipient_id: int, subject: str, body: str) -> None:
-        """Store the drafted email; a draft already stored wins (a recipient is drafted once)."""
+    async def save_draft(
+        self,
+        recipient_id: int,
+        subject: str,
+        body: str,
+        *,
+        prompt_tokens: int = 0,
+        completion_tokens: int = 0,
+    ) -> None:
+        """Store the drafted email and what it cost; a stored draft wins (drafted once)."""
         async with self.pool.connection() as conn:
             await conn.execute(
-                "UPDATE recipients SET subject = %s, body = %s, updated_at = now()"
-                " WHERE id = %s AND subject IS NULL",
-                (subject, body, recipient_id),
+                "UPDATE recipients SET subject = %s, body = %s, prompt_tokens = %s,"
+                " completion_tokens = %s, updated_at = now() WHERE id = %s AND subject IS NULL",
+                (subject, body, prompt_tokens, completion_tokens, recipient_id),
             )
+
+    async def park_for_review(self, recipient_id: int, batch_id: uuid.UUID) -> bool:
+        """Park a drafted recipient until its batch is approved; False if it already was.
+
+        The batch row is locked (FOR SHARE) so an approval cannot slip between reading the
+        batch and parking the recipient: either the approval waits and then queues this
+        recipient, or this sees the approval and the caller sends at once.
+        """
+        async with self.pool.connection() as conn, conn.transaction():
+            cursor = await conn.execute(
+                "SELECT approved_at IS NULL FROM batches WHERE id = %s FOR SHARE", (batch_id,)
+            )
+            row = await cursor.fetchone()
+            if not row or not row[0]:
+                return False
+            await conn.execute(
+                "UPDATE recipients SET status = 'drafted', attempts = greatest(attempts - 1, 0),"
+                " last_error = NULL, updated_at = now() WHERE id = %s AND status = 'sending'",
+                (recipient_id,),
+            )
+        return True
+
+    async def approve(self, batch_id: uuid.UUID) -> int | None:
+        """Send a reviewed batch: its drafted recipients are queued with new jobs, at once.
+
+        Returns how many were queued, or ``None`` if the batch does not exist. Recipients still
+        being drafted when the batch is approved are sent as soon as their draft is stored.
+        """
+        async with self.pool.connection() as conn, conn.transaction():
+            cursor = await conn.execute(
+                "UPDATE batches SET approved_at = coalesce(approved_at, now())"
+                " WHERE id = %s RETURNING id",
+                (batch_id,),
+            )
+            if await cursor.fetchone() is None:
+                return None
+            cursor = await conn.execute(
+                "WITH rows AS (UPDATE recipients SET status = 'queued', enqueued_at = now(),"
+                " updated_at = now() WHERE batch_id = %(batch_id)s AND status = 'drafted'"
+                " RETURNING id)" + _DEFER_EMAIL_JOBS,
+                {"batch_id": batch_id, **_DEFER_PARAMS},
+            )
+            row = await cursor.fetchone()
+        return int(row[0] or 0) if row else 0
+
+    async def edit_draft(
+        self, batch_id: uuid.UUID, recipient_id: int, subject: str, body: str
+    ) -> bool:
+        """Replace a draft that is waiting for review; False if it is not (or no longer) one."""
+        async with self.pool.connection() as conn:
+            cursor = await conn.execute(
+                "UPDATE recipients SET subject = %s, body = %s, updated_at = now()"
+                " WHERE id = %s AND batch_id = %s AND status = 'drafted'",
+                (subject, body, recipient_id, batch_id),
+            )
+        return cursor.rowcount == 1
 
     @asynccontextmanager
     async def claim_delivery(self, recipient_id: int) -> AsyncIterator[DeliveryClaim]:

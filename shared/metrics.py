@@ -96,7 +96,7 @@ for _kind in ("prompt", "completion"):
 
 # -- scrape-time gauges -------------------------------------------------------------------------
 QUEUE_STATUSES = ("todo_ready", "todo_scheduled", "doing")
-OPEN_RECIPIENT_STATUSES = ("queued", "sending", "retrying", "dead")
+OPEN_RECIPIENT_STATUSES = ("queued", "sending", "drafted", "retrying", "dead")
 
 # One pass over todo/doing rows (the partial indexes cover them). The oldest ready job is the
 # older of: the fresh job with the lowest id (ids only grow; its "deferred" event has the
@@ -123,7 +123,8 @@ SELECT queue_name, state, n,
 """
 _RECIPIENTS_SQL = (
     "SELECT status, count(*) FROM recipients"
-    " WHERE status IN ('queued', 'sending', 'retrying', 'dead') GROUP BY status"
+    " WHERE status IN ('queued', 'sending', 'drafted', 'retrying', 'dead')"
+    " GROUP BY status"
 )
 _WORKERS_SQL = (
     "SELECT count(*) FROM procrastinate_workers"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 from typing import Any
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.addresses import InvalidAddress, normalize_address
@@ -54,6 +54,7 @@ class Settings(BaseSettings):
         env_file_encoding="utf-8",
         extra="ignore",
         validate_default=True,
+        populate_by_name=True,
     )
 
     database_url: str | None = None
@@ -90,6 +91,15 @@ class Settings(BaseSettings):
     retry_base_seconds: float = Field(default=5.0, gt=0, le=86_400)
     retry_cap_seconds: float = Field(default=3600.0, gt=0, le=7 * 86_400)
 
+    # LLM drafting through Groq (or any server speaking its OpenAI-compatible API).
+    groq_api_key: SecretStr | None = Field(
+        default=None, validation_alias=AliasChoices("MAILROOM_GROQ_API_KEY", "GROQ_API_KEY")
+    )
+    groq_base_url: str | None = None
+    groq_model: str = "llama-3.3-70b-versatile"
+    llm_timeout_seconds: float = Field(default=30.0, gt=0, le=600)
+    llm_concurrency: int = Field(default=4, ge=1, le=256)
+
     log_level: str = "INFO"
     log_format: LogFormat = LogFormat.AUTO
 
@@ -116,6 +126,13 @@ class Settings(BaseSettings):
         if level not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
             raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL")
         return level
+
+    @field_validator("groq_base_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL")
+        return value
 
     @field_validator("database_url")
     @classmethod
@@ -178,4 +195,4 @@ def _describe(exc: ValidationError) -> str:
 
 
 def _is_secret(field: str) -> bool:
-    return field in {"smtp_password", "api_token", "secret_key", "metrics_token"}
+    return field in {"smtp_password", "api_token", "secret_key", "metrics_token", "groq_api_key"}

@@ -22,14 +22,21 @@ from psycopg import sql
 
 from shared.db import Database, make_pool
 from shared.embedded import EmbeddedPostgres, database_uri
+from shared.logging import configure_logging
 from shared.schema import migrate
-from shared.settings import Settings
+from shared.settings import LogFormat, Settings
 from tests.smtp_server import RecordingSMTPServer
 from web.app import create_app
 from worker.main import worker_options, worker_runtime
 
 API_TOKEN = "test-token-" + "x" * 20
 TEST_DB_ENV = "MAILROOM_TEST_DATABASE_URL"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def production_logging() -> None:
+    """Log as the processes do (structlog through stdlib), so caplog sees every line."""
+    configure_logging("INFO", LogFormat.JSON)
 
 
 @pytest.fixture(scope="session")
@@ -138,9 +145,9 @@ async def client(settings: Settings, db: Database) -> AsyncIterator[TestClient]:
 AUTH = {"Authorization": f"Bearer {API_TOKEN}"}
 
 
-async def drain(settings: Settings, *, drafter: Any = None, **overrides: Any) -> None:
+async def drain(settings: Settings, *, drafters: Any = None, **overrides: Any) -> None:
     """Run a worker until no job is ready, then return (no sleeps, no timing guesses)."""
-    async with worker_runtime(settings, drafter=drafter) as (app, deps):
+    async with worker_runtime(settings, drafters=drafters) as (app, deps):
         await app.run_worker_async(
             **worker_options(settings, deps, wait=False, install_signal_handlers=False, **overrides)
         )

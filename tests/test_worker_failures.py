@@ -60,7 +60,7 @@ async def test_a_bug_while_drafting_makes_a_visible_dead_letter(
     db: Database, settings: Settings, smtp: RecordingSMTPServer
 ) -> None:
     await _one(db)
-    await drain(settings, drafter=BrokenDrafter())
+    await drain(settings, drafters={"template": BrokenDrafter()})
     row = await query(settings.database_url or "", "SELECT status, last_error FROM recipients")
     assert row == [("dead", "internal error: RuntimeError: drafter bug")]
     assert smtp.received == []

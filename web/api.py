@@ -14,12 +14,19 @@ from shared.db import RECIPIENT_STATUSES, BatchSummary
 from shared.metrics import BATCHES_CREATED, RECIPIENTS_ENQUEUED
 from web.keys import AUTH_KIND, CAPTURE, DB, REQUEST_ID, SETTINGS
 from web.middlewares import api_error
-from web.validation import InvalidSubmission, Submission, from_json
+from web.validation import InvalidSubmission, Limits, Submission, from_json
 
 log = structlog.get_logger(__name__)
 routes = web.RouteTableDef()
 
 MAX_PAGE_SIZE = 500
+
+
+def limits(request: web.Request) -> Limits:
+    settings = request.app[SETTINGS]
+    return Limits(
+        max_batch_size=settings.max_batch_size, llm_available=settings.groq_api_key is not None
+    )
 
 
 def batch_json(summary: BatchSummary) -> dict[str, Any]:
@@ -30,6 +37,9 @@ def batch_json(summary: BatchSummary) -> dict[str, Any]:
         "counts": summary.counts,
         "progress": round(summary.progress, 4),
         "drafter": summary.drafter,
+        "review": summary.review,
+        "approved": summary.approved,
+        "tokens": {"prompt": summary.prompt_tokens, "completion": summary.completion_tokens},
         "created_at": summary.created_at.isoformat(),
     }
 
@@ -69,9 +79,8 @@ async def post_batch(request: web.Request) -> web.Response:
         payload = await request.json()
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         return api_error(400, "malformed_json", f"the body is not valid JSON: {exc}")
-    settings = request.app[SETTINGS]
     try:
-        submission = from_json(payload, max_batch_size=settings.max_batch_size)
+        submission = from_json(payload, limits=limits(request))
     except InvalidSubmission as exc:
         return invalid_response(exc)
     batch_id = await create_batch(request, submission)
@@ -149,3 +158,54 @@ async def get_dev_messages(request: web.Request) -> web.Response:
         return api_error(404, "not_found", "the mail capture exists only in `mailroom dev`")
     messages = await asyncio.to_thread(capture.messages)
     return web.json_response({"messages": [m.as_dict() for m in messages]})
+
+
+@routes.post("/api/batches/{batch_id}/send")
+async def send_reviewed(request: web.Request) -> web.Response:
+    """Send a batch created with ``"send": false`` once its drafts have been reviewed."""
+    batch_id = _batch_id(request)
+    db = request.app[DB]
+    summary = await db.batch_summary(batch_id)
+    if summary is None:
+        return api_error(404, "not_found", "no such batch")
+    if not summary.review:
+        return api_error(409, "not_a_review_batch", "this batch was sent without review")
+    queued = await db.approve(batch_id)
+    log.info("batch_approved", batch_id=str(batch_id), queued=queued)
+    return web.json_response({"id": str(batch_id), "queued": queued})
+
+
+MAX_EDITED_SUBJECT_CHARS = 255
+MAX_EDITED_BODY_CHARS = 100_000
+
+
+def checked_edit(payload: Any) -> tuple[str, str]:
+    """A reviewed draft's new subject and body, or :class:`ValueError` saying what is wrong."""
+    if not isinstance(payload, dict) or set(payload) - {"subject", "body"}:
+        raise ValueError('expected {"subject": "...", "body": "..."}')
+    subject, body = payload.get("subject"), payload.get("body")
+    if not isinstance(subject, str) or not subject.strip():
+        raise ValueError("subject: required")
+    if "\r" in subject or "\n" in subject or len(subject) > MAX_EDITED_SUBJECT_CHARS:
+        raise ValueError(f"subject: one line of at most {MAX_EDITED_SUBJECT_CHARS} characters")
+    if not isinstance(body, str) or not body.strip() or len(body) > MAX_EDITED_BODY_CHARS:
+        raise ValueError(f"body: required, at most {MAX_EDITED_BODY_CHARS} characters")
+    return subject.strip(), body
+
+
+@routes.patch("/api/batches/{batch_id}/recipients/{recipient_id}")
+async def edit_draft(request: web.Request) -> web.Response:
+    """Replace the subject and body of a draft that waits for review."""
+    batch_id = _batch_id(request)
+    try:
+        recipient_id = int(request.match_info["recipient_id"])
+        payload = await request.json()
+    except ValueError:
+        return api_error(400, "malformed_request", "recipient id must be a number; body JSON")
+    try:
+        subject, body = checked_edit(payload)
+    except ValueError as exc:
+        return api_error(422, "invalid_draft", str(exc))
+    if not await request.app[DB].edit_draft(batch_id, recipient_id, subject, body):
+        return api_error(409, "not_editable", "only a draft waiting for review can be edited")
+    return web.json_response({"id": recipient_id, "subject": subject})

@@ -10,7 +10,7 @@ from typing import Any
 import aiohttp_jinja2
 from aiohttp import web
 
-from web.api import batch_json, create_batch
+from web.api import batch_json, checked_edit, create_batch, limits
 from web.auth import SESSION_COOKIE, SESSION_TTL_S
 from web.keys import AUTH, CAPTURE, DB, SESSION, SETTINGS
 from web.validation import InvalidSubmission, from_form
@@ -108,10 +108,11 @@ async def index(request: web.Request) -> web.Response:
 async def submit_batch(request: web.Request) -> web.StreamResponse:
     form = await request.post()
     _check_csrf(request, form)
-    fields = {k: str(form.get(k, "")) for k in ("recipients", "subject", "body", "drafter")}
+    names = ("recipients", "subject", "body", "drafter", "context", "review")
+    fields = {k: str(form.get(k, "")) for k in names}
     settings = request.app[SETTINGS]
     try:
-        submission = from_form(fields, max_batch_size=settings.max_batch_size)
+        submission = from_form(fields, limits=limits(request))
     except InvalidSubmission as exc:
         batches = await request.app[DB].recent_batches(limit=20)
         return render(
@@ -132,10 +133,7 @@ async def submit_batch(request: web.Request) -> web.StreamResponse:
 
 @routes.get("/batches/{batch_id}")
 async def batch_page(request: web.Request) -> web.Response:
-    try:
-        batch_id = uuid.UUID(request.match_info["batch_id"])
-    except ValueError:
-        raise web.HTTPNotFound(text="no such batch") from None
+    batch_id = _page_batch_id(request)
     db = request.app[DB]
     summary = await db.batch_summary(batch_id)
     if summary is None:
@@ -161,3 +159,57 @@ async def captured_message(request: web.Request) -> web.Response:
         raise web.HTTPNotFound(text="no such message")
     # Shown as plain text so nothing in a captured message can run in the operator's browser.
     return web.Response(body=raw, content_type="text/plain", charset="utf-8")
+
+
+@routes.post("/batches/{batch_id}/send")
+async def send_reviewed_page(request: web.Request) -> web.StreamResponse:
+    _check_csrf(request, await request.post())
+    batch_id = _page_batch_id(request)
+    await request.app[DB].approve(batch_id)
+    raise web.HTTPSeeOther(location=f"/batches/{batch_id}")
+
+
+@routes.get("/batches/{batch_id}/recipients/{recipient_id}/edit")
+async def edit_draft_page(request: web.Request) -> web.Response:
+    batch_id = _page_batch_id(request)
+    draft = await _draft(request, batch_id)
+    return render(request, "edit.html", {"batch_id": batch_id, "draft": draft, "error": None})
+
+
+@routes.post("/batches/{batch_id}/recipients/{recipient_id}/edit")
+async def save_draft_page(request: web.Request) -> web.StreamResponse:
+    form = await request.post()
+    _check_csrf(request, form)
+    batch_id = _page_batch_id(request)
+    draft = await _draft(request, batch_id)
+    try:
+        subject, body = checked_edit({"subject": form.get("subject"), "body": form.get("body")})
+    except ValueError as exc:
+        values = {**draft, "subject": form.get("subject"), "body": form.get("body")}
+        return render(
+            request,
+            "edit.html",
+            {"batch_id": batch_id, "draft": values, "error": str(exc)},
+            status=422,
+        )
+    if not await request.app[DB].edit_draft(batch_id, draft["id"], subject, body):
+        raise web.HTTPConflict(text="this draft is no longer waiting for review")
+    raise web.HTTPSeeOther(location=f"/batches/{batch_id}")
+
+
+def _page_batch_id(request: web.Request) -> uuid.UUID:
+    try:
+        return uuid.UUID(request.match_info["batch_id"])
+    except ValueError:
+        raise web.HTTPNotFound(text="no such batch") from None
+
+
+async def _draft(request: web.Request, batch_id: uuid.UUID) -> dict[str, Any]:
+    try:
+        recipient_id = int(request.match_info["recipient_id"])
+    except ValueError:
+        raise web.HTTPNotFound(text="no such recipient") from None
+    rows = await request.app[DB].list_recipients(batch_id, after_id=recipient_id - 1, limit=1)
+    if not rows or rows[0]["id"] != recipient_id:
+        raise web.HTTPNotFound(text="no such recipient")
+    return rows[0]

@@ -15,14 +15,15 @@ from shared.addresses import InvalidAddress, dedupe_key, normalize_address
 from shared.db import NewBatch, NewRecipient
 from shared.templating import TemplateProblem, fields_used, render
 
-DRAFTERS = ("template",)
+DRAFTERS = ("template", "llm")
+MAX_CONTEXT_CHARS = 20_000
 MAX_SUBJECT_TEMPLATE_CHARS = 998
 MAX_BODY_TEMPLATE_CHARS = 100_000
 MAX_FIELDS_PER_RECIPIENT = 50
 MAX_FIELD_VALUE_CHARS = 2_000
 MAX_PROBLEMS_LISTED = 1_000
 _FIELD_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
-_API_KEYS = {"recipients", "subject", "body", "drafter"}
+_API_KEYS = {"recipients", "subject", "body", "drafter", "context", "send"}
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,8 @@ class Submission:
     body: str
     drafter: str = "template"
     duplicates_removed: int = 0
+    context: str | None = None
+    review: bool = False
 
     def to_new_batch(self, *, created_by: str, request_id: str | None) -> NewBatch:
         return NewBatch(
@@ -75,7 +78,17 @@ class Submission:
             subject_template=self.subject,
             body_template=self.body,
             recipients=self.recipients,
+            context=self.context,
+            review=self.review,
         )
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What the server allows: batch size, and whether it can draft with an LLM."""
+
+    max_batch_size: int
+    llm_available: bool = False
 
 
 @dataclass
@@ -88,8 +101,10 @@ class _Entry:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def from_json(payload: Any, *, max_batch_size: int) -> Submission:
-    """Validate the API's JSON body (``{"recipients": [...], "subject", "body", "drafter"}``)."""
+def from_json(payload: Any, *, limits: Limits) -> Submission:
+    """Validate the API's JSON body: ``recipients``, then ``subject`` and ``body`` templates
+    (``drafter: "template"``, the default) or a ``context`` (``drafter: "llm"``), and
+    ``send: false`` to stop after drafting for review."""
     if not isinstance(payload, dict):
         raise InvalidSubmission([Problem("body", "expected a JSON object")])
     problems = [Problem(key, "unknown field") for key in sorted(set(payload) - _API_KEYS)]
@@ -99,17 +114,22 @@ def from_json(payload: Any, *, max_batch_size: int) -> Submission:
         problems.append(Problem("recipients", "expected a list of addresses or objects"))
     else:
         entries = [_Entry(raw=item, position=i) for i, item in enumerate(raw)]
+    send = payload.get("send", True)
+    if not isinstance(send, bool):
+        problems.append(Problem("send", "must be true or false"))
     return _validate(
         entries,
         subject=payload.get("subject"),
         body=payload.get("body"),
         drafter=payload.get("drafter", "template"),
+        context=payload.get("context"),
+        review=send is False,
         problems=problems,
-        max_batch_size=max_batch_size,
+        limits=limits,
     )
 
 
-def from_form(form: dict[str, str], *, max_batch_size: int) -> Submission:
+def from_form(form: dict[str, str], *, limits: Limits) -> Submission:
     """Validate the HTML form: one address per line (commas and semicolons also separate)."""
     entries: list[_Entry] = []
     for number, text in enumerate(form.get("recipients", "").splitlines(), start=1):
@@ -121,8 +141,10 @@ def from_form(form: dict[str, str], *, max_batch_size: int) -> Submission:
         subject=form.get("subject"),
         body=form.get("body"),
         drafter=form.get("drafter") or "template",
+        context=form.get("context"),
+        review=form.get("review") in {"1", "on", "true"},
         problems=[],
-        max_batch_size=max_batch_size,
+        limits=limits,
     )
 
 
@@ -132,14 +154,25 @@ def _validate(
     subject: Any,
     body: Any,
     drafter: Any,
+    context: Any,
+    review: bool,
     problems: list[Problem],
-    max_batch_size: int,
+    limits: Limits,
 ) -> Submission:
-    templates_ok = _check_template(
-        "subject", subject, MAX_SUBJECT_TEMPLATE_CHARS, problems, single_line=True
-    )
-    templates_ok &= _check_template("body", body, MAX_BODY_TEMPLATE_CHARS, problems)
-    if drafter not in DRAFTERS:
+    max_batch_size = limits.max_batch_size
+    templates_ok = False
+    if drafter == "llm":
+        context = _check_llm(subject, body, context, limits, problems)
+        subject = body = ""
+    elif drafter in DRAFTERS:
+        if context not in (None, ""):
+            problems.append(Problem("context", 'only used with "drafter": "llm"'))
+        context = None
+        templates_ok = _check_template(
+            "subject", subject, MAX_SUBJECT_TEMPLATE_CHARS, problems, single_line=True
+        )
+        templates_ok &= _check_template("body", body, MAX_BODY_TEMPLATE_CHARS, problems)
+    else:
         problems.append(Problem("drafter", f"must be one of: {', '.join(DRAFTERS)}"))
 
     if not entries and not any(p.field == "recipients" for p in problems):
@@ -177,7 +210,34 @@ def _validate(
         body=body,
         drafter=drafter,
         duplicates_removed=duplicates,
+        context=context,
+        review=review,
     )
+
+
+def _check_llm(
+    subject: Any, body: Any, context: Any, limits: Limits, problems: list[Problem]
+) -> str | None:
+    if not limits.llm_available:
+        problems.append(
+            Problem("drafter", "the llm drafter is not configured: set MAILROOM_GROQ_API_KEY")
+        )
+    for name, value in (("subject", subject), ("body", body)):
+        if value not in (None, ""):
+            problems.append(
+                Problem(
+                    name,
+                    'not used with "drafter": "llm" (the model writes it; guide it '
+                    "through the context)",
+                )
+            )
+    if not isinstance(context, str) or not context.strip():
+        problems.append(Problem("context", 'required with "drafter": "llm"'))
+        return None
+    if len(context) > MAX_CONTEXT_CHARS:
+        problems.append(Problem("context", f"longer than {MAX_CONTEXT_CHARS} characters"))
+        return None
+    return context
 
 
 def _check_template(

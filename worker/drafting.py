@@ -21,6 +21,8 @@ MAX_SUBJECT_CHARS = 255
 class Draft:
     subject: str
     body: str
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
 
 
 class Drafter(Protocol):

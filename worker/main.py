@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -29,6 +29,7 @@ from shared.queue import EMAIL_QUEUE, MAINTENANCE_QUEUE, build_app
 from shared.settings import Settings
 from worker.drafting import Drafter, TemplateDrafter
 from worker.health import start_health_server
+from worker.llm import LlmDrafter
 from worker.retry import BackoffRetry
 from worker.smtp import Mailer, SmtpMailer
 from worker.tasks import DEPS_KEY, WorkerDeps, job_summary_middleware, register_tasks
@@ -47,7 +48,7 @@ async def worker_runtime(
     settings: Settings,
     *,
     mailer: Mailer | None = None,
-    drafter: Drafter | None = None,
+    drafters: Mapping[str, Drafter] | None = None,
 ) -> AsyncIterator[tuple[procrastinate.App, WorkerDeps]]:
     """Open the pool, the procrastinate app and the SMTP pool; close them all on exit."""
     settings.require("database_url", "from_address")
@@ -62,10 +63,11 @@ async def worker_runtime(
     retry = BackoffRetry.from_settings(settings)
     app = build_app()
     register_tasks(app, settings, retry)
+    llm = LlmDrafter(settings) if settings.groq_api_key else None
     deps = WorkerDeps(
         settings=settings,
         db=Database(pool),
-        drafter=drafter or TemplateDrafter(),
+        drafters=drafters or {"template": TemplateDrafter(), **({"llm": llm} if llm else {})},
         mailer=mailer or SmtpMailer(settings, size=settings.worker_concurrency),
         retry=retry,
     )
@@ -73,6 +75,8 @@ async def worker_runtime(
         await app.open_async(pool)
         yield app, deps
     finally:
+        if llm is not None:
+            await llm.close()
         await deps.mailer.close()
         await app.close_async()
         await pool.close()

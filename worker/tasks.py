@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -57,7 +57,7 @@ class WorkerDeps:
 
     settings: Settings
     db: Database
-    drafter: Drafter
+    drafters: Mapping[str, Drafter]
     mailer: Mailer
     retry: BackoffRetry
 
@@ -133,6 +133,10 @@ async def send_email(context: JobContext, recipient_id: int) -> str:
     try:
         async with asyncio.timeout(deps.settings.job_timeout_seconds):
             draft = await _draft_once(deps, recipient)
+            if recipient.hold_for_review and await deps.db.park_for_review(
+                recipient.id, recipient.batch_id
+            ):
+                return "drafted"
             return await _deliver(deps, recipient, draft)
     except TimeoutError:
         failure: DeliveryFailure = TransientFailure(
@@ -182,8 +186,19 @@ async def _draft_once(deps: WorkerDeps, recipient: RecipientForSend) -> Draft:
     # A stored draft is reused by every later attempt: drafting may cost money (an LLM).
     if recipient.subject is not None and recipient.body is not None:
         return Draft(subject=recipient.subject, body=recipient.body)
-    draft = await deps.drafter.draft(recipient)
-    await deps.db.save_draft(recipient.id, draft.subject, draft.body)
+    drafter = deps.drafters.get(recipient.drafter)
+    if drafter is None:
+        raise PermanentFailure(
+            f"this worker has no {recipient.drafter!r} drafter (set MAILROOM_GROQ_API_KEY)"
+        )
+    draft = await drafter.draft(recipient)
+    await deps.db.save_draft(
+        recipient.id,
+        draft.subject,
+        draft.body,
+        prompt_tokens=draft.prompt_tokens,
+        completion_tokens=draft.completion_tokens,
+    )
     return draft
 
 
