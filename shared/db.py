@@ -180,6 +180,15 @@ class Selection:
 _SELECTED = "(%(everything)s OR id = ANY(%(ids)s::bigint[]) OR batch_id = %(batch_id)s::uuid)"
 
 
+class KeyReused(Exception):
+    """An Idempotency-Key was used before; ``same_request`` says whether with the same body."""
+
+    def __init__(self, batch_id: uuid.UUID, same_request: bool) -> None:
+        super().__init__(f"idempotency key already used for batch {batch_id}")
+        self.batch_id = batch_id
+        self.same_request = same_request
+
+
 def email_key(recipient_id: int) -> str:
     """The idempotency key of the one email a recipient row stands for."""
     return f"email:{recipient_id}"
@@ -193,12 +202,18 @@ class Database:
 
     # -- enqueue ---------------------------------------------------------------------------
 
-    async def create_batch(self, batch: NewBatch) -> uuid.UUID:
+    async def create_batch(
+        self, batch: NewBatch, *, idempotency: tuple[str, str] | None = None
+    ) -> uuid.UUID:
         """Insert the batch, its recipients and one job per recipient in one transaction.
 
         The recipients and their jobs go in a single statement: procrastinate's own
         ``procrastinate_defer_jobs_v1`` is called on the ids the insert returns, so a batch of
         any size costs two round trips. Either everything is committed or nothing is.
+
+        ``idempotency`` is (key, hash of the request): a key seen before raises
+        :class:`KeyReused` instead of creating a second batch. Two requests racing with one
+        key serialize on it: the second waits for the first to commit, then sees its batch.
         """
         batch_id = uuid.uuid4()
         emails = [r.email for r in batch.recipients]
@@ -220,6 +235,8 @@ class Database:
                     batch.review,
                 ),
             )
+            if idempotency is not None:
+                await self._claim_key(conn, batch_id, *idempotency)
             cursor = await conn.execute(
                 """
                 WITH rows AS (
@@ -238,6 +255,48 @@ class Database:
             if row is None or row[0] != len(emails):
                 raise RuntimeError("deferred job count does not match the recipients inserted")
         return batch_id
+
+    @staticmethod
+    async def _claim_key(
+        conn: psycopg.AsyncConnection, batch_id: uuid.UUID, key: str, request_hash: str
+    ) -> None:
+        cursor = await conn.execute(
+            "INSERT INTO api_idempotency_keys (key, request_hash, batch_id) VALUES (%s, %s, %s)"
+            " ON CONFLICT (key) DO NOTHING RETURNING 1",
+            (key, request_hash, batch_id),
+        )
+        if await cursor.fetchone() is None:
+            cursor = await conn.execute(
+                "SELECT batch_id, request_hash FROM api_idempotency_keys WHERE key = %s", (key,)
+            )
+            row = await cursor.fetchone()
+            assert row is not None
+            raise KeyReused(row[0], same_request=row[1] == request_hash)
+
+    async def cancel(self, batch_id: uuid.UUID) -> int | None:
+        """Cancel what is left of a batch; ``None`` if there is no such batch.
+
+        Queued, retrying and drafted recipients become ``cancelled`` and their waiting jobs
+        are cancelled in the same transaction. Sends already in flight finish.
+        """
+        async with self.pool.connection() as conn, conn.transaction():
+            cursor = await conn.execute("SELECT 1 FROM batches WHERE id = %s", (batch_id,))
+            if await cursor.fetchone() is None:
+                return None
+            cursor = await conn.execute(
+                "WITH cancelled AS ("
+                "  UPDATE recipients SET status = 'cancelled', updated_at = now()"
+                "   WHERE batch_id = %s AND status IN ('queued', 'retrying', 'drafted')"
+                "  RETURNING id),"
+                " jobs AS ("
+                "  UPDATE procrastinate_jobs j SET status = 'cancelled' FROM cancelled c"
+                "   WHERE j.status = 'todo' AND j.queue_name = %s"
+                "     AND (j.args ->> 'recipient_id')::bigint = c.id RETURNING j.id)"
+                " SELECT (SELECT count(*) FROM cancelled), (SELECT count(*) FROM jobs)",
+                (batch_id, EMAIL_QUEUE),
+            )
+            row = await cursor.fetchone()
+        return int(row[0]) if row else 0
 
     # -- reading ---------------------------------------------------------------------------
 

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
+import re
 import uuid
 from typing import Any
 
 import structlog
 from aiohttp import web
 
-from shared.db import RECIPIENT_STATUSES, BatchSummary
+from shared.db import RECIPIENT_STATUSES, BatchSummary, KeyReused
 from shared.metrics import BATCHES_CREATED, RECIPIENTS_ENQUEUED
 from web.keys import AUTH_KIND, CAPTURE, DB, REQUEST_ID, SETTINGS
 from web.middlewares import api_error
@@ -53,12 +55,14 @@ def invalid_response(exc: InvalidSubmission) -> web.Response:
     )
 
 
-async def create_batch(request: web.Request, submission: Submission) -> uuid.UUID:
+async def create_batch(
+    request: web.Request, submission: Submission, idempotency: tuple[str, str] | None = None
+) -> uuid.UUID:
     """The one path every submission takes into the database (API and form alike)."""
     batch = submission.to_new_batch(
         created_by=request.get(AUTH_KIND, "unknown"), request_id=request.get(REQUEST_ID)
     )
-    batch_id = await request.app[DB].create_batch(batch)
+    batch_id = await request.app[DB].create_batch(batch, idempotency=idempotency)
     BATCHES_CREATED.inc()
     RECIPIENTS_ENQUEUED.inc(len(submission.recipients))
     log.info(
@@ -75,6 +79,11 @@ async def create_batch(request: web.Request, submission: Submission) -> uuid.UUI
 async def post_batch(request: web.Request) -> web.Response:
     if request.content_type != "application/json":
         return api_error(415, "unsupported_media_type", "send the batch as application/json")
+    key = request.headers.get("Idempotency-Key")
+    if key is not None and not _IDEMPOTENCY_KEY.match(key):
+        return api_error(
+            400, "bad_idempotency_key", "Idempotency-Key must be 1-255 printable ASCII characters"
+        )
     try:
         payload = await request.json()
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -83,16 +92,50 @@ async def post_batch(request: web.Request) -> web.Response:
         submission = from_json(payload, limits=limits(request))
     except InvalidSubmission as exc:
         return invalid_response(exc)
-    batch_id = await create_batch(request, submission)
+    idempotency = (key, _request_hash(payload)) if key else None
+    try:
+        batch_id = await create_batch(request, submission, idempotency)
+    except KeyReused as reused:
+        if not reused.same_request:
+            return api_error(
+                409, "idempotency_key_reused", "this Idempotency-Key was used with another body"
+            )
+        summary = await request.app[DB].batch_summary(reused.batch_id)
+        assert summary is not None
+        return web.json_response(_created(reused.batch_id, summary.total, None), status=200)
     return web.json_response(
-        {
-            "id": str(batch_id),
-            "total": len(submission.recipients),
-            "duplicates_removed": submission.duplicates_removed,
-            "status_url": f"/api/batches/{batch_id}",
-        },
-        status=201,
+        _created(batch_id, len(submission.recipients), submission.duplicates_removed), status=201
     )
+
+
+_IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
+
+
+def _request_hash(payload: Any) -> str:
+    canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _created(batch_id: uuid.UUID, total: int, duplicates_removed: int | None) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "id": str(batch_id),
+        "total": total,
+        "status_url": f"/api/batches/{batch_id}",
+    }
+    if duplicates_removed is not None:
+        body["duplicates_removed"] = duplicates_removed
+    return body
+
+
+@routes.post("/api/batches/{batch_id}/cancel")
+async def cancel_batch(request: web.Request) -> web.Response:
+    """Cancel what is left of a batch; sends already in flight finish."""
+    batch_id = _batch_id(request)
+    cancelled = await request.app[DB].cancel(batch_id)
+    if cancelled is None:
+        return api_error(404, "not_found", "no such batch")
+    log.info("batch_cancelled", batch_id=str(batch_id), cancelled=cancelled)
+    return web.json_response({"id": str(batch_id), "cancelled": cancelled})
 
 
 def _batch_id(request: web.Request) -> uuid.UUID:

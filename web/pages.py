@@ -213,3 +213,11 @@ async def _draft(request: web.Request, batch_id: uuid.UUID) -> dict[str, Any]:
     if not rows or rows[0]["id"] != recipient_id:
         raise web.HTTPNotFound(text="no such recipient")
     return rows[0]
+
+
+@routes.post("/batches/{batch_id}/cancel")
+async def cancel_batch_page(request: web.Request) -> web.StreamResponse:
+    _check_csrf(request, await request.post())
+    batch_id = _page_batch_id(request)
+    await request.app[DB].cancel(batch_id)
+    raise web.HTTPSeeOther(location=f"/batches/{batch_id}")
