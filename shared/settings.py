@@ -72,6 +72,9 @@ class Settings(BaseSettings):
     # When set, GET /metrics needs "Authorization: Bearer <token>"; unset, it is open.
     metrics_token: SecretStr | None = None
     secret_key: SecretStr | None = None
+    # Behind a TLS-terminating proxy, trust its X-Forwarded-Proto (cookies become Secure).
+    trust_proxy: bool = False
+    login_attempts_per_minute: int = Field(default=10, ge=1, le=10_000)
     web_host: str = "127.0.0.1"
     web_port: int = Field(default=8080, ge=1, le=65535)
     # The worker's /metrics and /healthz; 0 turns that endpoint off.

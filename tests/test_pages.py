@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
@@ -187,3 +188,93 @@ async def test_dev_mode_shows_captured_mail(dev_client: TestClient) -> None:
     assert raw.content_type == "text/plain"
     assert "Message-ID: <mailroom." in await raw.text()
     assert (await dev_client.get("/dev/mail/no-such-key")).status == 404
+
+
+async def test_failed_logins_are_rate_limited_per_client(
+    client: TestClient, settings: Settings
+) -> None:
+    for _ in range(settings.login_attempts_per_minute):
+        assert (await client.post("/login", data={"token": "guess"})).status == 401
+    blocked = await client.post("/login", data={"token": API_TOKEN}, allow_redirects=False)
+    assert blocked.status == 429
+    assert blocked.headers["Retry-After"] == "60"
+    assert "mailroom_session" not in blocked.cookies
+
+
+@pytest.mark.parametrize(("trust", "secure"), [(False, ""), (True, True)])
+async def test_forwarded_https_is_trusted_only_when_configured(
+    settings: Settings, db: Database, trust: bool, secure: object
+) -> None:
+    app = create_app(settings.model_copy(update={"trust_proxy": trust}), db=db)
+    async with TestClient(TestServer(app)) as c:
+        response = await c.post(
+            "/login",
+            data={"token": API_TOKEN},
+            headers={"X-Forwarded-Proto": "https"},
+            allow_redirects=False,
+        )
+        assert response.cookies["mailroom_session"]["secure"] == secure
+
+
+async def test_the_dead_letters_page_redrives_and_discards(
+    client: TestClient, settings: Settings, smtp: Any
+) -> None:
+    from tests.smtp_server import Rule
+
+    smtp.rules["a@example.org"] = Rule("550 no such user")
+    smtp.rules["b@example.org"] = Rule("550 no such user")
+    await client.post(
+        "/api/batches",
+        json={"recipients": ["a@example.org", "b@example.org"], "subject": "S", "body": "B"},
+        headers=AUTH,
+    )
+    await drain(settings)
+    csrf = await login(client)
+    page = await (await client.get("/dead-letters")).text()
+    assert "a@example.org" in page and "SMTP 550 during rcpt: no such user" in page
+    ids = [
+        row[0]
+        for row in await query(settings.database_url or "", "SELECT id FROM recipients ORDER BY id")
+    ]
+    forged = await client.post(
+        "/dead-letters", data={"csrf_token": "x", "action": "redrive", "target": "all"}
+    )
+    assert forged.status == 403
+    for bad in ({"action": "explode", "target": "all"}, {"action": "redrive", "target": "one"}):
+        assert (await client.post("/dead-letters", data={"csrf_token": csrf, **bad})).status == 400
+    smtp.rules.clear()
+    await client.post(
+        "/dead-letters", data={"csrf_token": csrf, "action": "redrive", "target": str(ids[0])}
+    )
+    await client.post(
+        "/dead-letters", data={"csrf_token": csrf, "action": "discard", "target": str(ids[1])}
+    )
+    await drain(settings)
+    rows = await query(
+        settings.database_url or "", "SELECT email, status FROM recipients ORDER BY id"
+    )
+    assert rows == [("a@example.org", "sent"), ("b@example.org", "cancelled")]
+
+
+async def test_the_batch_page_filters_recipients_by_status(
+    client: TestClient, settings: Settings, smtp: Any
+) -> None:
+    from tests.smtp_server import Rule
+
+    smtp.rules["dead@example.org"] = Rule("550 nope")
+    created = await (
+        await client.post(
+            "/api/batches",
+            json={
+                "recipients": ["ok@example.org", "dead@example.org"],
+                "subject": "S",
+                "body": "B",
+            },
+            headers=AUTH,
+        )
+    ).json()
+    await drain(settings)
+    await login(client)
+    page = await (await client.get(f"/batches/{created['id']}?status=dead")).text()
+    assert "dead@example.org" in page and "ok@example.org" not in page
+    assert (await client.get(f"/batches/{created['id']}?status=lost")).status == 400

@@ -20,8 +20,8 @@ from shared.metrics import QueueCollector, render
 from shared.schema import pending_migrations
 from shared.settings import Settings
 from web import api, dead_letters, pages
-from web.auth import Authenticator
-from web.keys import AUTH, CAPTURE, DB, METRICS_REGISTRY, SETTINGS
+from web.auth import Authenticator, LoginLimiter
+from web.keys import AUTH, CAPTURE, DB, LOGIN_LIMITER, METRICS_REGISTRY, SETTINGS
 from web.middlewares import (
     auth_middleware,
     error_middleware,
@@ -95,6 +95,7 @@ def create_app(
     app[AUTH] = Authenticator(
         settings.api_token.get_secret_value(), settings.secret_key.get_secret_value()
     )
+    app[LOGIN_LIMITER] = LoginLimiter(settings.login_attempts_per_minute)
     if capture is not None:
         app[CAPTURE] = capture
     registry = CollectorRegistry(auto_describe=True)

@@ -64,3 +64,26 @@ class Authenticator:
 
     def _sign(self, body: str) -> str:
         return hmac.new(self._key, body.encode(), hashlib.sha256).hexdigest()
+
+
+class LoginLimiter:
+    """At most ``per_minute`` failed logins per client address in any sliding minute."""
+
+    def __init__(self, per_minute: int) -> None:
+        self._per_minute = per_minute
+        self._failures: dict[str, list[float]] = {}
+
+    def blocked(self, client: str) -> bool:
+        return len(self._recent(client)) >= self._per_minute
+
+    def failed(self, client: str) -> None:
+        self._recent(client).append(time.monotonic())
+        if len(self._failures) > 10_000:  # forget the quiet ones rather than grow forever
+            for key in [k for k, v in self._failures.items() if not v][:5_000]:
+                del self._failures[key]
+
+    def _recent(self, client: str) -> list[float]:
+        cutoff = time.monotonic() - 60
+        recent = [t for t in self._failures.get(client, []) if t > cutoff]
+        self._failures[client] = recent
+        return recent

@@ -8,11 +8,12 @@ from prometheus_client import CollectorRegistry
 from shared.capture import MailCapture
 from shared.db import Database
 from shared.settings import Settings
-from web.auth import Authenticator, Session
+from web.auth import Authenticator, LoginLimiter, Session
 
 SETTINGS = web.AppKey("settings", Settings)
 DB = web.AppKey("db", Database)
 AUTH = web.AppKey("auth", Authenticator)
+LOGIN_LIMITER = web.AppKey("login_limiter", LoginLimiter)
 CAPTURE = web.AppKey("capture", MailCapture)
 METRICS_REGISTRY = web.AppKey("metrics_registry", CollectorRegistry)
 

@@ -10,9 +10,10 @@ from typing import Any
 import aiohttp_jinja2
 from aiohttp import web
 
+from shared.db import RECIPIENT_STATUSES, Selection
 from web.api import batch_json, checked_edit, create_batch, limits
 from web.auth import SESSION_COOKIE, SESSION_TTL_S
-from web.keys import AUTH, CAPTURE, DB, SESSION, SETTINGS
+from web.keys import AUTH, CAPTURE, DB, LOGIN_LIMITER, SESSION, SETTINGS
 from web.validation import InvalidSubmission, from_form
 
 routes = web.RouteTableDef()
@@ -62,8 +63,19 @@ async def login_form(request: web.Request) -> web.Response:
 async def login(request: web.Request) -> web.StreamResponse:
     form = await request.post()
     target = _safe_next(str(form.get("next", "/")))
-    auth = request.app[AUTH]
+    auth, limiter = request.app[AUTH], request.app[LOGIN_LIMITER]
+    client = request.remote or "unknown"
+    if limiter.blocked(client):
+        response = render(
+            request,
+            "login.html",
+            {"next": target, "error": "Too many failed attempts. Wait a minute and try again."},
+            status=429,
+        )
+        response.headers["Retry-After"] = "60"
+        return response
     if not auth.token_matches(str(form.get("token", ""))):
+        limiter.failed(client)
         return render(
             request, "login.html", {"next": target, "error": "That token is not right."}, status=401
         )
@@ -75,10 +87,18 @@ async def login(request: web.Request) -> web.StreamResponse:
         max_age=SESSION_TTL_S,
         httponly=True,
         samesite="Lax",
-        secure=request.secure,
+        secure=is_https(request),
         path="/",
     )
     raise response
+
+
+def is_https(request: web.Request) -> bool:
+    """Served over TLS, directly or (only when MAILROOM_TRUST_PROXY is set) via a proxy."""
+    if request.secure:
+        return True
+    forwarded = request.headers.get("X-Forwarded-Proto", "").split(",")[0].strip().lower()
+    return request.app[SETTINGS].trust_proxy and forwarded == "https"
 
 
 @routes.post("/logout")
@@ -138,8 +158,41 @@ async def batch_page(request: web.Request) -> web.Response:
     summary = await db.batch_summary(batch_id)
     if summary is None:
         raise web.HTTPNotFound(text="no such batch")
-    recipients = await db.list_recipients(batch_id, limit=200)
-    return render(request, "batch.html", {"batch": batch_json(summary), "recipients": recipients})
+    status = request.query.get("status") or None
+    if status is not None and status not in RECIPIENT_STATUSES:
+        raise web.HTTPBadRequest(text=f"status must be one of: {', '.join(RECIPIENT_STATUSES)}")
+    recipients = await db.list_recipients(batch_id, status=status, limit=200)
+    return render(
+        request,
+        "batch.html",
+        {"batch": batch_json(summary), "recipients": recipients, "filter": status},
+    )
+
+
+@routes.get("/dead-letters")
+async def dead_letters_page(request: web.Request) -> web.Response:
+    rows = await request.app[DB].list_dead_letters(limit=500)
+    return render(request, "dead_letters.html", {"dead": rows})
+
+
+@routes.post("/dead-letters")
+async def dead_letters_action(request: web.Request) -> web.StreamResponse:
+    form = await request.post()
+    _check_csrf(request, form)
+    action = form.get("action")
+    if action not in {"redrive", "discard"}:
+        raise web.HTTPBadRequest(text="action must be redrive or discard")
+    target = str(form.get("target", ""))
+    if target == "all":
+        selection = Selection(everything=True)
+    else:
+        try:
+            selection = Selection(ids=[int(target)])
+        except ValueError:
+            raise web.HTTPBadRequest(text="target must be a recipient id or all") from None
+    db = request.app[DB]
+    await (db.redrive(selection) if action == "redrive" else db.discard(selection))
+    raise web.HTTPSeeOther(location="/dead-letters")
 
 
 @routes.get("/dev/mail")
