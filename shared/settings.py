@@ -89,6 +89,7 @@ class Settings(BaseSettings):
     sweep_interval_seconds: int = Field(default=15, ge=1, le=3600)
     retention_days: int = Field(default=30, ge=1, le=3650)
     max_batch_size: int = Field(default=10_000, ge=1, le=1_000_000)
+    max_upload_bytes: int = Field(default=5 * 1024 * 1024, ge=1024, le=100 * 1024 * 1024)
 
     retry_max_attempts: int = Field(default=8, ge=1, le=100)
     retry_base_seconds: float = Field(default=5.0, gt=0, le=86_400)

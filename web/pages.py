@@ -9,6 +9,7 @@ from typing import Any
 
 import aiohttp_jinja2
 from aiohttp import web
+from aiohttp.web_request import FileField
 
 from shared.db import RECIPIENT_STATUSES, Selection
 from web.api import batch_json, checked_edit, create_batch, limits
@@ -131,8 +132,9 @@ async def submit_batch(request: web.Request) -> web.StreamResponse:
     names = ("recipients", "subject", "body", "drafter", "context", "review")
     fields = {k: str(form.get(k, "")) for k in names}
     settings = request.app[SETTINGS]
+    csv_text = _uploaded_csv(form.get("csv"), settings.max_upload_bytes)
     try:
-        submission = from_form(fields, limits=limits(request))
+        submission = from_form(fields, limits=limits(request), csv_text=csv_text)
     except InvalidSubmission as exc:
         batches = await request.app[DB].recent_batches(limit=20)
         return render(
@@ -149,6 +151,23 @@ async def submit_batch(request: web.Request) -> web.StreamResponse:
         )
     batch_id = await create_batch(request, submission)
     raise web.HTTPSeeOther(location=f"/batches/{batch_id}")
+
+
+def _uploaded_csv(part: Any, max_bytes: int) -> str | None:
+    if not isinstance(part, FileField) or not part.filename:
+        return None
+    data = part.file.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise web.HTTPRequestEntityTooLarge(
+            max_size=max_bytes,
+            actual_size=len(data),
+            text=f"The CSV is larger than {max_bytes // (1024 * 1024)} MB: split the list into "
+            "several batches.",
+        )
+    try:
+        return str(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise web.HTTPBadRequest(text="The CSV must be UTF-8 text.") from None
 
 
 @routes.get("/batches/{batch_id}")

@@ -7,8 +7,10 @@ so an operator who pasted 2,000 addresses sees every bad one at once, by positio
 
 from __future__ import annotations
 
+import csv
+import io
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from shared.addresses import InvalidAddress, dedupe_key, normalize_address
@@ -98,7 +100,7 @@ class _Entry:
     raw: Any
     position: int | None = None
     line: int | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    source: str = "recipients"  # the form field it came from: "recipients" or "csv"
 
 
 def from_json(payload: Any, *, limits: Limits) -> Submission:
@@ -129,13 +131,17 @@ def from_json(payload: Any, *, limits: Limits) -> Submission:
     )
 
 
-def from_form(form: dict[str, str], *, limits: Limits) -> Submission:
-    """Validate the HTML form: one address per line (commas and semicolons also separate)."""
+def from_form(form: dict[str, str], *, limits: Limits, csv_text: str | None = None) -> Submission:
+    """Validate the HTML form: one address per line (commas and semicolons also separate),
+    and/or a CSV file whose header row names an ``email`` column (other columns are fields)."""
     entries: list[_Entry] = []
     for number, text in enumerate(form.get("recipients", "").splitlines(), start=1):
         for piece in re.split(r"[,;]", text):
             if piece.strip():
                 entries.append(_Entry(raw=piece.strip(), line=number))
+    problems: list[Problem] = []
+    if csv_text is not None:
+        entries += _csv_entries(csv_text, problems)
     return _validate(
         entries,
         subject=form.get("subject"),
@@ -143,9 +149,55 @@ def from_form(form: dict[str, str], *, limits: Limits) -> Submission:
         drafter=form.get("drafter") or "template",
         context=form.get("context"),
         review=form.get("review") in {"1", "on", "true"},
-        problems=[],
+        problems=problems,
         limits=limits,
     )
+
+
+def _csv_entries(text: str, problems: list[Problem]) -> list[_Entry]:
+    """Rows of an uploaded CSV as entries; ``line`` is the row's line in the file."""
+    reader = csv.reader(io.StringIO(text.lstrip("\ufeff")))
+    try:
+        header = [name.strip() for name in next(reader)]
+    except StopIteration:
+        problems.append(Problem("csv", "the file is empty"))
+        return []
+    except csv.Error as exc:
+        problems.append(Problem("csv", f"line 1: not readable as CSV ({exc})", line=1))
+        return []
+    lowered = [name.lower() for name in header]
+    if "email" not in lowered:
+        problems.append(Problem("csv", 'the header row needs an "email" column', line=1))
+        return []
+    email_at = lowered.index("email")
+    bad = [n for i, n in enumerate(header) if i != email_at and not _FIELD_NAME.match(n)]
+    if bad or len(set(lowered)) != len(lowered):
+        what = (
+            f"column names must be letters, digits and _ : {', '.join(map(repr, bad))}"
+            if bad
+            else "column names repeat"
+        )
+        problems.append(Problem("csv", f"line 1: {what}", line=1))
+        return []
+    entries = []
+    try:
+        for row in reader:
+            if not any(cell.strip() for cell in row):
+                continue
+            if len(row) != len(header):
+                problems.append(
+                    Problem(
+                        "csv", f"{len(row)} values for {len(header)} columns", line=reader.line_num
+                    )
+                )
+                continue
+            fields = {name: row[i] for i, name in enumerate(header) if i != email_at}
+            entries.append(
+                _Entry(raw={"email": row[email_at], **fields}, line=reader.line_num, source="csv")
+            )
+    except csv.Error as exc:
+        problems.append(Problem("csv", f"not readable as CSV ({exc})", line=reader.line_num))
+    return entries
 
 
 def _validate(
@@ -175,7 +227,7 @@ def _validate(
     else:
         problems.append(Problem("drafter", f"must be one of: {', '.join(DRAFTERS)}"))
 
-    if not entries and not any(p.field == "recipients" for p in problems):
+    if not entries and not any(p.field in {"recipients", "csv"} for p in problems):
         problems.append(Problem("recipients", "at least one recipient is required"))
     if len(entries) > max_batch_size:
         problems.append(
@@ -286,7 +338,7 @@ def _dry_run(
                     entry = entries[index]
                     problems.append(
                         Problem(
-                            "recipients",
+                            entry.source,
                             f"{recipients[index].email}: the {name} template fails: {exc}",
                             position=entry.position,
                             line=entry.line,
@@ -297,7 +349,7 @@ def _dry_run(
 
 def _recipient(entry: _Entry, problems: list[Problem]) -> NewRecipient | None:
     def problem(message: str) -> None:
-        problems.append(Problem("recipients", message, position=entry.position, line=entry.line))
+        problems.append(Problem(entry.source, message, position=entry.position, line=entry.line))
 
     raw = entry.raw
     fields: dict[str, Any] = {}
