@@ -70,6 +70,7 @@ class NewBatch:
     request_id: str | None = None
     context: str | None = None
     review: bool = False
+    send_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,7 @@ class BatchSummary:
     approved: bool = False
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    send_at: datetime | None = None
 
     @property
     def status(self) -> str:
@@ -157,12 +159,12 @@ class DeliveryClaim:
 _DEFER_EMAIL_JOBS = """
 SELECT cardinality(procrastinate_defer_jobs_v1(ARRAY(
     SELECT ROW(%(queue)s, %(task)s, 0, NULL, NULL,
-               jsonb_build_object('recipient_id', id), NULL
+               jsonb_build_object('recipient_id', id), %(scheduled_at)s::timestamptz
            )::procrastinate_job_to_defer_v1
       FROM rows ORDER BY id
 )))
 """
-_DEFER_PARAMS = {"queue": EMAIL_QUEUE, "task": SEND_EMAIL_TASK}
+_DEFER_PARAMS = {"queue": EMAIL_QUEUE, "task": SEND_EMAIL_TASK, "scheduled_at": None}
 
 
 @dataclass(frozen=True)
@@ -221,8 +223,8 @@ class Database:
         async with self.pool.connection() as conn, conn.transaction():
             await conn.execute(
                 "INSERT INTO batches (id, created_by, request_id, drafter, subject_template,"
-                " body_template, total, context, review)"
-                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                " body_template, total, context, review, send_at)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
                 (
                     batch_id,
                     batch.created_by,
@@ -233,6 +235,7 @@ class Database:
                     len(emails),
                     batch.context,
                     batch.review,
+                    batch.send_at,
                 ),
             )
             if idempotency is not None:
@@ -249,7 +252,13 @@ class Database:
                 )
                 """
                 + _DEFER_EMAIL_JOBS,
-                {"batch_id": batch_id, "emails": emails, "fields": fields, **_DEFER_PARAMS},
+                {
+                    "batch_id": batch_id,
+                    "emails": emails,
+                    "fields": fields,
+                    **_DEFER_PARAMS,
+                    "scheduled_at": batch.send_at,
+                },
             )
             row = await cursor.fetchone()
             if row is None or row[0] != len(emails):
@@ -321,6 +330,7 @@ class Database:
             cursor = conn.cursor(row_factory=dict_row)
             await cursor.execute(
                 "SELECT b.id, b.created_at, b.total, b.drafter, b.subject_template, b.review,"
+                " b.send_at,"
                 " b.approved_at IS NOT NULL AS approved,"
                 " (SELECT coalesce(jsonb_object_agg(status, n), '{}') FROM"
                 "   (SELECT status, count(*) AS n FROM recipients r"

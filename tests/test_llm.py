@@ -461,3 +461,18 @@ async def test_the_review_flow_through_the_pages(
     assert sent.status == 303
     await settle(llm_settings)
     assert [r.message["Subject"] for r in smtp.received] == ["Reviewed subject"]
+
+
+async def test_llm_output_renders_inert_on_the_batch_page(
+    llm_client: TestClient, llm_settings: Settings, fake_groq: FakeGroq
+) -> None:
+    from tests.test_pages import login
+
+    payload = "<script>alert('draft')</script><img src=x onerror=alert(1)>"
+    fake_groq.replies = [Reply(json.dumps({"subject": f"Hi {payload}"[:120], "body": payload * 2}))]
+    batch = await submit(llm_client, recipients=PEOPLE[:1], send=False)
+    await settle(llm_settings)
+    await login(llm_client)
+    page = await (await llm_client.get(f"/batches/{batch['id']}")).text()
+    assert "<script>alert('draft')</script>" not in page and "<img src=x" not in page
+    assert "&lt;script&gt;alert(&#39;draft&#39;)&lt;/script&gt;" in page

@@ -134,3 +134,74 @@ async def test_a_malformed_idempotency_key_is_400(
     assert response.status == 400
     assert (await response.json())["error"]["code"] == "bad_idempotency_key"
     assert await query(settings.database_url or "", "SELECT count(*) FROM batches") == [(0,)]
+
+
+async def test_a_scheduled_batch_waits_until_its_send_time(
+    client: TestClient, settings: Settings, smtp: RecordingSMTPServer
+) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    send_at = (datetime.now(UTC) + timedelta(hours=2)).replace(microsecond=0)
+    response = await client.post(
+        "/api/batches", json={**BATCH, "send_at": send_at.isoformat()}, headers=AUTH
+    )
+    assert response.status == 201
+    created = await response.json()
+    await drain(settings)
+    assert smtp.received == []
+    status = await (await client.get(f"/api/batches/{created['id']}", headers=AUTH)).json()
+    assert status["status"] == "queued" and status["send_at"] == send_at.isoformat()
+    url = settings.database_url or ""
+    scheduled = await query(
+        url, "SELECT DISTINCT scheduled_at FROM procrastinate_jobs WHERE queue_name = 'emails'"
+    )
+    assert scheduled == [(send_at,)]
+    await query(url, "UPDATE procrastinate_jobs SET scheduled_at = now()")  # the time has come
+    await drain(settings)
+    assert len(smtp.received) == len(BATCH["recipients"])
+
+
+@pytest.mark.parametrize(
+    ("send_at", "fragment"),
+    [
+        ("tomorrow", "ISO 8601"),
+        (1700000000, "ISO 8601"),
+        ("2031-01-01T09:00:00", "time zone offset"),
+        ("2001-01-01T09:00:00Z", "in the past"),
+        ("2999-01-01T09:00:00Z", "more than a year ahead"),
+    ],
+)
+async def test_a_bad_send_time_is_422(
+    client: TestClient, settings: Settings, send_at: object, fragment: str
+) -> None:
+    response = await client.post("/api/batches", json={**BATCH, "send_at": send_at}, headers=AUTH)
+    assert response.status == 422
+    problems = (await response.json())["error"]["details"]["problems"]
+    assert any(p["field"] == "send_at" and fragment in p["message"] for p in problems), problems
+    assert await query(settings.database_url or "", "SELECT count(*) FROM batches") == [(0,)]
+
+
+async def test_the_form_schedules_in_utc(client: TestClient, settings: Settings) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from tests.test_pages import login
+
+    csrf = await login(client)
+    local = (datetime.now(UTC) + timedelta(days=1)).strftime("%Y-%m-%dT%H:%M")
+    response = await client.post(
+        "/batches",
+        data={
+            "csrf_token": csrf,
+            "recipients": "a@example.org",
+            "subject": "S",
+            "body": "B",
+            "send_at": local,
+        },
+        allow_redirects=False,
+    )
+    assert response.status == 303
+    rows = await query(
+        settings.database_url or "",
+        "SELECT to_char(send_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI') FROM batches",
+    )
+    assert rows == [(local,)]

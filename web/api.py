@@ -42,6 +42,7 @@ def batch_json(summary: BatchSummary) -> dict[str, Any]:
         "review": summary.review,
         "approved": summary.approved,
         "tokens": {"prompt": summary.prompt_tokens, "completion": summary.completion_tokens},
+        "send_at": summary.send_at.isoformat() if summary.send_at else None,
         "created_at": summary.created_at.isoformat(),
     }
 

@@ -129,7 +129,7 @@ async def index(request: web.Request) -> web.Response:
 async def submit_batch(request: web.Request) -> web.StreamResponse:
     form = await request.post()
     _check_csrf(request, form)
-    names = ("recipients", "subject", "body", "drafter", "context", "review")
+    names = ("recipients", "subject", "body", "drafter", "context", "review", "send_at")
     fields = {k: str(form.get(k, "")) for k in names}
     settings = request.app[SETTINGS]
     csv_text = _uploaded_csv(form.get("csv"), settings.max_upload_bytes)

@@ -11,6 +11,7 @@ import csv
 import io
 import re
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from shared.addresses import InvalidAddress, dedupe_key, normalize_address
@@ -25,7 +26,8 @@ MAX_FIELDS_PER_RECIPIENT = 50
 MAX_FIELD_VALUE_CHARS = 2_000
 MAX_PROBLEMS_LISTED = 1_000
 _FIELD_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
-_API_KEYS = {"recipients", "subject", "body", "drafter", "context", "send"}
+_API_KEYS = {"recipients", "subject", "body", "drafter", "context", "send", "send_at"}
+MAX_SCHEDULE_AHEAD = timedelta(days=365)
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,7 @@ class Submission:
     duplicates_removed: int = 0
     context: str | None = None
     review: bool = False
+    send_at: datetime | None = None
 
     def to_new_batch(self, *, created_by: str, request_id: str | None) -> NewBatch:
         return NewBatch(
@@ -82,6 +85,7 @@ class Submission:
             recipients=self.recipients,
             context=self.context,
             review=self.review,
+            send_at=self.send_at,
         )
 
 
@@ -119,6 +123,7 @@ def from_json(payload: Any, *, limits: Limits) -> Submission:
     send = payload.get("send", True)
     if not isinstance(send, bool):
         problems.append(Problem("send", "must be true or false"))
+    send_at = _send_at(payload.get("send_at"), problems, naive_is_utc=False)
     return _validate(
         entries,
         subject=payload.get("subject"),
@@ -126,6 +131,7 @@ def from_json(payload: Any, *, limits: Limits) -> Submission:
         drafter=payload.get("drafter", "template"),
         context=payload.get("context"),
         review=send is False,
+        send_at=send_at,
         problems=problems,
         limits=limits,
     )
@@ -142,6 +148,7 @@ def from_form(form: dict[str, str], *, limits: Limits, csv_text: str | None = No
     problems: list[Problem] = []
     if csv_text is not None:
         entries += _csv_entries(csv_text, problems)
+    send_at = _send_at(form.get("send_at") or None, problems, naive_is_utc=True)
     return _validate(
         entries,
         subject=form.get("subject"),
@@ -149,6 +156,7 @@ def from_form(form: dict[str, str], *, limits: Limits, csv_text: str | None = No
         drafter=form.get("drafter") or "template",
         context=form.get("context"),
         review=form.get("review") in {"1", "on", "true"},
+        send_at=send_at,
         problems=problems,
         limits=limits,
     )
@@ -208,6 +216,7 @@ def _validate(
     drafter: Any,
     context: Any,
     review: bool,
+    send_at: datetime | None,
     problems: list[Problem],
     limits: Limits,
 ) -> Submission:
@@ -264,7 +273,35 @@ def _validate(
         duplicates_removed=duplicates,
         context=context,
         review=review,
+        send_at=send_at,
     )
+
+
+def _send_at(value: Any, problems: list[Problem], *, naive_is_utc: bool) -> datetime | None:
+    """When to start sending: an ISO 8601 time (the API needs its offset; the form is UTC)."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        problems.append(Problem("send_at", "must be an ISO 8601 date and time"))
+        return None
+    try:
+        moment = datetime.fromisoformat(value.strip())
+    except ValueError:
+        problems.append(
+            Problem("send_at", "must be an ISO 8601 date and time, e.g. 2030-01-31T09:00:00Z")
+        )
+        return None
+    if moment.tzinfo is None:
+        if not naive_is_utc:
+            problems.append(Problem("send_at", "needs a time zone offset, e.g. Z or +01:00"))
+            return None
+        moment = moment.replace(tzinfo=UTC)
+    now = datetime.now(UTC)
+    if moment < now - timedelta(minutes=1):
+        problems.append(Problem("send_at", "is in the past"))
+    elif moment > now + MAX_SCHEDULE_AHEAD:
+        problems.append(Problem("send_at", "is more than a year ahead"))
+    return moment
 
 
 def _check_llm(
