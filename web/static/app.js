@@ -52,7 +52,11 @@
         last = seen;
         render(batch);
         if (changed) await refreshRecipients();
-        if (batch.status === "done") return;
+        if (batch.status === "done") {
+          // Finished while we watched: render once more server-side (actions, filters).
+          if (section.dataset.status !== "done") window.location.reload();
+          return;
+        }
       } else {
         delay = Math.min(delay * 2, 15000);
       }
