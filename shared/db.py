@@ -21,6 +21,8 @@ from psycopg_pool import AsyncConnectionPool
 
 from shared.queue import EMAIL_QUEUE, SEND_EMAIL_TASK
 
+# Row ids are bigint: anything outside 1..MAX_ID cannot name a row (and PostgreSQL refuses it).
+MAX_ID = 2**63 - 1
 RECIPIENT_STATUSES = ("queued", "sending", "drafted", "sent", "retrying", "dead", "cancelled")
 FINAL_STATUSES = frozenset({"sent", "dead", "cancelled"})
 

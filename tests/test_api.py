@@ -69,6 +69,9 @@ async def _nothing_written(settings: Settings) -> None:
         (batch(body=["list"]), "body", "required"),
         (batch(body="{% for %}"), "body", "template error"),
         (batch(body="x" * 100_001), "body", "longer than"),
+        (batch(body="nul \u0000 here"), "body", "NUL"),
+        (batch(subject="nul \u0000"), "subject", "NUL"),
+        (batch(recipients=[{"email": "a@example.org", "n": "a\u0000b"}]), "recipients", "NUL"),
         (batch(drafter="carrier-pigeon"), "drafter", "must be one of"),
         (batch(subject="Hi {{ name }}"), "recipients", "subject template fails: undefined: 'name'"),
         (batch(body="{{ 1 / 0 }}"), "recipients", "body template fails"),
@@ -216,7 +219,8 @@ async def test_unknown_or_malformed_batch_ids_are_404(client: TestClient) -> Non
 
 
 @pytest.mark.parametrize(
-    "query_string", ["status=lost", "limit=0", "limit=100000", "after=-1", "limit=abc"]
+    "query_string",
+    ["status=lost", "limit=0", "limit=100000", "after=-1", "limit=abc", f"after={2**64}"],
 )
 async def test_bad_recipient_list_queries_are_422(client: TestClient, query_string: str) -> None:
     created = await (await client.post("/api/batches", json=GOOD, headers=AUTH)).json()

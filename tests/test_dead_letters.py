@@ -190,6 +190,7 @@ async def test_discard_keeps_the_evidence(
         ({"ids": ["1"]}, 422),
         ({"ids": [True]}, 422),
         ({"ids": [-3]}, 422),
+        ({"ids": [2**64]}, 422),
         ({"ids": 5}, 422),
         ({"all": "yes"}, 422),
         ({"batch_id": "nope"}, 422),
@@ -212,7 +213,9 @@ async def test_garbage_selections_are_refused(client: TestClient, body: Any, sta
         assert "error" in await response.json()
 
 
-@pytest.mark.parametrize("query_string", ["limit=0", "after=x", "batch_id=nope", "limit=501"])
+@pytest.mark.parametrize(
+    "query_string", ["limit=0", "after=x", "batch_id=nope", "limit=501", f"after={2**64}"]
+)
 async def test_bad_dead_letter_queries_are_422(client: TestClient, query_string: str) -> None:
     response = await client.get(f"/api/dead-letters?{query_string}", headers=AUTH)
     assert response.status == 422

@@ -476,3 +476,23 @@ async def test_llm_output_renders_inert_on_the_batch_page(
     page = await (await llm_client.get(f"/batches/{batch['id']}")).text()
     assert "<script>alert('draft')</script>" not in page and "<img src=x" not in page
     assert "&lt;script&gt;alert(&#39;draft&#39;)&lt;/script&gt;" in page
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [{"subject": "nul \u0000", "body": "b"}, {"subject": "ok subject", "body": "nul \u0000"}],
+)
+async def test_a_draft_edit_with_a_nul_character_is_422(
+    llm_client: TestClient, edit: dict[str, str]
+) -> None:
+    batch = await submit(llm_client, send=False)
+    response = await llm_client.patch(
+        f"/api/batches/{batch['id']}/recipients/1", json=edit, headers=AUTH
+    )
+    assert response.status == 422
+    huge = await llm_client.patch(
+        f"/api/batches/{batch['id']}/recipients/{2**64}",
+        json={"subject": "a b c", "body": "b"},
+        headers=AUTH,
+    )
+    assert huge.status == 404

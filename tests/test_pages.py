@@ -240,7 +240,11 @@ async def test_the_dead_letters_page_redrives_and_discards(
         "/dead-letters", data={"csrf_token": "x", "action": "redrive", "target": "all"}
     )
     assert forged.status == 403
-    for bad in ({"action": "explode", "target": "all"}, {"action": "redrive", "target": "one"}):
+    for bad in (
+        {"action": "explode", "target": "all"},
+        {"action": "redrive", "target": "one"},
+        {"action": "redrive", "target": str(2**70)},
+    ):
         assert (await client.post("/dead-letters", data={"csrf_token": csrf, **bad})).status == 400
     smtp.rules.clear()
     await client.post(

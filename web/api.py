@@ -12,7 +12,7 @@ from typing import Any
 import structlog
 from aiohttp import web
 
-from shared.db import RECIPIENT_STATUSES, BatchSummary, KeyReused
+from shared.db import MAX_ID, RECIPIENT_STATUSES, BatchSummary, KeyReused
 from shared.metrics import BATCHES_CREATED, RECIPIENTS_ENQUEUED
 from web.keys import AUTH_KIND, CAPTURE, DB, REQUEST_ID, SETTINGS
 from web.middlewares import api_error
@@ -173,7 +173,7 @@ async def get_recipients(request: web.Request) -> web.Response:
         limit = int(request.query.get("limit", "100"))
     except ValueError:
         return api_error(422, "invalid_query", "after and limit must be integers")
-    if not 1 <= limit <= MAX_PAGE_SIZE or after < 0:
+    if not 1 <= limit <= MAX_PAGE_SIZE or not 0 <= after <= MAX_ID:
         return api_error(422, "invalid_query", f"limit must be 1..{MAX_PAGE_SIZE}, after >= 0")
     db = request.app[DB]
     if not await db.batch_exists(batch_id):
@@ -230,6 +230,8 @@ def checked_edit(payload: Any) -> tuple[str, str]:
     subject, body = payload.get("subject"), payload.get("body")
     if not isinstance(subject, str) or not subject.strip():
         raise ValueError("subject: required")
+    if "\0" in subject or (isinstance(body, str) and "\0" in body):
+        raise ValueError("NUL characters are not allowed")
     if "\r" in subject or "\n" in subject or len(subject) > MAX_EDITED_SUBJECT_CHARS:
         raise ValueError(f"subject: one line of at most {MAX_EDITED_SUBJECT_CHARS} characters")
     if not isinstance(body, str) or not body.strip() or len(body) > MAX_EDITED_BODY_CHARS:
@@ -246,6 +248,8 @@ async def edit_draft(request: web.Request) -> web.Response:
         payload = await request.json()
     except ValueError:
         return api_error(400, "malformed_request", "recipient id must be a number; body JSON")
+    if not 1 <= recipient_id <= MAX_ID:
+        return api_error(404, "not_found", "no such recipient")
     try:
         subject, body = checked_edit(payload)
     except ValueError as exc:

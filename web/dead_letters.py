@@ -9,7 +9,7 @@ from typing import Any
 import structlog
 from aiohttp import web
 
-from shared.db import Selection
+from shared.db import MAX_ID, Selection
 from web.keys import DB
 from web.middlewares import api_error
 
@@ -48,7 +48,7 @@ def parse_selection(payload: Any) -> Selection:
         not isinstance(ids, list)
         or not ids
         or len(ids) > MAX_IDS
-        or not all(isinstance(i, int) and not isinstance(i, bool) and i > 0 for i in ids)
+        or not all(isinstance(i, int) and not isinstance(i, bool) and 0 < i <= MAX_ID for i in ids)
     ):
         raise BadSelection(f'"ids" must be a list of 1..{MAX_IDS} positive recipient ids')
     return Selection(ids=ids)
@@ -63,7 +63,7 @@ async def list_dead_letters(request: web.Request) -> web.Response:
         batch_id = uuid.UUID(batch) if batch else None
     except ValueError:
         return api_error(422, "invalid_query", "after/limit must be integers, batch_id a UUID")
-    if not 1 <= limit <= MAX_PAGE_SIZE or after < 0:
+    if not 1 <= limit <= MAX_PAGE_SIZE or not 0 <= after <= MAX_ID:
         return api_error(422, "invalid_query", f"limit must be 1..{MAX_PAGE_SIZE}, after >= 0")
     rows = await request.app[DB].list_dead_letters(batch_id=batch_id, after_id=after, limit=limit)
     items = [

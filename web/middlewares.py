@@ -21,7 +21,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 REQUEST_ID_HEADER = "X-Request-ID"
 _SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 # /metrics checks its own token (MAILROOM_METRICS_TOKEN), so Prometheus needs no session.
-PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/login", "/metrics"})
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/login", "/metrics", "/api/openapi.json"})
 CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
     "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"

@@ -11,7 +11,7 @@ import aiohttp_jinja2
 from aiohttp import web
 from aiohttp.web_request import FileField
 
-from shared.db import RECIPIENT_STATUSES, Selection
+from shared.db import MAX_ID, RECIPIENT_STATUSES, Selection
 from web.api import batch_json, checked_edit, create_batch, limits
 from web.auth import SESSION_COOKIE, SESSION_TTL_S
 from web.keys import AUTH, CAPTURE, DB, LOGIN_LIMITER, SESSION, SETTINGS
@@ -206,9 +206,12 @@ async def dead_letters_action(request: web.Request) -> web.StreamResponse:
         selection = Selection(everything=True)
     else:
         try:
-            selection = Selection(ids=[int(target)])
+            recipient_id = int(target)
         except ValueError:
-            raise web.HTTPBadRequest(text="target must be a recipient id or all") from None
+            recipient_id = 0
+        if not 1 <= recipient_id <= MAX_ID:
+            raise web.HTTPBadRequest(text="target must be a recipient id or all")
+        selection = Selection(ids=[recipient_id])
     db = request.app[DB]
     await (db.redrive(selection) if action == "redrive" else db.discard(selection))
     raise web.HTTPSeeOther(location="/dead-letters")
@@ -281,6 +284,8 @@ async def _draft(request: web.Request, batch_id: uuid.UUID) -> dict[str, Any]:
         recipient_id = int(request.match_info["recipient_id"])
     except ValueError:
         raise web.HTTPNotFound(text="no such recipient") from None
+    if not 1 <= recipient_id <= MAX_ID:
+        raise web.HTTPNotFound(text="no such recipient")
     rows = await request.app[DB].list_recipients(batch_id, after_id=recipient_id - 1, limit=1)
     if not rows or rows[0]["id"] != recipient_id:
         raise web.HTTPNotFound(text="no such recipient")

@@ -326,6 +326,9 @@ def _check_llm(
     if len(context) > MAX_CONTEXT_CHARS:
         problems.append(Problem("context", f"longer than {MAX_CONTEXT_CHARS} characters"))
         return None
+    if "\0" in context:
+        problems.append(Problem("context", "NUL characters are not allowed"))
+        return None
     return context
 
 
@@ -337,6 +340,9 @@ def _check_template(
         return False
     if len(value) > max_chars:
         problems.append(Problem(name, f"longer than {max_chars} characters"))
+        return False
+    if "\0" in value:
+        problems.append(Problem(name, "NUL characters are not allowed"))
         return False
     if single_line and ("\r" in value or "\n" in value):
         problems.append(Problem(name, "must be a single line"))
@@ -420,6 +426,8 @@ def _field_problems(fields: dict[str, Any]) -> str | None:
             return f"field {name!r} must be a string, number, boolean or null"
         if isinstance(value, str) and len(value) > MAX_FIELD_VALUE_CHARS:
             return f"field {name!r} longer than {MAX_FIELD_VALUE_CHARS} characters"
+        if isinstance(value, str) and "\0" in value:
+            return f"field {name!r} contains a NUL character"
     return None
 
 
