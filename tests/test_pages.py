@@ -282,3 +282,62 @@ async def test_the_batch_page_filters_recipients_by_status(
     page = await (await client.get(f"/batches/{created['id']}?status=dead")).text()
     assert "dead@example.org" in page and "ok@example.org" not in page
     assert (await client.get(f"/batches/{created['id']}?status=lost")).status == 400
+
+
+async def test_the_batch_page_redrives_its_dead_letters(
+    client: TestClient, settings: Settings, smtp: Any
+) -> None:
+    from tests.smtp_server import Rule
+
+    smtp.rules["gone@example.org"] = Rule("550 no such user")
+    created = await (
+        await client.post(
+            "/api/batches",
+            json={
+                "recipients": ["ok@example.org", "gone@example.org"],
+                "subject": "S",
+                "body": "B",
+            },
+            headers=AUTH,
+        )
+    ).json()
+    await drain(settings)
+    csrf = await login(client)
+    page = await (await client.get(f"/batches/{created['id']}")).text()
+    assert "Redrive 1 dead letter(s)" in page
+    assert (
+        await client.post(f"/batches/{created['id']}/redrive", data={"csrf_token": "x"})
+    ).status == 403
+    smtp.rules.clear()
+    done = await client.post(
+        f"/batches/{created['id']}/redrive", data={"csrf_token": csrf}, allow_redirects=False
+    )
+    assert done.status == 303
+    await drain(settings)
+    assert smtp.to_addresses() == {"ok@example.org": 1, "gone@example.org": 1}
+
+
+async def test_no_page_and_no_api_route_answers_without_authentication(client: TestClient) -> None:
+    """Every registered route, with every method it has: no session, no token, no data."""
+    public = {"/healthz", "/readyz", "/login", "/metrics", "/api/openapi.json"}
+    checked = 0
+    for route in client.app.router.routes():
+        resource = route.resource
+        if (
+            resource is None
+            or route.method in {"HEAD", "*"}
+            or resource.canonical.startswith("/static")
+        ):
+            continue
+        path = resource.canonical
+        if path in public:
+            continue
+        url = re.sub(r"\{[^}]+\}", "1", path)
+        response = await client.request(route.method, url, allow_redirects=False)
+        if path.startswith("/api/"):
+            assert response.status == 401, (route.method, path, response.status)
+        else:
+            assert response.status == 303, (route.method, path, response.status)
+            assert response.headers["Location"].startswith("/login")
+        checked += 1
+    assert checked >= 20

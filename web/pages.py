@@ -298,3 +298,11 @@ async def cancel_batch_page(request: web.Request) -> web.StreamResponse:
     batch_id = _page_batch_id(request)
     await request.app[DB].cancel(batch_id)
     raise web.HTTPSeeOther(location=f"/batches/{batch_id}")
+
+
+@routes.post("/batches/{batch_id}/redrive")
+async def redrive_batch_page(request: web.Request) -> web.StreamResponse:
+    _check_csrf(request, await request.post())
+    batch_id = _page_batch_id(request)
+    await request.app[DB].redrive(Selection(batch_id=batch_id))
+    raise web.HTTPSeeOther(location=f"/batches/{batch_id}")
