@@ -10,7 +10,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,7 +22,7 @@ import pytest
 
 from shared.settings import Settings, env_name
 from tests.conftest import API_TOKEN
-from tests.processes import ROOT, environment
+from tests.processes import ROOT, environment, free_port, wait_until
 from tests.smtp_server import RecordingSMTPServer
 
 UNITS = ROOT / "deploy/systemd"
@@ -239,12 +238,6 @@ def exec_start(name: str, instance: str = "") -> list[str]:
     return [sys.executable, "-m", "shared.cli", *argv[1:]]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.mark.slow
 async def test_migrate_web_and_three_workers_as_the_units_start_them_deliver_a_batch_once(
     pg_admin_uri: str, smtp: RecordingSMTPServer, tmp_path: Path
@@ -254,7 +247,7 @@ async def test_migrate_web_and_three_workers_as_the_units_start_them_deliver_a_b
 
     database = f"deploy_{os.getpid()}_{int(time.time())}"
     url = await asyncio.to_thread(ensure_database, pg_admin_uri, database)
-    web_port, metrics_base = _free_port(), _free_port()
+    web_port, metrics_base = free_port(), free_port()
     settings = make_settings(url, smtp.port, web_port=web_port, metrics_port=metrics_base - 10)
     env = {**environment(settings), "MAILROOM_WEB_HOST": "127.0.0.1"}
     # EnvironmentFile= and Environment= of the units, as systemd would pass them.
@@ -289,11 +282,11 @@ async def test_migrate_web_and_three_workers_as_the_units_start_them_deliver_a_b
     recipients = [f"unit{i}@example.org" for i in range(60)]
     try:
         async with aiohttp.ClientSession(f"http://127.0.0.1:{web_port}") as http:
-            await _until(lambda: _ok(http, "/readyz"), 30)
+            await wait_until(lambda: _ok(http, "/readyz"), 30)
             for instance in (1, 2, 3):  # each instance on its own metrics port
                 port = settings.metrics_port + instance
                 async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as worker_http:
-                    await _until(lambda h=worker_http: _ok(h, "/healthz"), 30)
+                    await wait_until(lambda h=worker_http: _ok(h, "/healthz"), 30)
             created = await http.post(
                 "/api/batches",
                 json={"recipients": recipients, "subject": "Hi", "body": "Sent by three workers"},
@@ -306,7 +299,7 @@ async def test_migrate_web_and_three_workers_as_the_units_start_them_deliver_a_b
                 r = await http.get(status_url, headers={"Authorization": f"Bearer {API_TOKEN}"})
                 return bool((await r.json())["counts"]["sent"] == len(recipients))
 
-            await _until(done, 60)
+            await wait_until(done, 60)
     finally:
         for proc in procs:
             if proc.returncode is None:
@@ -324,11 +317,3 @@ async def _ok(http: aiohttp.ClientSession, path: str) -> bool:
             return response.status == 200
     except aiohttp.ClientError:
         return False
-
-
-async def _until(check: Any, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s")
-        await asyncio.sleep(0.2)

@@ -19,7 +19,7 @@ import pytest
 from shared.db import Database, NewBatch, NewRecipient
 from shared.settings import Settings
 from tests.conftest import drain, query
-from tests.processes import worker_process
+from tests.processes import wait_until, worker_process
 from tests.smtp_server import RecordingSMTPServer, Rule
 
 pytestmark = pytest.mark.slow
@@ -51,14 +51,6 @@ async def enqueue(db: Database, count: int, prefix: str = "r") -> list[str]:
         )
     )
     return addresses
-
-
-async def wait_until(check: Callable[[], Awaitable[bool]], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        await asyncio.sleep(0.2)
 
 
 def all_sent(settings: Settings, total: int) -> Callable[[], Awaitable[bool]]:

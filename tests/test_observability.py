@@ -25,6 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from shared.db import Database
 from shared.settings import Settings
 from tests.conftest import API_TOKEN, AUTH, drain, make_settings, query
+from tests.processes import free_port
 from tests.smtp_server import RecordingSMTPServer, Rule
 from worker.health import start_health_server
 
@@ -156,7 +157,7 @@ async def test_the_worker_health_check_follows_its_heartbeat(
     )
     worker_id = rows[0][0]
     current: list[tuple[int, Database] | None] = [None]
-    port = _free_port()
+    port = free_port()
     health = await start_health_server(
         settings.model_copy(update={"metrics_port": port}), lambda: current[0]
     )
@@ -322,21 +323,15 @@ def test_every_alert_has_a_passing_promtool_unit_test(promtool: str) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 async def test_prometheus_scrapes_the_live_exporters_and_answers_the_main_queries(
     client: TestClient, settings: Settings, smtp: RecordingSMTPServer, tmp_path: Path
 ) -> None:
     binary = _binary("prometheus")
-    worker_port = _free_port()
+    worker_port = free_port()
     health = await start_health_server(
         settings.model_copy(update={"metrics_port": worker_port}), lambda: None
     )
-    prom_port = _free_port()
+    prom_port = free_port()
     config = {
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
         "rule_files": [str(ALERTS)],

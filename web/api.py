@@ -131,7 +131,7 @@ def _created(batch_id: uuid.UUID, total: int, duplicates_removed: int | None) ->
 @routes.post("/api/batches/{batch_id}/cancel")
 async def cancel_batch(request: web.Request) -> web.Response:
     """Cancel what is left of a batch; sends already in flight finish."""
-    batch_id = _batch_id(request)
+    batch_id = batch_id_of(request)
     cancelled = await request.app[DB].cancel(batch_id)
     if cancelled is None:
         return api_error(404, "not_found", "no such batch")
@@ -139,7 +139,7 @@ async def cancel_batch(request: web.Request) -> web.Response:
     return web.json_response({"id": str(batch_id), "cancelled": cancelled})
 
 
-def _batch_id(request: web.Request) -> uuid.UUID:
+def batch_id_of(request: web.Request) -> uuid.UUID:
     try:
         return uuid.UUID(request.match_info["batch_id"])
     except ValueError:
@@ -154,7 +154,7 @@ async def get_batches(request: web.Request) -> web.Response:
 
 @routes.get("/api/batches/{batch_id}")
 async def get_batch(request: web.Request) -> web.Response:
-    summary = await request.app[DB].batch_summary(_batch_id(request))
+    summary = await request.app[DB].batch_summary(batch_id_of(request))
     if summary is None:
         return api_error(404, "not_found", "no such batch")
     return web.json_response(batch_json(summary))
@@ -162,7 +162,7 @@ async def get_batch(request: web.Request) -> web.Response:
 
 @routes.get("/api/batches/{batch_id}/recipients")
 async def get_recipients(request: web.Request) -> web.Response:
-    batch_id = _batch_id(request)
+    batch_id = batch_id_of(request)
     status = request.query.get("status")
     if status is not None and status not in RECIPIENT_STATUSES:
         return api_error(
@@ -207,7 +207,7 @@ async def get_dev_messages(request: web.Request) -> web.Response:
 @routes.post("/api/batches/{batch_id}/send")
 async def send_reviewed(request: web.Request) -> web.Response:
     """Send a batch created with ``"send": false`` once its drafts have been reviewed."""
-    batch_id = _batch_id(request)
+    batch_id = batch_id_of(request)
     db = request.app[DB]
     summary = await db.batch_summary(batch_id)
     if summary is None:
@@ -242,7 +242,7 @@ def checked_edit(payload: Any) -> tuple[str, str]:
 @routes.patch("/api/batches/{batch_id}/recipients/{recipient_id}")
 async def edit_draft(request: web.Request) -> web.Response:
     """Replace the subject and body of a draft that waits for review."""
-    batch_id = _batch_id(request)
+    batch_id = batch_id_of(request)
     try:
         recipient_id = int(request.match_info["recipient_id"])
         payload = await request.json()

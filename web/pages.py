@@ -12,7 +12,7 @@ from aiohttp import web
 from aiohttp.web_request import FileField
 
 from shared.db import MAX_ID, RECIPIENT_STATUSES, Selection
-from web.api import batch_json, checked_edit, create_batch, limits
+from web.api import batch_id_of, batch_json, checked_edit, create_batch, limits
 from web.auth import SESSION_COOKIE, SESSION_TTL_S
 from web.keys import AUTH, CAPTURE, DB, LOGIN_LIMITER, SESSION, SETTINGS
 from web.validation import InvalidSubmission, from_form
@@ -172,7 +172,7 @@ def _uploaded_csv(part: Any, max_bytes: int) -> str | None:
 
 @routes.get("/batches/{batch_id}")
 async def batch_page(request: web.Request) -> web.Response:
-    batch_id = _page_batch_id(request)
+    batch_id = batch_id_of(request)
     db = request.app[DB]
     summary = await db.batch_summary(batch_id)
     if summary is None:
@@ -239,14 +239,14 @@ async def captured_message(request: web.Request) -> web.Response:
 @routes.post("/batches/{batch_id}/send")
 async def send_reviewed_page(request: web.Request) -> web.StreamResponse:
     _check_csrf(request, await request.post())
-    batch_id = _page_batch_id(request)
+    batch_id = batch_id_of(request)
     await request.app[DB].approve(batch_id)
     raise web.HTTPSeeOther(location=f"/batches/{batch_id}")
 
 
 @routes.get("/batches/{batch_id}/recipients/{recipient_id}/edit")
 async def edit_draft_page(request: web.Request) -> web.Response:
-    batch_id = _page_batch_id(request)
+    batch_id = batch_id_of(request)
     draft = await _draft(request, batch_id)
     return render(request, "edit.html", {"batch_id": batch_id, "draft": draft, "error": None})
 
@@ -255,7 +255,7 @@ async def edit_draft_page(request: web.Request) -> web.Response:
 async def save_draft_page(request: web.Request) -> web.StreamResponse:
     form = await request.post()
     _check_csrf(request, form)
-    batch_id = _page_batch_id(request)
+    batch_id = batch_id_of(request)
     draft = await _draft(request, batch_id)
     try:
         subject, body = checked_edit({"subject": form.get("subject"), "body": form.get("body")})
@@ -270,13 +270,6 @@ async def save_draft_page(request: web.Request) -> web.StreamResponse:
     if not await request.app[DB].edit_draft(batch_id, draft["id"], subject, body):
         raise web.HTTPConflict(text="this draft is no longer waiting for review")
     raise web.HTTPSeeOther(location=f"/batches/{batch_id}")
-
-
-def _page_batch_id(request: web.Request) -> uuid.UUID:
-    try:
-        return uuid.UUID(request.match_info["batch_id"])
-    except ValueError:
-        raise web.HTTPNotFound(text="no such batch") from None
 
 
 async def _draft(request: web.Request, batch_id: uuid.UUID) -> dict[str, Any]:
@@ -295,7 +288,7 @@ async def _draft(request: web.Request, batch_id: uuid.UUID) -> dict[str, Any]:
 @routes.post("/batches/{batch_id}/cancel")
 async def cancel_batch_page(request: web.Request) -> web.StreamResponse:
     _check_csrf(request, await request.post())
-    batch_id = _page_batch_id(request)
+    batch_id = batch_id_of(request)
     await request.app[DB].cancel(batch_id)
     raise web.HTTPSeeOther(location=f"/batches/{batch_id}")
 
@@ -303,6 +296,6 @@ async def cancel_batch_page(request: web.Request) -> web.StreamResponse:
 @routes.post("/batches/{batch_id}/redrive")
 async def redrive_batch_page(request: web.Request) -> web.StreamResponse:
     _check_csrf(request, await request.post())
-    batch_id = _page_batch_id(request)
+    batch_id = batch_id_of(request)
     await request.app[DB].redrive(Selection(batch_id=batch_id))
     raise web.HTTPSeeOther(location=f"/batches/{batch_id}")
