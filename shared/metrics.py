@@ -10,7 +10,6 @@ web tier, so they still report when every worker is down.
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Iterable, Iterator
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
@@ -229,7 +228,3 @@ class QueueCollector(Collector):
 def render(*registries: CollectorRegistry) -> bytes:
     """The exposition text of the process's metrics and any extra registries (blocking)."""
     return b"".join(generate_latest(r) for r in (REGISTRY, *registries))
-
-
-def observe_since(histogram: Histogram, started: float) -> None:
-    histogram.observe(time.perf_counter() - started)
