@@ -120,10 +120,16 @@ def test_compose_mounts_the_monitoring_configuration(services: dict[str, Any]) -
     )
 
 
-def test_compose_refuses_to_run_without_the_passwords() -> None:
-    result = compose_config(env={"MAILROOM_ENV_FILE": str(ROOT / ".env.example")})
+@pytest.mark.parametrize("missing", ["POSTGRES_PASSWORD", "GRAFANA_ADMIN_PASSWORD"])
+def test_compose_refuses_to_run_without_each_password(missing: str, tmp_path: Path) -> None:
+    # An env file with every password but one: compose must name the one that is missing.
+    given = {"POSTGRES_PASSWORD": "pg-secret", "GRAFANA_ADMIN_PASSWORD": "gf-secret"}
+    del given[missing]
+    env_file = tmp_path / "compose.env"
+    env_file.write_text("".join(f"{k}={v}\n" for k, v in given.items()))
+    result = compose_config("--env-file", str(env_file))
     assert result.returncode != 0
-    assert "POSTGRES_PASSWORD" in result.stderr
+    assert f"required variable {missing} is missing a value" in result.stderr, result.stderr
 
 
 def test_env_example_documents_every_setting() -> None:
