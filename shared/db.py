@@ -327,21 +327,22 @@ class Database:
             return await cursor.fetchone() is not None
 
     async def _summaries(self, tail: str, params: tuple[Any, ...]) -> list[BatchSummary]:
-        # One statement: the counts come from the (batch_id, status) index per batch.
+        # One statement, and one pass over each batch's recipients for counts and tokens.
         async with self.pool.connection() as conn:
             cursor = conn.cursor(row_factory=dict_row)
             await cursor.execute(
                 "SELECT b.id, b.created_at, b.total, b.drafter, b.subject_template, b.review,"
-                " b.send_at,"
-                " b.approved_at IS NOT NULL AS approved,"
-                " (SELECT coalesce(jsonb_object_agg(status, n), '{}') FROM"
-                "   (SELECT status, count(*) AS n FROM recipients r"
-                "     WHERE r.batch_id = b.id GROUP BY status) c) AS counts,"
-                " (SELECT coalesce(sum(prompt_tokens), 0) FROM recipients r"
-                "   WHERE r.batch_id = b.id)::int AS prompt_tokens,"
-                " (SELECT coalesce(sum(completion_tokens), 0) FROM recipients r"
-                "   WHERE r.batch_id = b.id)::int AS completion_tokens"
-                f" FROM batches b {tail}",
+                " b.send_at, b.approved_at IS NOT NULL AS approved,"
+                " s.counts, s.prompt_tokens, s.completion_tokens"
+                " FROM batches b CROSS JOIN LATERAL ("
+                "   SELECT coalesce(jsonb_object_agg(status, n), '{}') AS counts,"
+                "          coalesce(sum(p), 0)::int AS prompt_tokens,"
+                "          coalesce(sum(c), 0)::int AS completion_tokens"
+                "     FROM (SELECT status, count(*) AS n, sum(prompt_tokens) AS p,"
+                "                  sum(completion_tokens) AS c"
+                "             FROM recipients r WHERE r.batch_id = b.id GROUP BY status) g"
+                " ) s"
+                f" {tail}",
                 params,
             )
             rows = await cursor.fetchall()
