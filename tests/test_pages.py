@@ -129,6 +129,8 @@ async def test_a_cookie_authenticated_api_write_needs_the_csrf_header(client: Te
     refused = await client.post("/api/batches", json=body)
     assert refused.status == 403
     assert (await refused.json())["error"]["code"] == "csrf_failed"
+    non_ascii = await client.post("/api/batches", json=body, headers={"X-CSRF-Token": "jeton-é"})
+    assert non_ascii.status == 403
     accepted = await client.post("/api/batches", json=body, headers={"X-CSRF-Token": csrf})
     assert accepted.status == 201
 

@@ -25,6 +25,10 @@ class Session:
     expires_at: float
     csrf_token: str
 
+    def csrf_matches(self, candidate: str) -> bool:
+        """Whether ``candidate`` is this session's CSRF token (constant time, any text)."""
+        return hmac.compare_digest(candidate.encode(), self.csrf_token.encode())
+
 
 class Authenticator:
     """Checks API tokens and issues/reads session cookies."""

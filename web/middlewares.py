@@ -122,7 +122,7 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         if request.method not in {"GET", "HEAD", "OPTIONS"} and is_api(request):
             # Cookie-authenticated API writes must prove they come from our own pages.
             header = request.headers.get("X-CSRF-Token", "")
-            if not secrets.compare_digest(header, session.csrf_token):
+            if not session.csrf_matches(header):
                 return api_error(403, "csrf_failed", "missing or wrong X-CSRF-Token header")
         return await handler(request)
     if is_api(request):

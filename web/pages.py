@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
 import uuid
 from typing import Any
 
@@ -39,12 +38,8 @@ def _check_csrf(request: web.Request, form: Any) -> None:
     session = request.get(SESSION)
     if session is None:
         raise web.HTTPForbidden(text="log in through the form to post it")
-    if not _same(str(form.get("csrf_token", "")), session.csrf_token):
+    if not session.csrf_matches(str(form.get("csrf_token", ""))):
         raise web.HTTPForbidden(text="the form is stale or forged (CSRF token mismatch); reload it")
-
-
-def _same(a: str, b: str) -> bool:
-    return hmac.compare_digest(a.encode(), b.encode())
 
 
 def _safe_next(target: str) -> str:
