@@ -63,7 +63,8 @@ async def worker_runtime(
     retry = BackoffRetry.from_settings(settings)
     app = build_app()
     register_tasks(app, settings, retry)
-    llm = LlmDrafter(settings) if settings.groq_api_key else None
+    # Only the default drafters need a Groq client; a caller's own drafters never use one.
+    llm = LlmDrafter(settings) if settings.groq_api_key and drafters is None else None
     deps = WorkerDeps(
         settings=settings,
         db=Database(pool),
