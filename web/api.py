@@ -24,6 +24,28 @@ routes = web.RouteTableDef()
 MAX_PAGE_SIZE = 500
 
 
+class InvalidQuery(ValueError):
+    """A query parameter the API cannot use; the message says which and why."""
+
+
+def page_of(request: web.Request) -> tuple[int, int]:
+    """The keyset page asked for: (``after`` id, ``limit``), or :class:`InvalidQuery`."""
+    try:
+        after = int(request.query.get("after", "0"))
+        limit = int(request.query.get("limit", "100"))
+    except ValueError:
+        raise InvalidQuery("after and limit must be integers") from None
+    if not 1 <= limit <= MAX_PAGE_SIZE or not 0 <= after <= MAX_ID:
+        raise InvalidQuery(f"limit must be 1..{MAX_PAGE_SIZE}, after >= 0")
+    return after, limit
+
+
+def page_json(name: str, items: list[dict[str, Any]], limit: int) -> web.Response:
+    """A page of ``items`` under ``name``; ``next_after`` is the cursor of the next page."""
+    next_after = items[-1]["id"] if len(items) == limit else None
+    return web.json_response({name: items, "next_after": next_after})
+
+
 def limits(request: web.Request) -> Limits:
     settings = request.app[SETTINGS]
     return Limits(
@@ -169,12 +191,9 @@ async def get_recipients(request: web.Request) -> web.Response:
             422, "invalid_query", f"status must be one of: {', '.join(RECIPIENT_STATUSES)}"
         )
     try:
-        after = int(request.query.get("after", "0"))
-        limit = int(request.query.get("limit", "100"))
-    except ValueError:
-        return api_error(422, "invalid_query", "after and limit must be integers")
-    if not 1 <= limit <= MAX_PAGE_SIZE or not 0 <= after <= MAX_ID:
-        return api_error(422, "invalid_query", f"limit must be 1..{MAX_PAGE_SIZE}, after >= 0")
+        after, limit = page_of(request)
+    except InvalidQuery as exc:
+        return api_error(422, "invalid_query", str(exc))
     db = request.app[DB]
     if not await db.batch_exists(batch_id):
         return api_error(404, "not_found", "no such batch")
@@ -191,8 +210,7 @@ async def get_recipients(request: web.Request) -> web.Response:
         }
         for row in rows
     ]
-    next_after = items[-1]["id"] if len(items) == limit else None
-    return web.json_response({"recipients": items, "next_after": next_after})
+    return page_json("recipients", items, limit)
 
 
 @routes.get("/api/dev/messages")

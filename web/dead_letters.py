@@ -10,13 +10,13 @@ import structlog
 from aiohttp import web
 
 from shared.db import MAX_ID, Selection
+from web.api import InvalidQuery, page_json, page_of
 from web.keys import DB
 from web.middlewares import api_error
 
 log = structlog.get_logger(__name__)
 routes = web.RouteTableDef()
 
-MAX_PAGE_SIZE = 500
 MAX_IDS = 10_000
 
 
@@ -57,14 +57,13 @@ def parse_selection(payload: Any) -> Selection:
 @routes.get("/api/dead-letters")
 async def list_dead_letters(request: web.Request) -> web.Response:
     try:
-        after = int(request.query.get("after", "0"))
-        limit = int(request.query.get("limit", "100"))
+        after, limit = page_of(request)
         batch = request.query.get("batch_id")
         batch_id = uuid.UUID(batch) if batch else None
+    except InvalidQuery as exc:
+        return api_error(422, "invalid_query", str(exc))
     except ValueError:
-        return api_error(422, "invalid_query", "after/limit must be integers, batch_id a UUID")
-    if not 1 <= limit <= MAX_PAGE_SIZE or not 0 <= after <= MAX_ID:
-        return api_error(422, "invalid_query", f"limit must be 1..{MAX_PAGE_SIZE}, after >= 0")
+        return api_error(422, "invalid_query", "batch_id must be a UUID")
     rows = await request.app[DB].list_dead_letters(batch_id=batch_id, after_id=after, limit=limit)
     items = [
         {
@@ -77,8 +76,7 @@ async def list_dead_letters(request: web.Request) -> web.Response:
         }
         for row in rows
     ]
-    next_after = items[-1]["id"] if len(items) == limit else None
-    return web.json_response({"dead_letters": items, "next_after": next_after})
+    return page_json("dead_letters", items, limit)
 
 
 async def _selection(request: web.Request) -> Selection | web.Response:
