@@ -496,3 +496,17 @@ async def test_a_draft_edit_with_a_nul_character_is_422(
         headers=AUTH,
     )
     assert huge.status == 404
+
+
+async def test_a_reply_with_a_nul_character_is_paid_for_once_and_dead(
+    llm_client: TestClient, llm_settings: Settings, smtp: RecordingSMTPServer, fake_groq: FakeGroq
+) -> None:
+    fake_groq.default = lambda _: Reply(
+        json.dumps({"subject": "Hello there", "body": "A body with a NUL \u0000" + " padding" * 10})
+    )
+    await submit(llm_client, recipients=PEOPLE[:1])
+    await settle(llm_settings)
+    row = (await rows(llm_settings))[0]
+    assert (row[1], row[2], row[3]) == ("dead", 1, "drafted text contains a NUL character")
+    assert len(fake_groq.requests) == 1
+    assert smtp.received == []

@@ -77,3 +77,15 @@ async def test_a_template_that_fails_at_send_time_is_a_dead_letter(
     )
     assert row[0][:2] == ("dead", 1)
     assert row[0][2].startswith("template: ")
+
+
+async def test_a_template_that_renders_a_nul_character_is_a_dead_letter_not_an_outage(
+    db: Database, settings: Settings, smtp: RecordingSMTPServer
+) -> None:
+    await _one(db, subject='Hi {{ "\\x00" }}')
+    await drain(settings)
+    row = await query(
+        settings.database_url or "", "SELECT status, attempts, last_error FROM recipients"
+    )
+    assert row == [("dead", 1, "drafted text contains a NUL character")]
+    assert smtp.received == []

@@ -46,6 +46,17 @@ def checked_subject(text: str) -> str:
     return subject
 
 
+def storable(draft: Draft) -> Draft:
+    """The draft, if PostgreSQL can store it: text may not contain NUL characters.
+
+    Checked for every drafter (a template can produce ``\\x00``; so can a model's JSON). Left to
+    the database, the insert would fail on every attempt and look like an outage.
+    """
+    if "\0" in draft.subject or "\0" in draft.body:
+        raise PermanentFailure("drafted text contains a NUL character")
+    return draft
+
+
 class TemplateDrafter:
     """Renders the batch's subject and body templates with the recipient's fields (offline)."""
 

@@ -38,7 +38,7 @@ from shared.metrics import (
 )
 from shared.queue import EMAIL_QUEUE, MAINTENANCE_QUEUE, SEND_EMAIL_TASK
 from shared.settings import Settings
-from worker.drafting import Draft, Drafter
+from worker.drafting import Draft, Drafter, storable
 from worker.failures import (
     DeliveryFailure,
     InfrastructureFailure,
@@ -191,7 +191,7 @@ async def _draft_once(deps: WorkerDeps, recipient: RecipientForSend) -> Draft:
         raise PermanentFailure(
             f"this worker has no {recipient.drafter!r} drafter (set MAILROOM_GROQ_API_KEY)"
         )
-    draft = await drafter.draft(recipient)
+    draft = storable(await drafter.draft(recipient))
     await deps.db.save_draft(
         recipient.id,
         draft.subject,
