@@ -107,20 +107,24 @@ def worker_options(settings: Settings, deps: WorkerDeps, **overrides: Any) -> di
 
 
 async def run_worker(settings: Settings, **overrides: Any) -> None:
-    """Run workers until a signal asks to stop; restart one that loses the database."""
+    """Run workers until a signal asks to stop; restart one that loses the database.
+
+    A worker that returns without being asked to (procrastinate stops it when its listener
+    loses the database) is restarted too.
+    """
     stopping = asyncio.Event()
-    current: list[Worker] = []
-    databases: list[Database] = []
+    # The running worker and its database, while there is one (for signals and /healthz).
+    current: list[tuple[Worker, Database]] = []
     _install_signal_handlers(stopping, current)
 
     def running() -> tuple[int, Database] | None:
-        if current and databases and current[0].worker_id is not None:
-            return current[0].worker_id, databases[0]
+        if current and current[0][0].worker_id is not None:
+            return current[0][0].worker_id, current[0][1]
         return None
 
     health = await start_health_server(settings, running)
     try:
-        await _supervise(settings, stopping, current, databases, overrides)
+        await _supervise(settings, stopping, current, overrides)
     finally:
         if health is not None:
             await health.cleanup()
@@ -130,8 +134,7 @@ async def run_worker(settings: Settings, **overrides: Any) -> None:
 async def _supervise(
     settings: Settings,
     stopping: asyncio.Event,
-    current: list[Worker],
-    databases: list[Database],
+    current: list[tuple[Worker, Database]],
     overrides: dict[str, Any],
 ) -> None:
     backoff_s = 1.0
@@ -142,8 +145,7 @@ async def _supervise(
                     app=app,
                     **worker_options(settings, deps, install_signal_handlers=False, **overrides),
                 )
-                current[:] = [worker]
-                databases[:] = [deps.db]
+                current[:] = [(worker, deps.db)]
                 if stopping.is_set():  # a signal arrived while we were connecting
                     break
                 log.info(
@@ -161,13 +163,10 @@ async def _supervise(
             )
         else:
             if not stopping.is_set():
-                if overrides.get("wait") is False:
-                    return  # drained the queue, as asked
                 log.error("worker_stopped_unexpectedly", restart_in_s=backoff_s)
         finally:
             WORKER_UP.set(0)
             current.clear()
-            databases.clear()
         if not stopping.is_set():
             await _sleep_unless(stopping, backoff_s)
             backoff_s = min(backoff_s * 2, RESTART_BACKOFF_MAX_S)
@@ -180,7 +179,9 @@ async def _sleep_unless(event: asyncio.Event, seconds: float) -> None:
         pass
 
 
-def _install_signal_handlers(stopping: asyncio.Event, current: list[Worker]) -> None:
+def _install_signal_handlers(
+    stopping: asyncio.Event, current: list[tuple[Worker, Database]]
+) -> None:
     loop = asyncio.get_running_loop()
 
     def on_signal(signum: int) -> None:
@@ -189,7 +190,7 @@ def _install_signal_handlers(stopping: asyncio.Event, current: list[Worker]) -> 
             os._exit(EXIT_FORCED)
         log.info("worker_stop_requested", signal=signal.Signals(signum).name)
         stopping.set()
-        for worker in current:
+        for worker, _ in current:
             worker.stop()  # type: ignore[no-untyped-call]
 
     for sig in (signal.SIGTERM, signal.SIGINT):
