@@ -8,7 +8,11 @@ from types import SimpleNamespace
 
 import aiosmtplib
 import pytest
+from email_validator import EmailNotValidError, validate_email
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from shared.addresses import InvalidAddress, normalize_address
 from shared.templating import TemplateProblem, fields_used, render
 from worker.failures import PermanentFailure, TransientFailure, classify_smtp
 from worker.retry import BackoffRetry
@@ -209,3 +213,62 @@ def test_a_header_injection_in_the_subject_cannot_add_headers() -> None:
             body="x",
             message_id="<1@example.org>",
         ).as_bytes(policy=SMTP)
+
+
+# -- addresses ------------------------------------------------------------------------------
+
+_ADDRESS_PIECES = st.text(alphabet="aZ09.+_-!#'\"@[] (),:;\\ÿé€xn-", max_size=12)
+_DOMAINS = st.sampled_from(
+    [
+        "example.org",
+        "EXAMPLE.org",
+        "ex--ample.org",
+        "xn--bcher-kva.example",
+        "bücher.de",
+        "localhost",
+        "test",
+        "a..b",
+        "-a.org",
+        "a-.org",
+        "org",
+        "1.2.3.4",
+        "[1.2.3.4]",
+        "x" * 64 + ".org",
+        "münchen.DE",
+        "a_b.org",
+        "",
+    ]
+)
+
+
+def _reference(text: str) -> str | None:
+    try:
+        return validate_email(text, check_deliverability=False).normalized
+    except EmailNotValidError:
+        return None
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    local=st.one_of(_ADDRESS_PIECES, st.emails().map(lambda a: a.rsplit("@", 1)[0])),
+    domain=st.one_of(_DOMAINS, st.emails().map(lambda a: a.rsplit("@", 1)[1])),
+)
+def test_address_normalization_agrees_with_email_validator(local: str, domain: str) -> None:
+    # The fast path for plain local parts must accept, refuse and normalize exactly as the
+    # library does on its own.
+    text = f"{local}@{domain}"
+    expected = _reference(text.strip()) if text.strip() and len(text.strip()) <= 254 else None
+    try:
+        got: str | None = normalize_address(text)
+    except InvalidAddress:
+        got = None
+    if not any(ch in text for ch in "\r\n\0"):
+        assert got == expected
+
+
+def test_an_address_keeps_its_local_part_and_lowers_its_domain() -> None:
+    assert normalize_address("  Ada.Lovelace+x@Example.ORG ") == "Ada.Lovelace+x@example.org"
+    with pytest.raises(InvalidAddress, match="special-use or reserved"):
+        normalize_address("ada@printer.local")
+    with pytest.raises(InvalidAddress):
+        normalize_address("ada..lovelace@example.org")
