@@ -39,18 +39,34 @@ CONNECTION_KWARGS: dict[str, Any] = {
 }
 
 
-async def _configure(conn: psycopg.AsyncConnection) -> None:
-    await conn.set_autocommit(True)
+def make_pool(
+    conninfo: str,
+    *,
+    max_size: int,
+    min_size: int = 1,
+    name: str,
+    durable_commits: bool = True,
+) -> AsyncConnectionPool:
+    """An unopened pool of autocommit connections (open it with ``await pool.open()``).
 
+    ``durable_commits=False`` is for the worker: its commits return before the WAL is flushed
+    (``synchronous_commit = off``), except the delivery claim's, which asks for a flush itself
+    (:meth:`DeliveryClaim.mark_sent`). Anything else the worker writes (an attempt begun, a job
+    fetched or finished, a retry scheduled) may be forgotten by a PostgreSQL *crash*, and that
+    only makes a job run again: it then finds its key in ``processed_jobs`` and sends nothing.
+    """
 
-def make_pool(conninfo: str, *, max_size: int, min_size: int = 1, name: str) -> AsyncConnectionPool:
-    """An unopened pool of autocommit connections (open it with ``await pool.open()``)."""
+    async def configure(conn: psycopg.AsyncConnection) -> None:
+        await conn.set_autocommit(True)
+        if not durable_commits:
+            await conn.execute("SET synchronous_commit = off")
+
     return AsyncConnectionPool(
         conninfo,
         min_size=min(min_size, max_size),
         max_size=max_size,
         kwargs={**CONNECTION_KWARGS, "application_name": name},
-        configure=_configure,
+        configure=configure,
         open=False,
         name=name,
     )
@@ -143,15 +159,27 @@ class DeliveryClaim:
         self.claimed = claimed
 
     async def mark_sent(self, message_id: str, smtp_reply: str) -> None:
-        """Record the accepted send; it commits together with the claim."""
+        """Record the accepted send; it commits together with the claim, durably.
+
+        One statement: the recipient becomes ``sent``, the key gets its result, and this
+        transaction's commit waits for the WAL flush even on a pool that does not (the claim is
+        what keeps a crash of PostgreSQL itself from causing a second send).
+        """
         await self._conn.execute(
-            "UPDATE recipients SET status = 'sent', sent_at = now(), updated_at = now(),"
-            " message_id = %s, last_error = NULL WHERE id = %s",
-            (message_id, self.recipient_id),
-        )
-        await self._conn.execute(
-            "UPDATE processed_jobs SET result = %s WHERE idempotency_key = %s",
-            (Jsonb({"message_id": message_id, "smtp": smtp_reply}), email_key(self.recipient_id)),
+            "WITH sent AS ("
+            "  UPDATE recipients SET status = 'sent', sent_at = now(), updated_at = now(),"
+            "   message_id = %(message_id)s, last_error = NULL WHERE id = %(id)s RETURNING id),"
+            " result AS ("
+            "  UPDATE processed_jobs SET result = %(result)s WHERE idempotency_key = %(key)s"
+            "  RETURNING 1)"
+            " SELECT set_config('synchronous_commit', 'on', true),"
+            " (SELECT count(*) FROM sent), (SELECT count(*) FROM result)",
+            {
+                "message_id": message_id,
+                "id": self.recipient_id,
+                "result": Jsonb({"message_id": message_id, "smtp": smtp_reply}),
+                "key": email_key(self.recipient_id),
+            },
         )
 
 

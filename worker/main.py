@@ -58,6 +58,7 @@ async def worker_runtime(
         max_size=settings.worker_concurrency + POOL_HEADROOM,
         min_size=2,
         name="mailroom-worker",
+        durable_commits=False,
     )
     await pool.open(wait=True, timeout=30)
     retry = BackoffRetry.from_settings(settings)
