@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import random
-from email.policy import SMTP
+from email.parser import BytesParser
+from email.policy import default
 from types import SimpleNamespace
 
 import aiosmtplib
@@ -16,7 +17,7 @@ from shared.addresses import InvalidAddress, normalize_address
 from shared.templating import TemplateProblem, fields_used, render
 from worker.failures import PermanentFailure, TransientFailure, classify_smtp
 from worker.retry import BackoffRetry
-from worker.smtp import build_message, text_to_html
+from worker.smtp import build_message, text_to_html, wire_bytes
 
 # -- templates ------------------------------------------------------------------------------
 
@@ -204,15 +205,42 @@ def test_the_html_part_escapes_everything_and_keeps_paragraphs() -> None:
     assert "<p>next &lt;script&gt;</p>" in markup
 
 
-def test_a_header_injection_in_the_subject_cannot_add_headers() -> None:
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize("field", ["sender", "to", "subject", "message_id"])
+@pytest.mark.parametrize("injection", ["\r\nBcc: evil@example.org", "\nBcc: evil@example.org"])
+def test_a_header_injection_cannot_add_headers(field: str, injection: str) -> None:
+    values = {
+        "sender": "a@example.org",
+        "to": "b@example.org",
+        "subject": "Hi",
+        "message_id": "<1@example.org>",
+    }
+    values[field] += injection
+    with pytest.raises(ValueError, match="line break"):
+        build_message(body="x", **values)
+
+
+def test_a_message_reads_back_as_written_in_both_parts() -> None:
+    body = "Grüße, Ada <3\n\n" + "a long line " * 200 + "\n.\nend = fin"
+    subject = "Héllo wörld, " + "x" * 150
+    wire = wire_bytes(
         build_message(
             sender="a@example.org",
             to="b@example.org",
-            subject="Hi\r\nBcc: evil@example.org",
-            body="x",
+            subject=subject,
+            body=body,
             message_id="<1@example.org>",
-        ).as_bytes(policy=SMTP)
+        )
+    )
+    assert b"\r\n" in wire and b"\n" not in wire.replace(b"\r\n", b"")
+    assert max(len(line) for line in wire.split(b"\r\n")) <= 998
+    parsed = BytesParser(policy=default).parsebytes(wire)
+    assert parsed["Subject"] == subject
+    assert parsed["To"] == "b@example.org" and parsed["Message-ID"] == "<1@example.org>"
+    assert parsed.get_content_type() == "multipart/alternative"
+    # MIME text travels with CRLF line breaks; the words and the breaks are the same.
+    plain, markup = (part.get_content().replace("\r\n", "\n") for part in parsed.iter_parts())
+    assert plain == body
+    assert markup == text_to_html(body)
 
 
 # -- addresses ------------------------------------------------------------------------------

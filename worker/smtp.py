@@ -12,8 +12,12 @@ import asyncio
 import html
 import time
 from dataclasses import dataclass
-from email.message import EmailMessage
-from email.policy import SMTP as SMTP_POLICY
+from email.charset import QP, Charset
+from email.header import Header
+from email.message import Message
+from email.mime.multipart import MIMEMultipart
+from email.mime.text import MIMEText
+from email.policy import compat32
 from email.utils import formatdate
 from typing import Protocol
 
@@ -25,12 +29,18 @@ from worker.failures import PermanentFailure, classify_smtp
 
 MAX_MESSAGES_PER_CONNECTION = 100
 IDLE_TIMEOUT_S = 30.0
+# The stdlib's legacy MIME classes and policy: the same RFC 5322 output as the newer API for
+# what Mailroom sends, at a third of the CPU (that API parses every header it stores and
+# refolds it on output: the largest cost of a send in the worker's profile).
+_WIRE_POLICY = compat32.clone(linesep="\r\n")
+_UTF8_QP = Charset("utf-8")
+_UTF8_QP.body_encoding = QP
 
 
 class Mailer(Protocol):
     """Something that delivers a built message (the real one speaks SMTP)."""
 
-    async def send(self, message: EmailMessage) -> str: ...
+    async def send(self, message: Message) -> str: ...
 
     async def close(self) -> None: ...
 
@@ -44,19 +54,30 @@ def sender_domain(address: str) -> str:
     return address.rsplit("@", 1)[-1]
 
 
-def build_message(
-    *, sender: str, to: str, subject: str, body: str, message_id: str
-) -> EmailMessage:
-    """A multipart/alternative message: the text as written, and the same text as safe HTML."""
-    message = EmailMessage()
+def build_message(*, sender: str, to: str, subject: str, body: str, message_id: str) -> Message:
+    """A multipart/alternative message: the text as written, and the same text as safe HTML.
+
+    Both parts are UTF-8 in quoted-printable; a non-ASCII subject is RFC 2047 encoded. A line
+    break in any header value is refused (ValueError): nothing can add a header.
+    """
+    headers = {"From": sender, "To": to, "Subject": subject, "Message-ID": message_id}
+    for name, value in headers.items():
+        if "\r" in value or "\n" in value:
+            raise ValueError(f"the {name} header must not contain a line break")
+    message = MIMEMultipart("alternative")
     message["From"] = sender
     message["To"] = to
-    message["Subject"] = subject
+    message["Subject"] = subject if subject.isascii() else Header(subject, "utf-8")  # type: ignore[assignment]
     message["Date"] = formatdate(localtime=False, usegmt=True)
     message["Message-ID"] = message_id
-    message.set_content(body)
-    message.add_alternative(text_to_html(body), subtype="html")
+    message.attach(MIMEText(body, "plain", _UTF8_QP))  # type: ignore[arg-type]
+    message.attach(MIMEText(text_to_html(body), "html", _UTF8_QP))  # type: ignore[arg-type]
     return message
+
+
+def wire_bytes(message: Message) -> bytes:
+    """The message as sent over SMTP (CRLF line endings)."""
+    return message.as_bytes(policy=_WIRE_POLICY)
 
 
 def text_to_html(body: str) -> str:
@@ -101,7 +122,7 @@ class SmtpMailer:
         self._max_messages = max_messages_per_connection
         self._idle_timeout_s = idle_timeout_s
 
-    async def send(self, message: EmailMessage) -> str:
+    async def send(self, message: Message) -> str:
         """Send ``message``; return the server's reply or raise a DeliveryFailure."""
         async with self._slots:
             started = time.perf_counter()
@@ -133,9 +154,9 @@ class SmtpMailer:
                 self._idle.append(conn)
             return reply
 
-    async def _transmit(self, conn: _Connection, message: EmailMessage) -> str:
+    async def _transmit(self, conn: _Connection, message: Message) -> str:
         sender, to = str(message["From"]), str(message["To"])
-        payload = message.as_bytes(policy=SMTP_POLICY)
+        payload = wire_bytes(message)
         client = conn.client
         stage = "mail"
         try:
