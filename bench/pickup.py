@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import statistics
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ import psycopg
 from aiosmtpd.smtp import SMTP, Envelope, Session
 from procrastinate.worker import Worker
 
+from bench import harness
 from shared.db import Database, NewBatch, NewRecipient, make_pool
 from shared.embedded import EmbeddedPostgres, ensure_database
 from shared.schema import migrate
@@ -54,15 +54,6 @@ class StampingSMTP:
         for address in envelope.rcpt_tos:
             self.accepted[address] = now
         return "250 OK"
-
-
-def summary_ms(samples: list[float]) -> dict[str, float]:
-    ordered = sorted(samples)
-    return {
-        "p50_ms": round(statistics.median(ordered), 3),
-        "p99_ms": round(ordered[max(0, int(len(ordered) * 0.99) - 1)], 3),
-        "n": len(ordered),
-    }
 
 
 async def fill_backoff(conn: psycopg.AsyncConnection, waiting: int, priority: int | None) -> None:
@@ -155,14 +146,14 @@ async def run(waiting: int, samples: int) -> dict[str, Any]:
         async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
             for label, priority in STATES.items():
                 await fill_backoff(conn, waiting, priority)
-                results["fetch"][label] = summary_ms(await fetch_latency(conn, samples))
+                results["fetch"][label] = harness.summary_ms(await fetch_latency(conn, samples))
         async with make_pool(url, max_size=2, name="bench") as pool:
             db = Database(pool)
             async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
                 for n, (label, priority) in enumerate(STATES.items()):
                     await fill_backoff(conn, waiting, priority)
                     latencies = await end_to_end(settings, db, smtp, min(samples, 200), f"s{n}-")
-                    results["end_to_end"][label] = summary_ms(latencies)
+                    results["end_to_end"][label] = harness.summary_ms(latencies)
     server.close()
     return results
 

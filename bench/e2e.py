@@ -1,0 +1,220 @@
+"""End to end: emails per second from submission to SMTP acceptance, next to SMTP alone.
+
+For 1 and 2 ``mailroom worker`` processes (each at the default concurrency of 8, as an operator
+would run them), one batch of ``--recipients`` is created with the template drafter and timed
+until the SMTP sink has accepted every message. The sink is an aiosmtpd server in a process of
+its own that accepts and counts.
+
+Baseline, in the same run: the same number of messages built and sent straight to the same
+sink over the same number of reused aiosmtplib connections (Mailroom's SMTP pool), with no
+queue and no database: the most the SMTP side allows here.
+
+Latency, from the commit of a one-recipient batch to its acceptance by the sink (an upper bound
+of enqueue-to-start, which it includes together with drafting and the send):
+
+- idle: ``--probes`` batches one after another, 20 ms apart, with the workers idle (LISTEN/NOTIFY
+  wakes them);
+- under load: for every message of the large batch, from the batch's commit to its acceptance
+  (what a recipient in the middle of a backlog waits).
+
+The pickup of a fresh email while 20,000 wait in backoff is ``bench.pickup``.
+
+    uv run python -m bench.e2e [--recipients 10000] [--processes 1,2] [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+import uuid
+from typing import Any
+
+import psycopg
+
+from bench import harness
+from shared.db import Database, NewBatch, NewRecipient, make_pool
+from shared.settings import Settings
+from worker.smtp import SmtpMailer, build_message
+
+SUBJECT = "Hello {{ name }}"
+BODY = "Hi {{ name }},\n\nthis message is a benchmark of Mailroom.\n\nRegards,\nThe bench\n"
+
+
+def new_batch(count: int, tag: str) -> NewBatch:
+    return NewBatch(
+        created_by="bench",
+        subject_template=SUBJECT,
+        body_template=BODY,
+        recipients=[
+            NewRecipient(f"{tag}{i}@example.org", {"name": f"User {i}"}) for i in range(count)
+        ],
+    )
+
+
+async def smtp_only(settings: Settings, sink: harness.SmtpSink, count: int, conns: int) -> float:
+    """Messages per second straight to the sink over ``conns`` reused connections."""
+    sink.reset()
+    mailer = SmtpMailer(settings, size=conns)
+    messages = [
+        build_message(
+            sender="bench@example.com",
+            to=f"direct{i}@example.org",
+            subject=f"Hello User {i}",
+            body=BODY.replace("{{ name }}", f"User {i}"),
+            message_id=f"<direct.{uuid.uuid4()}@example.com>",
+        )
+        for i in range(count)
+    ]
+    queue: asyncio.Queue[Any] = asyncio.Queue()
+    for m in messages:
+        queue.put_nowait(m)
+
+    async def sender() -> None:
+        while not queue.empty():
+            await mailer.send(queue.get_nowait())
+
+    started = time.perf_counter()
+    await asyncio.gather(*(sender() for _ in range(conns)))
+    elapsed = time.perf_counter() - started
+    await mailer.close()
+    return count / elapsed
+
+
+async def through_mailroom(
+    db: Database, sink: harness.SmtpSink, count: int, tag: str
+) -> tuple[float, list[float]]:
+    """Emails per second for one batch, and each message's wait from commit to acceptance."""
+    sink.reset()
+    started = time.perf_counter()
+    await db.create_batch(new_batch(count, tag))
+    committed = time.time()
+    await sink.wait_for(count, timeout_s=600)
+    elapsed = time.perf_counter() - started
+    async with db.pool.connection() as conn:
+        cursor = await conn.execute(
+            "SELECT extract(epoch FROM sent_at)::float8 FROM recipients WHERE email LIKE %s",
+            (f"{tag}%",),
+        )
+        waits = [(row[0] - committed) * 1000 for row in await cursor.fetchall()]
+    return count / elapsed, waits
+
+
+async def idle_latency(db: Database, sink: harness.SmtpSink, probes: int) -> list[float]:
+    samples = []
+    for i in range(probes):
+        sink.reset()
+        await db.create_batch(new_batch(1, f"probe{i}-"))
+        committed = time.time()
+        accepted = await sink.wait_for(1, timeout_s=30)
+        samples.append((accepted - committed) * 1000)
+        await asyncio.sleep(0.02)
+    return samples
+
+
+async def run(
+    url: str, recipients: int, processes: list[int], repeat: int, probes: int
+) -> dict[str, Any]:
+    results: dict[str, Any] = {"recipients": recipients, "repeat": repeat, "rows": []}
+    with harness.SmtpSink() as sink:
+        settings = harness.settings_for(url, smtp_port=sink.port)
+        async with make_pool(url, max_size=2, name="bench") as pool:
+            db = Database(pool)
+            for procs in processes:
+                conns = procs * settings.worker_concurrency
+                workers = [await harness.start_mailroom(settings, "worker") for _ in range(procs)]
+                try:
+                    await wait_for_workers(url, procs)
+                    rates, direct, waits = [], [], []
+                    for n in range(repeat):
+                        direct.append(await smtp_only(settings, sink, recipients, conns))
+                        rate, w = await through_mailroom(db, sink, recipients, f"p{procs}r{n}-")
+                        rates.append(rate)
+                        waits += w
+                    idle = await idle_latency(db, sink, probes)
+                finally:
+                    await harness.stop(workers)
+                row = {
+                    "processes": procs,
+                    "concurrency": settings.worker_concurrency,
+                    "emails_per_s": round(statistics.median(rates)),
+                    "smtp_only_per_s": round(statistics.median(direct)),
+                    "samples": {
+                        "mailroom": [round(r) for r in rates],
+                        "smtp": [round(d) for d in direct],
+                    },
+                    "idle_commit_to_accepted": harness.summary_ms(idle),
+                    "loaded_commit_to_accepted": harness.summary_ms(waits),
+                }
+                results["rows"].append(row)
+                print(
+                    f"  {procs} worker(s): {row['emails_per_s']} emails/s,"
+                    f" SMTP alone {row['smtp_only_per_s']}/s",
+                    flush=True,
+                )
+                await harness.empty(url)
+    return results
+
+
+async def wait_for_workers(url: str, count: int) -> None:
+    """Until ``count`` workers have registered (they are listening for jobs)."""
+    deadline = time.monotonic() + 60
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+        while True:
+            cursor = await conn.execute("SELECT count(*) FROM procrastinate_workers")
+            row = await cursor.fetchone()
+            if row and row[0] >= count:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError("the workers did not start")
+            await asyncio.sleep(0.1)
+
+
+def print_table(results: dict[str, Any]) -> None:
+    print(
+        f"\nOne batch of {results['recipients']:,} emails, submission to SMTP acceptance"
+        f" (median of {results['repeat']})\n"
+    )
+    print(
+        f"{'workers x conc.':>16} {'emails/s':>9} {'SMTP alone':>11} {'share':>6}"
+        f" {'idle p50':>9} {'idle p99':>9} {'loaded p50':>11} {'loaded p99':>11}"
+    )
+    for r in results["rows"]:
+        idle, loaded = r["idle_commit_to_accepted"], r["loaded_commit_to_accepted"]
+        print(
+            f"{r['processes']:>8} x {r['concurrency']:<5} {r['emails_per_s']:>9,}"
+            f" {r['smtp_only_per_s']:>11,} {r['emails_per_s'] / r['smtp_only_per_s']:>5.0%}"
+            f" {idle['p50_ms']:>7.1f}ms {idle['p99_ms']:>7.1f}ms"
+            f" {loaded['p50_ms']:>9.0f}ms {loaded['p99_ms']:>9.0f}ms"
+        )
+    print("\nSMTP alone: the same messages over the same number of reused connections, no queue.")
+    print("idle / loaded: commit of the batch to the sink's acceptance of a message.")
+
+
+async def main_async(url: str | None, **options: Any) -> dict[str, Any]:
+    async with harness.database(url) as db_url:
+        return await run(db_url, **options)
+
+
+def main() -> None:
+    p = harness.parser("e2e", __doc__)
+    p.add_argument("--recipients", type=int, default=10_000, help="emails in the batch")
+    p.add_argument("--processes", default="1,2", help="worker processes, comma-separated")
+    p.add_argument("--repeat", type=int, default=3, help="batches per configuration")
+    p.add_argument("--probes", type=int, default=100, help="one-email batches for idle latency")
+    args = p.parse_args()
+    results = asyncio.run(
+        main_async(
+            args.database_url,
+            recipients=args.recipients,
+            processes=[int(x) for x in args.processes.split(",")],
+            repeat=args.repeat,
+            probes=args.probes,
+        )
+    )
+    print_table(results)
+    harness.write(args.json, results)
+
+
+if __name__ == "__main__":
+    main()
