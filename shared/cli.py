@@ -198,6 +198,8 @@ def _worker(settings: Settings, args: argparse.Namespace) -> int:
             raise ConfigError(f"MAILROOM_METRICS_PORT + instance {args.instance} exceeds 65535")
         settings = settings.model_copy(update={"metrics_port": port})
     settings.require("database_url", "from_address")
+    if settings.public_url is not None:
+        settings.require("secret_key")  # signs the unsubscribe links
     try:
         asyncio.run(run_worker(settings, name=f"mailroom-worker-{args.instance}"))
     except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as exc:

@@ -23,8 +23,18 @@ from shared.queue import EMAIL_QUEUE, SEND_EMAIL_TASK
 
 # Row ids are bigint: anything outside 1..MAX_ID cannot name a row (and PostgreSQL refuses it).
 MAX_ID = 2**63 - 1
-RECIPIENT_STATUSES = ("queued", "sending", "drafted", "sent", "retrying", "dead", "cancelled")
-FINAL_STATUSES = frozenset({"sent", "dead", "cancelled"})
+RECIPIENT_STATUSES = (
+    "queued",
+    "sending",
+    "drafted",
+    "sent",
+    "retrying",
+    "dead",
+    "cancelled",
+    "suppressed",
+)
+FINAL_STATUSES = frozenset({"sent", "dead", "cancelled", "suppressed"})
+SUPPRESSION_REASONS = ("unsubscribed", "hard_bounce", "complaint", "manual")
 
 # Keep half-open connections from hanging a process forever: the kernel gives up on a peer that
 # stops answering (libpq parameters; ignored on Unix sockets).
@@ -186,14 +196,15 @@ class DeliveryClaim:
 # Defers one send_email job per row of the CTE named ``rows`` (which must expose ``id``), in
 # the caller's statement and so in the caller's transaction. procrastinate's own SQL function
 # does the insert; we only skip its Python-side job objects.
-_DEFER_EMAIL_JOBS = """
-SELECT cardinality(procrastinate_defer_jobs_v1(ARRAY(
+_DEFER_JOBS_OF_ROWS = """
+cardinality(procrastinate_defer_jobs_v1(ARRAY(
     SELECT ROW(%(queue)s, %(task)s, 0, NULL, NULL,
                jsonb_build_object('recipient_id', id), %(scheduled_at)s::timestamptz
            )::procrastinate_job_to_defer_v1
       FROM rows ORDER BY id
 )))
 """
+_DEFER_EMAIL_JOBS = "SELECT " + _DEFER_JOBS_OF_ROWS
 _DEFER_PARAMS = {"queue": EMAIL_QUEUE, "task": SEND_EMAIL_TASK, "scheduled_at": None}
 
 
@@ -270,18 +281,22 @@ class Database:
             )
             if idempotency is not None:
                 await self._claim_key(conn, batch_id, *idempotency)
+            # A suppressed address is written as such, and gets no job.
             cursor = await conn.execute(
                 """
-                WITH rows AS (
-                    INSERT INTO recipients (batch_id, email, fields)
-                    SELECT %(batch_id)s, t.email, t.fields
+                WITH inserted AS (
+                    INSERT INTO recipients (batch_id, email, fields, status)
+                    SELECT %(batch_id)s, t.email, t.fields,
+                           CASE WHEN s.address_key IS NULL THEN 'queued' ELSE 'suppressed' END
                       FROM unnest(%(emails)s::text[], %(fields)s::jsonb[])
                            WITH ORDINALITY AS t(email, fields, n)
+                      LEFT JOIN suppressions s ON s.address_key = lower(t.email)
                      ORDER BY t.n
-                    RETURNING id
-                )
+                    RETURNING id, status
+                ), rows AS (SELECT id FROM inserted WHERE status = 'queued')
+                SELECT (SELECT count(*) FROM rows),
                 """
-                + _DEFER_EMAIL_JOBS,
+                + _DEFER_JOBS_OF_ROWS,
                 {
                     "batch_id": batch_id,
                     "emails": emails,
@@ -291,8 +306,8 @@ class Database:
                 },
             )
             row = await cursor.fetchone()
-            if row is None or row[0] != len(emails):
-                raise RuntimeError("deferred job count does not match the recipients inserted")
+            if row is None or row[0] != row[1]:
+                raise RuntimeError("deferred job count does not match the recipients queued")
         return batch_id
 
     @staticmethod
@@ -407,20 +422,27 @@ class Database:
         """Count an attempt, show the recipient as ``sending`` and return it with its templates.
 
         ``None`` when there is nothing to do: the row is gone or already final (sent, dead or
-        cancelled), as it is for a duplicate job of a recipient that was sent.
+        cancelled), as it is for a duplicate job of a recipient that was sent. A recipient whose
+        address was suppressed meanwhile comes back with ``status == "suppressed"``.
         """
         async with self.pool.connection() as conn:
             cursor = conn.cursor(row_factory=dict_row)
+            # An address suppressed since it was queued is not sent: it becomes "suppressed"
+            # here, without spending an attempt.
             await cursor.execute(
-                "UPDATE recipients r SET status = 'sending', attempts = r.attempts + 1,"
-                " updated_at = now() FROM batches b"
-                " WHERE r.id = %s AND b.id = r.batch_id"
+                "WITH s AS (SELECT EXISTS (SELECT 1 FROM suppressions, recipients x"
+                "   WHERE x.id = %(id)s AND address_key = lower(x.email)) AS suppressed)"
+                " UPDATE recipients r"
+                " SET status = CASE WHEN s.suppressed THEN 'suppressed' ELSE 'sending' END,"
+                " attempts = r.attempts + CASE WHEN s.suppressed THEN 0 ELSE 1 END,"
+                " updated_at = now() FROM batches b, s"
+                " WHERE r.id = %(id)s AND b.id = r.batch_id"
                 " AND r.status IN ('queued', 'retrying', 'sending')"
                 " RETURNING r.id, r.batch_id, r.email, r.fields, r.status, r.attempts, r.subject,"
                 " r.body, b.drafter, b.subject_template, b.body_template, r.enqueued_at,"
                 " b.request_id, b.context,"
                 " (b.review AND b.approved_at IS NULL) AS hold_for_review",
-                (recipient_id,),
+                {"id": recipient_id},
             )
             row = await cursor.fetchone()
         return RecipientForSend(**row) if row else None
@@ -525,14 +547,72 @@ class Database:
             claimed = await cursor.fetchone() is not None
             yield DeliveryClaim(conn, recipient_id, claimed)
 
-    async def mark_failed(self, recipient_id: int, *, status: str, error: str) -> None:
-        """Record a failed attempt as ``retrying`` or ``dead`` (never over a final state)."""
+    async def mark_failed(
+        self, recipient_id: int, *, status: str, error: str, suppress: bool = False
+    ) -> None:
+        """Record a failed attempt as ``retrying`` or ``dead`` (never over a final state).
+
+        ``suppress`` also adds the address to the suppressions as a hard bounce, in the same
+        statement (the server said the mailbox does not exist).
+        """
         async with self.pool.connection() as conn:
             await conn.execute(
-                "UPDATE recipients SET status = %s, last_error = %s, updated_at = now()"
-                " WHERE id = %s AND status IN ('queued', 'sending', 'retrying')",
-                (status, error[:2000], recipient_id),
+                "WITH failed AS ("
+                "  UPDATE recipients SET status = %(status)s, last_error = %(error)s,"
+                "   updated_at = now()"
+                "  WHERE id = %(id)s AND status IN ('queued', 'sending', 'retrying')"
+                "  RETURNING email)"
+                " INSERT INTO suppressions (address_key, address, reason, detail)"
+                " SELECT lower(email), email, 'hard_bounce', %(error)s FROM failed"
+                " WHERE %(suppress)s ON CONFLICT (address_key) DO NOTHING",
+                {"status": status, "error": error[:2000], "id": recipient_id, "suppress": suppress},
             )
+
+    # -- suppressions ------------------------------------------------------------------------
+
+    async def suppress(
+        self, addresses: Sequence[str], *, reason: str, detail: str | None = None
+    ) -> int:
+        """Add addresses to the suppressions; return how many were added (or changed).
+
+        Queued recipients of these addresses are skipped when their turn comes. An address
+        already suppressed keeps its reason, except a hard bounce, which a person's or an
+        operator's own request replaces: a redrive lifts hard bounces, and must never lift an
+        unsubscription with them.
+        """
+        async with self.pool.connection() as conn:
+            cursor = await conn.execute(
+                "INSERT INTO suppressions (address_key, address, reason, detail)"
+                " SELECT DISTINCT ON (lower(a)) lower(a), a, %s, %s FROM unnest(%s::text[]) a"
+                " ON CONFLICT (address_key) DO UPDATE"
+                " SET reason = excluded.reason, detail = excluded.detail, created_at = now()"
+                " WHERE suppressions.reason = 'hard_bounce' AND excluded.reason <> 'hard_bounce'",
+                (reason, detail, list(addresses)),
+            )
+        return cursor.rowcount
+
+    async def unsuppress(self, addresses: Sequence[str]) -> int:
+        """Remove addresses from the suppressions; return how many were there."""
+        async with self.pool.connection() as conn:
+            cursor = await conn.execute(
+                "DELETE FROM suppressions WHERE address_key = ANY("
+                " SELECT lower(a) FROM unnest(%s::text[]) a)",
+                (list(addresses),),
+            )
+        return cursor.rowcount
+
+    async def list_suppressions(
+        self, *, after_id: int = 0, limit: int = 100
+    ) -> list[dict[str, Any]]:
+        """Suppressed addresses, oldest first, keyset-paginated on ``id``."""
+        async with self.pool.connection() as conn:
+            cursor = conn.cursor(row_factory=dict_row)
+            await cursor.execute(
+                "SELECT id, address, reason, detail, created_at FROM suppressions"
+                " WHERE id > %s ORDER BY id LIMIT %s",
+                (after_id, limit),
+            )
+            return await cursor.fetchall()
 
     async def heartbeat_age_s(self, worker_id: int) -> float | None:
         """Seconds since procrastinate last saw worker ``worker_id`` (None: not registered)."""
@@ -565,14 +645,20 @@ class Database:
         """Requeue the selected dead letters with a fresh attempt budget; return how many.
 
         One statement: the recipients go back to ``queued`` and a *new* job is deferred for
-        each (procrastinate's ``retry_job`` would keep the old job's attempt count). Only
-        ``dead`` rows are touched, so a recipient that was sent is never sent again.
+        each (procrastinate's ``retry_job`` would keep the old job's attempt count), and their
+        addresses' hard-bounce suppressions are lifted. Only ``dead`` rows are touched, so a
+        recipient that was sent is never sent again.
         """
         async with self.pool.connection() as conn:
+            # A redrive says the cause was fixed: a hard bounce recorded for these addresses is
+            # lifted with it (an unsubscription or a complaint never is).
             cursor = await conn.execute(
                 "WITH rows AS (UPDATE recipients SET status = 'queued', attempts = 0,"
                 " last_error = NULL, enqueued_at = now(), updated_at = now()"
-                f" WHERE status = 'dead' AND {_SELECTED} RETURNING id)" + _DEFER_EMAIL_JOBS,
+                f" WHERE status = 'dead' AND {_SELECTED} RETURNING id, email),"
+                " lifted AS (DELETE FROM suppressions s USING rows"
+                "  WHERE s.address_key = lower(rows.email) AND s.reason = 'hard_bounce')"
+                + _DEFER_EMAIL_JOBS,
                 {**selection.params(), **_DEFER_PARAMS},
             )
             row = await cursor.fetchone()

@@ -99,6 +99,7 @@ async def run_dev(base: Settings, options: DevOptions) -> int:
                 "smtp_username": None,
                 "smtp_password": None,
                 "from_address": base.from_address or DEV_FROM_ADDRESS,
+                "public_url": base.public_url or f"http://{options.host}:{options.port}",
                 "api_token": SecretStr(token),
                 "secret_key": SecretStr(key),
             }

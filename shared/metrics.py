@@ -78,6 +78,7 @@ WORKER_UP = Gauge("mailroom_worker_up", "1 while this worker process is running 
 # -- web --------------------------------------------------------------------------------------
 BATCHES_CREATED = Counter("mailroom_batches_created", "Batches created.")
 RECIPIENTS_ENQUEUED = Counter("mailroom_recipients_enqueued", "Recipients enqueued.")
+UNSUBSCRIBES = Counter("mailroom_unsubscribes", "Addresses unsubscribed through their link.")
 HTTP_REQUESTS = Counter(
     "mailroom_http_requests", "HTTP requests answered.", ["route", "method", "status"]
 )

@@ -67,6 +67,11 @@ class Settings(BaseSettings):
     smtp_security: SmtpSecurity = SmtpSecurity.NONE
     smtp_timeout_seconds: float = Field(default=30.0, gt=0, le=600)
     from_address: str | None = None
+    # The web tier's address as recipients reach it (https://mail.example.org): unsubscribe
+    # links point there. Unset, messages carry no unsubscribe link.
+    public_url: str | None = None
+    # Also offered in List-Unsubscribe (RFC 2369), e.g. unsubscribe@example.org.
+    unsubscribe_mailto: str | None = None
 
     api_token: SecretStr | None = None
     # When set, GET /metrics needs "Authorization: Bearer <token>"; unset, it is open.
@@ -107,9 +112,9 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     log_format: LogFormat = LogFormat.AUTO
 
-    @field_validator("from_address")
+    @field_validator("from_address", "unsubscribe_mailto")
     @classmethod
-    def _from_address_is_an_address(cls, value: str | None) -> str | None:
+    def _an_address(cls, value: str | None) -> str | None:
         if value is None:
             return None
         _header_safe(value)
@@ -131,12 +136,12 @@ class Settings(BaseSettings):
             raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL")
         return level
 
-    @field_validator("groq_base_url")
+    @field_validator("groq_base_url", "public_url")
     @classmethod
     def _http_url(cls, value: str | None) -> str | None:
         if value is not None and not value.startswith(("http://", "https://")):
             raise ValueError("must be an http:// or https:// URL")
-        return value
+        return _header_safe(value)
 
     @field_validator("database_url")
     @classmethod

@@ -73,6 +73,23 @@ def test_no_command_is_a_usage_error() -> None:
             "postgresql://",
         ),
         ({"MAILROOM_LOG_LEVEL": "LOUD"}, "migrate", "MAILROOM_LOG_LEVEL", "one of DEBUG"),
+        ({"MAILROOM_PUBLIC_URL": "mail.example.org"}, "worker", "MAILROOM_PUBLIC_URL", "http"),
+        (
+            {"MAILROOM_UNSUBSCRIBE_MAILTO": "unsubscribe at example"},
+            "worker",
+            "MAILROOM_UNSUBSCRIBE_MAILTO",
+            "@-sign",
+        ),
+        (
+            {
+                "MAILROOM_DATABASE_URL": "postgresql://localhost/x",
+                "MAILROOM_FROM_ADDRESS": "a@example.org",
+                "MAILROOM_PUBLIC_URL": "https://mail.example.org",
+            },
+            "worker",
+            "MAILROOM_SECRET_KEY",
+            "required",
+        ),
         (
             {"MAILROOM_RETRY_BASE_SECONDS": "10", "MAILROOM_RETRY_CAP_SECONDS": "5"},
             "worker",

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from shared.addresses import InvalidAddress, normalize_address
 from shared.templating import TemplateProblem, fields_used, render
+from shared.unsubscribe import make_token, read_token
 from worker.failures import PermanentFailure, TransientFailure, classify_smtp
 from worker.retry import BackoffRetry
 from worker.smtp import build_message, text_to_html, wire_bytes
@@ -300,3 +301,23 @@ def test_an_address_keeps_its_local_part_and_lowers_its_domain() -> None:
         normalize_address("ada@printer.local")
     with pytest.raises(InvalidAddress):
         normalize_address("ada..lovelace@example.org")
+
+
+# -- unsubscribe tokens -----------------------------------------------------------------------
+
+
+def test_an_unsubscribe_token_names_its_address_and_sender_and_nothing_else_reads_it() -> None:
+    token = make_token("Zoë@bücher.de", sender="news@example.org", secret="k1")
+    assert token.isascii() and "/" not in token and "+" not in token
+    found = read_token(token, secret="k1")
+    assert found is not None
+    assert (found.address, found.sender) == ("Zoë@bücher.de", "news@example.org")
+    assert read_token(token, secret="k2") is None
+    _, mac = token.split(".")
+    other = make_token("eve@example.org", sender="news@example.org", secret="k1")
+    assert read_token(f"{other.split('.')[0]}.{mac}", secret="k1") is None
+
+
+@given(st.text(max_size=300))
+def test_any_text_as_a_token_is_refused_not_crashed_on(text: str) -> None:
+    assert read_token(text, secret="k1") is None

@@ -19,7 +19,7 @@ from shared.db import Database, make_pool
 from shared.metrics import QueueCollector, render
 from shared.schema import pending_migrations
 from shared.settings import Settings
-from web import api, dead_letters, openapi, pages
+from web import api, dead_letters, openapi, pages, suppressions
 from web.auth import Authenticator, LoginLimiter
 from web.keys import AUTH, CAPTURE, DB, LOGIN_LIMITER, METRICS_REGISTRY, SETTINGS
 from web.middlewares import (
@@ -121,6 +121,7 @@ def create_app(
     app.router.add_routes(dead_letters.routes)
     app.router.add_routes(openapi.routes)
     app.router.add_routes(pages.routes)
+    app.router.add_routes(suppressions.routes)
     app.router.add_static("/static", HERE / "static")
     return app
 

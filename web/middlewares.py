@@ -22,6 +22,7 @@ REQUEST_ID_HEADER = "X-Request-ID"
 _SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 # /metrics checks its own token (MAILROOM_METRICS_TOKEN), so Prometheus needs no session.
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/login", "/metrics", "/api/openapi.json"})
+PUBLIC_PREFIXES = ("/static/", "/u/")
 CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
     "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
@@ -109,7 +110,8 @@ async def security_headers_middleware(request: web.Request, handler: Handler) ->
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every route but the public ones needs a Bearer token or a valid session."""
-    if request.path in PUBLIC_PATHS or request.path.startswith("/static/"):
+    # Unsubscribe links are public: their signed token is the authority (RFC 8058).
+    if request.path in PUBLIC_PATHS or request.path.startswith(PUBLIC_PREFIXES):
         return await handler(request)
     auth = request.app[AUTH]
     if auth.bearer_ok(request):

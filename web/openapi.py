@@ -10,12 +10,20 @@ from typing import Any
 
 from aiohttp import web
 
-from shared.db import RECIPIENT_STATUSES
+from shared.db import RECIPIENT_STATUSES, SUPPRESSION_REASONS
 from shared.metrics import VERSION
 
 routes = web.RouteTableDef()
 
 _ERROR = {"$ref": "#/components/schemas/Error"}
+
+
+_ADDRESSES = {
+    "type": "array",
+    "minItems": 1,
+    "maxItems": 10_000,
+    "items": {"type": "string", "maxLength": 254},
+}
 
 
 def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
@@ -327,6 +335,95 @@ SPEC: dict[str, Any] = {
                 },
             }
         },
+        "/api/suppressions": {
+            "get": {
+                "summary": "Addresses that are never sent to (unsubscribed, bounced, manual)",
+                "parameters": [*_PAGE],
+                "responses": {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "required": ["suppressions", "next_after"],
+                            "properties": {
+                                "suppressions": {
+                                    "type": "array",
+                                    "items": {"$ref": "#/components/schemas/Suppression"},
+                                },
+                                "next_after": {"type": "integer", "nullable": True},
+                            },
+                        },
+                        "Suppressions",
+                    ),
+                    **_errors(401, 422),
+                },
+            },
+            "post": {
+                "summary": "Suppress addresses: recipients of them are counted, never sent",
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "type": "object",
+                                "required": ["addresses"],
+                                "additionalProperties": False,
+                                "properties": {
+                                    "addresses": _ADDRESSES,
+                                    "reason": {
+                                        "type": "string",
+                                        "enum": list(SUPPRESSION_REASONS),
+                                        "default": "manual",
+                                    },
+                                },
+                            }
+                        }
+                    },
+                },
+                "responses": {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "required": ["added", "already_suppressed"],
+                            "properties": {
+                                "added": {"type": "integer"},
+                                "already_suppressed": {"type": "integer"},
+                            },
+                        },
+                        "Suppressed",
+                    ),
+                    **_errors(400, 401, 415, 422),
+                },
+            },
+        },
+        "/api/suppressions/remove": {
+            "post": {
+                "summary": "Allow sending to these addresses again",
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "type": "object",
+                                "required": ["addresses"],
+                                "additionalProperties": False,
+                                "properties": {"addresses": _ADDRESSES},
+                            }
+                        }
+                    },
+                },
+                "responses": {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "required": ["removed"],
+                            "properties": {"removed": {"type": "integer"}},
+                        },
+                        "Removed",
+                    ),
+                    **_errors(400, 401, 415, 422),
+                },
+            }
+        },
         "/healthz": {
             "get": {
                 "summary": "The process is up",
@@ -348,6 +445,17 @@ SPEC: dict[str, Any] = {
     "components": {
         "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
         "schemas": {
+            "Suppression": {
+                "type": "object",
+                "required": ["id", "address", "reason", "created_at"],
+                "properties": {
+                    "id": {"type": "integer"},
+                    "address": {"type": "string"},
+                    "reason": {"type": "string", "enum": list(SUPPRESSION_REASONS)},
+                    "detail": {"type": "string", "nullable": True},
+                    "created_at": {"type": "string", "format": "date-time"},
+                },
+            },
             "Error": {
                 "type": "object",
                 "required": ["error"],

@@ -11,6 +11,8 @@ import ssl
 
 import aiosmtplib
 
+HARD_BOUNCE_CODES = frozenset({550, 551, 553})
+
 
 class DeliveryFailure(Exception):
     """A failed attempt; ``message`` is safe to store and show (no secrets, no body)."""
@@ -27,6 +29,9 @@ class DeliveryFailure(Exception):
         self.retry_after_s = retry_after_s
         # Which attempt of the recipient this was (1-based); set by the task.
         self.attempt: int | None = None
+        # The server refused the recipient's mailbox itself (a hard bounce): never send there
+        # again.
+        self.mailbox_unknown = False
 
 
 class TransientFailure(DeliveryFailure):
@@ -73,5 +78,9 @@ def _by_code(code: int, message: str, *, stage: str) -> DeliveryFailure:
     # 5xx to MAIL, RCPT or DATA means the server will not take this message: retrying only
     # risks the sender's reputation. 4xx (and anything unexpected) may succeed later.
     if 500 <= code < 600 and stage in {"mail", "rcpt", "data"}:
-        return PermanentFailure(text, smtp_code=code)
+        failure = PermanentFailure(text, smtp_code=code)
+        # 550, 551 and 553 to RCPT name the mailbox; a 554 or a refusal at DATA may be about
+        # the content or the sender, which suppressing the address would not fix.
+        failure.mailbox_unknown = stage == "rcpt" and code in HARD_BOUNCE_CODES
+        return failure
     return TransientFailure(text, smtp_code=code)

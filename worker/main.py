@@ -154,7 +154,14 @@ async def _supervise(
                     concurrency=settings.worker_concurrency,
                     smtp_host=settings.smtp_host,
                     smtp_port=settings.smtp_port,
+                    unsubscribe_links=settings.public_url is not None,
                 )
+                if settings.public_url is None:
+                    log.warning(
+                        "unsubscribe_links_off",
+                        reason="MAILROOM_PUBLIC_URL is not set; bulk senders need one-click"
+                        " unsubscribe (RFC 8058) to reach Gmail and Yahoo inboxes",
+                    )
                 backoff_s = 1.0
                 WORKER_UP.set(1)
                 await worker.run()  # type: ignore[no-untyped-call]

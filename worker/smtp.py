@@ -54,13 +54,34 @@ def sender_domain(address: str) -> str:
     return address.rsplit("@", 1)[-1]
 
 
-def build_message(*, sender: str, to: str, subject: str, body: str, message_id: str) -> Message:
+def build_message(
+    *,
+    sender: str,
+    to: str,
+    subject: str,
+    body: str,
+    message_id: str,
+    unsubscribe_url: str | None = None,
+    unsubscribe_mailto: str | None = None,
+) -> Message:
     """A multipart/alternative message: the text as written, and the same text as safe HTML.
 
     Both parts are UTF-8 in quoted-printable; a non-ASCII subject is RFC 2047 encoded. A line
     break in any header value is refused (ValueError): nothing can add a header.
+
+    With ``unsubscribe_url`` (an https link, or http in development) the message carries
+    ``List-Unsubscribe`` and RFC 8058's ``List-Unsubscribe-Post: List-Unsubscribe=One-Click``,
+    and both parts end with a footer holding the link; ``unsubscribe_mailto`` is offered in
+    ``List-Unsubscribe`` too.
     """
-    headers = {"From": sender, "To": to, "Subject": subject, "Message-ID": message_id}
+    headers = {
+        "From": sender,
+        "To": to,
+        "Subject": subject,
+        "Message-ID": message_id,
+        "List-Unsubscribe": unsubscribe_url or "",
+        "mailto": unsubscribe_mailto or "",
+    }
     for name, value in headers.items():
         if "\r" in value or "\n" in value:
             raise ValueError(f"the {name} header must not contain a line break")
@@ -70,8 +91,25 @@ def build_message(*, sender: str, to: str, subject: str, body: str, message_id: 
     message["Subject"] = subject if subject.isascii() else Header(subject, "utf-8")  # type: ignore[assignment]
     message["Date"] = formatdate(localtime=False, usegmt=True)
     message["Message-ID"] = message_id
-    message.attach(MIMEText(body, "plain", _UTF8_QP))  # type: ignore[arg-type]
-    message.attach(MIMEText(text_to_html(body), "html", _UTF8_QP))  # type: ignore[arg-type]
+    targets = []
+    if unsubscribe_url:
+        targets.append(f"<{unsubscribe_url}>")
+    if unsubscribe_mailto:
+        targets.append(f"<mailto:{unsubscribe_mailto}?subject=unsubscribe>")
+    if targets:
+        message["List-Unsubscribe"] = ", ".join(targets)
+    if unsubscribe_url:
+        message["List-Unsubscribe-Post"] = "List-Unsubscribe=One-Click"
+    text, markup = body, text_to_html(body)
+    if unsubscribe_url:
+        text += f"\n\n--\nTo stop receiving these emails: {unsubscribe_url}\n"
+        footer = (
+            '<p style="color:#666;font-size:12px">To stop receiving these emails, '
+            f'<a href="{html.escape(unsubscribe_url)}">unsubscribe</a>.</p>\n'
+        )
+        markup = markup.replace("</body></html>", footer + "</body></html>")
+    message.attach(MIMEText(text, "plain", _UTF8_QP))  # type: ignore[arg-type]
+    message.attach(MIMEText(markup, "html", _UTF8_QP))  # type: ignore[arg-type]
     return message
 
 

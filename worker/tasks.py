@@ -38,6 +38,7 @@ from shared.metrics import (
 )
 from shared.queue import EMAIL_QUEUE, MAINTENANCE_QUEUE, SEND_EMAIL_TASK
 from shared.settings import Settings
+from shared.unsubscribe import make_token, unsubscribe_url
 from worker.drafting import Draft, Drafter, storable
 from worker.failures import (
     DeliveryFailure,
@@ -125,6 +126,8 @@ async def send_email(context: JobContext, recipient_id: int) -> str:
         raise _database_failure(exc) from exc
     if recipient is None:
         return "skipped"
+    if recipient.status == "suppressed":
+        return "suppressed"
     structlog.contextvars.bind_contextvars(
         batch_id=str(recipient.batch_id), recipient_id=recipient.id, request_id=recipient.request_id
     )
@@ -170,7 +173,10 @@ async def send_email(context: JobContext, recipient_id: int) -> str:
     )
     with contextlib.suppress(psycopg.Error):
         await deps.db.mark_failed(
-            recipient_id, status="dead" if final else "retrying", error=failure.message
+            recipient_id,
+            status="dead" if final else "retrying",
+            error=failure.message,
+            suppress=failure.mailbox_unknown,
         )
     raise failure
 
@@ -212,6 +218,8 @@ async def _deliver(deps: WorkerDeps, recipient: RecipientForSend, draft: Draft) 
         subject=draft.subject,
         body=draft.body,
         message_id=message_id,
+        unsubscribe_url=_unsubscribe_url(deps.settings, recipient.email, sender),
+        unsubscribe_mailto=deps.settings.unsubscribe_mailto,
     )
     async with deps.db.claim_delivery(recipient.id) as claim:
         if not claim.claimed:
@@ -220,6 +228,13 @@ async def _deliver(deps: WorkerDeps, recipient: RecipientForSend, draft: Draft) 
         await claim.mark_sent(message_id, reply)
     EMAILS_SENT.inc()
     return "sent"
+
+
+def _unsubscribe_url(settings: Settings, address: str, sender: str) -> str | None:
+    if settings.public_url is None or settings.secret_key is None:
+        return None
+    token = make_token(address, sender=sender, secret=settings.secret_key.get_secret_value())
+    return unsubscribe_url(settings.public_url, token)
 
 
 async def sweep_stalled_jobs(context: JobContext, timestamp: int) -> int:

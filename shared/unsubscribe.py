@@ -1,0 +1,67 @@
+"""Unsubscribe links: a signed token naming one recipient address and the sender it came from.
+
+The worker puts the link in every message (``List-Unsubscribe``, RFC 2369, with RFC 8058's
+one-click ``List-Unsubscribe-Post``, and a footer); the web tier's public ``/u/<token>`` route
+reads it back. The token carries the address and the sender's address, signed with HMAC-SHA256
+under ``MAILROOM_SECRET_KEY``: nothing in it is a database id, and it cannot be forged or
+altered without the key. It never expires (an old message's link must keep working).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+from dataclasses import dataclass
+
+_PURPOSE = b"mailroom-unsubscribe-v1"
+MAX_TOKEN_LENGTH = 2048
+
+
+@dataclass(frozen=True)
+class Unsubscription:
+    """Who asked to stop receiving mail, and from which sender."""
+
+    address: str
+    sender: str
+
+
+def make_token(address: str, *, sender: str, secret: str) -> str:
+    """The token for ``address``'s link in mail from ``sender``."""
+    payload = f"{address}\n{sender}".encode()
+    return f"{_b64(payload)}.{_b64(_mac(payload, secret))}"
+
+
+def read_token(token: str, *, secret: str) -> Unsubscription | None:
+    """The address and sender a token names, or ``None`` if it was not made with ``secret``."""
+    if len(token) > MAX_TOKEN_LENGTH or token.count(".") != 1:
+        return None
+    encoded_payload, encoded_mac = token.split(".")
+    try:
+        payload, mac = _unb64(encoded_payload), _unb64(encoded_mac)
+    except (binascii.Error, ValueError):
+        return None
+    if not hmac.compare_digest(mac, _mac(payload, secret)):
+        return None
+    address, _, sender = payload.decode("utf-8", "replace").partition("\n")
+    return Unsubscription(address=address, sender=sender) if address else None
+
+
+def unsubscribe_url(public_url: str, token: str) -> str:
+    """The public page of a token, under the web tier's external address."""
+    return f"{public_url.rstrip('/')}/u/{token}"
+
+
+def _mac(payload: bytes, secret: str) -> bytes:
+    return hmac.new(secret.encode(), _PURPOSE + b"\0" + payload, hashlib.sha256).digest()
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _unb64(text: str) -> bytes:
+    if not text.isascii():
+        raise ValueError("not base64")
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))

@@ -1,0 +1,249 @@
+"""Deliverability: one-click unsubscribe, the suppression list and hard bounces.
+
+Every message carries a signed unsubscribe link (List-Unsubscribe, RFC 8058's one-click POST,
+a footer); a suppressed address is counted and never sent, whether it was suppressed before
+the batch or while it waited; a mailbox the server says does not exist is suppressed too.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient
+
+from shared.settings import Settings
+from shared.unsubscribe import make_token, read_token
+from tests.conftest import AUTH, drain, make_settings, query
+from tests.smtp_server import RecordingSMTPServer, Rule
+
+PUBLIC_URL = "https://mail.example.org"
+
+
+@pytest.fixture
+def settings(database_url: str, smtp: RecordingSMTPServer) -> Settings:
+    return make_settings(
+        database_url,
+        smtp.port,
+        public_url=PUBLIC_URL,
+        unsubscribe_mailto="unsubscribe@example.com",
+    )
+
+
+async def _batch(client: TestClient, recipients: list[str]) -> str:
+    response = await client.post(
+        "/api/batches",
+        json={"recipients": recipients, "subject": "Hello", "body": "Hi there."},
+        headers=AUTH,
+    )
+    assert response.status == 201, await response.text()
+    return str((await response.json())["id"])
+
+
+async def _statuses(settings: Settings) -> dict[str, tuple[str, int]]:
+    rows = await query(
+        settings.database_url or "", "SELECT email, status, attempts FROM recipients"
+    )
+    return {email: (status, attempts) for email, status, attempts in rows}
+
+
+async def _suppressed(settings: Settings) -> dict[str, str]:
+    rows = await query(settings.database_url or "", "SELECT address, reason FROM suppressions")
+    return dict(rows)
+
+
+def _link(smtp: RecordingSMTPServer, address: str) -> str:
+    (received,) = [r for r in smtp.received if address in r.rcpt_tos]
+    header = str(received.message["List-Unsubscribe"])
+    match = re.search(r"<(https://[^>]+)>", header)
+    assert match, header
+    return match.group(1).removeprefix(PUBLIC_URL)
+
+
+async def test_every_message_carries_a_one_click_unsubscribe_link_and_a_footer(
+    client: TestClient, settings: Settings, smtp: RecordingSMTPServer
+) -> None:
+    await _batch(client, ["ada@example.org", "grace@example.org"])
+    await drain(settings)
+    assert len(smtp.received) == 2
+    for received in smtp.received:
+        message, (address,) = received.message, received.rcpt_tos
+        header = str(message["List-Unsubscribe"]).strip()  # long: folded onto its own line
+        assert re.fullmatch(
+            rf"<{PUBLIC_URL}/u/[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+>,"
+            r" <mailto:unsubscribe@example\.com\?subject=unsubscribe>",
+            header,
+        ), header
+        assert message["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+        url = header[1 : header.index(">")]
+        plain, markup = (part.get_content() for part in message.iter_parts())
+        assert url in plain and f'href="{url}"' in markup
+        token = url.rsplit("/", 1)[1]
+        found = read_token(token, secret="test-secret-key")
+        assert found is not None and found.address == address
+        assert found.sender == "sender@example.com"
+
+
+async def test_one_click_post_unsubscribes_without_a_session_or_csrf_token(
+    client: TestClient, settings: Settings, smtp: RecordingSMTPServer
+) -> None:
+    await _batch(client, ["ada@example.org"])
+    await drain(settings)
+    path = _link(smtp, "ada@example.org")
+
+    # A GET (a link scanner, or the reader opening it) only asks; nothing changes.
+    page = await client.get(path)
+    assert page.status == 200 and "ada@example.org" in await page.text()
+    assert await _suppressed(settings) == {}
+
+    # What Gmail sends: a POST with this body, no cookie, no CSRF token. Twice is harmless.
+    for _ in range(2):
+        response = await client.post(path, data="List-Unsubscribe=One-Click")
+        assert response.status == 200
+        assert "You are unsubscribed" in await response.text()
+    assert await _suppressed(settings) == {"ada@example.org": "unsubscribed"}
+
+    # The next batch counts Ada but never sends to her.
+    smtp.reset()
+    batch_id = await _batch(client, ["ada@example.org", "grace@example.org"])
+    await drain(settings)
+    assert smtp.to_addresses() == {"grace@example.org": 1}
+    counts = (await (await client.get(f"/api/batches/{batch_id}", headers=AUTH)).json())["counts"]
+    assert counts["suppressed"] == 1 and counts["sent"] == 1
+
+
+@pytest.mark.parametrize(
+    "tamper",
+    [
+        lambda t: t[:-2] + ("AA" if not t.endswith("AA") else "BB"),  # another signature
+        lambda t: make_token("eve@example.org", sender="sender@example.com", secret="guess"),
+        lambda t: t.split(".")[0],  # no signature at all
+        lambda t: "not-a-token",
+        lambda t: "%00%0d%0a",
+        lambda t: "x" * 5000,
+    ],
+)
+async def test_a_tampered_or_forged_link_is_refused_and_suppresses_nothing(
+    client: TestClient, settings: Settings, tamper: Any
+) -> None:
+    good = make_token("ada@example.org", sender="sender@example.com", secret="test-secret-key")
+    for method in ("GET", "POST"):
+        response = await client.request(method, f"/u/{tamper(good)}")
+        assert response.status == 404
+        assert "not valid" in await response.text()
+    assert await _suppressed(settings) == {}
+
+
+async def test_an_address_suppressed_while_it_waits_is_not_sent(
+    client: TestClient, settings: Settings, smtp: RecordingSMTPServer
+) -> None:
+    await _batch(client, ["ada@example.org", "Grace@Example.org"])
+    response = await client.post(
+        "/api/suppressions", json={"addresses": ["grace@EXAMPLE.org"]}, headers=AUTH
+    )
+    assert await response.json() == {"added": 1, "already_suppressed": 0}
+    await drain(settings)
+    assert smtp.to_addresses() == {"ada@example.org": 1}
+    statuses = await _statuses(settings)
+    assert statuses["Grace@example.org"] == ("suppressed", 0), "no attempt was spent"
+
+
+async def test_a_mailbox_the_server_refuses_is_suppressed_as_a_hard_bounce(
+    client: TestClient, settings: Settings, smtp: RecordingSMTPServer
+) -> None:
+    smtp.rules["gone@example.org"] = Rule("550 5.1.1 no such user")
+    smtp.rules["spammy@example.org"] = Rule("554 5.7.1 message refused", at_data=True)
+    await _batch(client, ["gone@example.org", "spammy@example.org", "ok@example.org"])
+    await drain(settings)
+    statuses = await _statuses(settings)
+    assert statuses["gone@example.org"][0] == "dead"
+    assert statuses["spammy@example.org"][0] == "dead"
+    # Only the mailbox refusal names the address; a refused message says nothing about it.
+    assert await _suppressed(settings) == {"gone@example.org": "hard_bounce"}
+
+    smtp.reset()
+    await _batch(client, ["gone@example.org", "spammy@example.org"])
+    await drain(settings)
+    assert smtp.to_addresses() == {"spammy@example.org": 1}
+
+
+async def test_a_redrive_lifts_a_hard_bounce_but_never_an_unsubscription(
+    client: TestClient, settings: Settings, smtp: RecordingSMTPServer
+) -> None:
+    smtp.rules["gone@example.org"] = Rule("550 5.1.1 no such user", times=1)
+    smtp.rules["left@example.org"] = Rule("550 5.1.1 no such user", times=1)
+    await _batch(client, ["gone@example.org", "left@example.org"])
+    await drain(settings)
+    # Meanwhile one of them unsubscribes through a link of an earlier message.
+    token = make_token("left@example.org", sender="sender@example.com", secret="test-secret-key")
+    await client.post(f"/u/{token}")
+    response = await client.post("/api/dead-letters/redrive", json={"all": True}, headers=AUTH)
+    assert (await response.json())["redriven"] == 2
+    await drain(settings)
+    assert smtp.to_addresses() == {"gone@example.org": 1}
+    assert await _suppressed(settings) == {"left@example.org": "unsubscribed"}
+    assert (await _statuses(settings))["left@example.org"] == ("suppressed", 0)
+
+
+async def test_operators_list_add_and_remove_suppressions(client: TestClient) -> None:
+    added = await client.post(
+        "/api/suppressions",
+        json={
+            "addresses": ["a@example.org", "A@example.org", "b@example.org"],
+            "reason": "complaint",
+        },
+        headers=AUTH,
+    )
+    assert await added.json() == {"added": 2, "already_suppressed": 0}
+    again = await client.post(
+        "/api/suppressions", json={"addresses": ["b@example.org"]}, headers=AUTH
+    )
+    assert await again.json() == {"added": 0, "already_suppressed": 1}
+    page = await (await client.get("/api/suppressions?limit=1", headers=AUTH)).json()
+    assert [s["address"] for s in page["suppressions"]] == ["a@example.org"]
+    assert page["suppressions"][0]["reason"] == "complaint"
+    rest = await (
+        await client.get(f"/api/suppressions?after={page['next_after']}", headers=AUTH)
+    ).json()
+    assert [s["address"] for s in rest["suppressions"]] == ["b@example.org"]
+    removed = await client.post(
+        "/api/suppressions/remove",
+        json={"addresses": ["B@EXAMPLE.ORG", "c@example.org"]},
+        headers=AUTH,
+    )
+    assert await removed.json() == {"removed": 1}
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "fragment"),
+    [
+        ({"addresses": "a@example.org"}, 422, "list of 1 to"),
+        ({"addresses": []}, 422, "list of 1 to"),
+        ({"addresses": ["ok@example.org", "nope", 7]}, 422, "2 address(es)"),
+        ({"addresses": ["a@example.org"], "reason": "because"}, 422, "reason must be one of"),
+        ({"addresses": ["a@example.org"], "extra": 1}, 422, "unknown field"),
+        (["a@example.org"], 422, "reason must be one of"),
+    ],
+)
+async def test_bad_suppression_requests_are_refused_clearly(
+    client: TestClient, settings: Settings, body: Any, status: int, fragment: str
+) -> None:
+    response = await client.post("/api/suppressions", json=body, headers=AUTH)
+    assert response.status == status
+    error = (await response.json())["error"]
+    assert fragment in error["message"]
+    if "address(es)" in fragment:
+        assert [p["position"] for p in error["details"]["problems"]] == [1, 2]
+    assert await _suppressed(settings) == {}
+
+
+async def test_malformed_suppression_bodies_get_400_and_415(client: TestClient) -> None:
+    bad_json = await client.post(
+        "/api/suppressions",
+        data=b"{nope",
+        headers={**AUTH, "Content-Type": "application/json"},
+    )
+    assert bad_json.status == 400
+    form = await client.post("/api/suppressions", data={"addresses": "x"}, headers=AUTH)
+    assert form.status == 415
