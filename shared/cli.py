@@ -1,4 +1,4 @@
-"""The ``mailroom`` command: dev, web, worker and migrate.
+"""The ``mailroom`` command: dev, web, worker, migrate, dead-letters and check.
 
 Each subcommand builds the settings once, configures logging once and hands both down. A
 configuration problem prints one line naming the variable and exits with status 2.
@@ -101,6 +101,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="jobs in flight at once (default: MAILROOM_WORKER_CONCURRENCY)",
     )
     _add_dead_letters(commands)
+    check = commands.add_parser(
+        "check",
+        help="check the sender's DKIM, SPF and DMARC setup",
+        description="Check what mail providers will see of the sender: that the DKIM key "
+        "signs and verifies (offline), and the DKIM, SPF and DMARC records of the sender's "
+        "domain in DNS. Prints the DKIM record to publish. Exit status 1 if a check fails.",
+    )
+    check.add_argument(
+        "--offline", action="store_true", help="skip the DNS lookups (no network here)"
+    )
     commands.add_parser(
         "migrate",
         help="create or update the database schema (safe to run repeatedly)",
@@ -158,6 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "worker": _worker,
         "migrate": _migrate,
         "dead-letters": _dead_letters,
+        "check": _check,
     }
     try:
         settings = load_settings()
@@ -188,6 +199,7 @@ def _web(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _worker(settings: Settings, args: argparse.Namespace) -> int:
+    from worker.dkim import DkimSigner
     from worker.main import run_worker
 
     if args.concurrency:
@@ -200,12 +212,20 @@ def _worker(settings: Settings, args: argparse.Namespace) -> int:
     settings.require("database_url", "from_address")
     if settings.public_url is not None:
         settings.require("secret_key")  # signs the unsubscribe links
+    DkimSigner.from_settings(settings)  # a key that cannot be read stops us here, not later
     try:
         asyncio.run(run_worker(settings, name=f"mailroom-worker-{args.instance}"))
     except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as exc:
         print(f"mailroom worker: cannot reach the database: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _check(settings: Settings, args: argparse.Namespace) -> int:
+    from worker.check import run_checks
+
+    settings.require("from_address")
+    return run_checks(settings, online=not args.offline)
 
 
 def _dead_letters(settings: Settings, args: argparse.Namespace) -> int:

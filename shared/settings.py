@@ -9,6 +9,7 @@ command line prints as one line before exiting with status 2.
 from __future__ import annotations
 
 import enum
+from pathlib import Path
 from typing import Any
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
@@ -72,6 +73,10 @@ class Settings(BaseSettings):
     public_url: str | None = None
     # Also offered in List-Unsubscribe (RFC 2369), e.g. unsubscribe@example.org.
     unsubscribe_mailto: str | None = None
+    # DKIM signing: a PEM RSA private key and its selector; the domain defaults to the sender's.
+    dkim_private_key_path: Path | None = None
+    dkim_selector: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+    dkim_domain: str | None = Field(default=None, pattern=r"^[A-Za-z0-9.-]{1,253}$")
 
     api_token: SecretStr | None = None
     # When set, GET /metrics needs "Authorization: Bearer <token>"; unset, it is open.

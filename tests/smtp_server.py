@@ -22,6 +22,7 @@ class Received:
     mail_from: str
     rcpt_tos: list[str]
     message: EmailMessage
+    raw: bytes = b""  # the DATA exactly as it arrived (what a DKIM verifier reads)
 
     @property
     def message_id(self) -> str:
@@ -100,6 +101,7 @@ class RecordingSMTPServer:
                 mail_from=str(envelope.mail_from),
                 rcpt_tos=list(envelope.rcpt_tos),
                 message=message,
+                raw=envelope.original_content or b"",
             )
         )
         return "250 Message accepted"

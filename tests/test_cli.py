@@ -75,6 +75,34 @@ def test_no_command_is_a_usage_error() -> None:
         ({"MAILROOM_LOG_LEVEL": "LOUD"}, "migrate", "MAILROOM_LOG_LEVEL", "one of DEBUG"),
         ({"MAILROOM_PUBLIC_URL": "mail.example.org"}, "worker", "MAILROOM_PUBLIC_URL", "http"),
         (
+            {
+                "MAILROOM_DATABASE_URL": "postgresql://localhost/x",
+                "MAILROOM_FROM_ADDRESS": "a@example.org",
+                "MAILROOM_DKIM_PRIVATE_KEY_PATH": "/nonexistent/dkim.pem",
+                "MAILROOM_DKIM_SELECTOR": "mr",
+            },
+            "worker",
+            "MAILROOM_DKIM_PRIVATE_KEY_PATH",
+            "cannot read",
+        ),
+        (
+            {
+                "MAILROOM_DATABASE_URL": "postgresql://localhost/x",
+                "MAILROOM_FROM_ADDRESS": "a@example.org",
+                "MAILROOM_DKIM_PRIVATE_KEY_PATH": "/etc/hostname",
+                "MAILROOM_DKIM_SELECTOR": "mr",
+            },
+            "worker",
+            "MAILROOM_DKIM_PRIVATE_KEY_PATH",
+            "not a PEM RSA private key",
+        ),
+        (
+            {"MAILROOM_DKIM_SELECTOR": "bad selector;"},
+            "worker",
+            "MAILROOM_DKIM_SELECTOR",
+            "pattern",
+        ),
+        (
             {"MAILROOM_UNSUBSCRIBE_MAILTO": "unsubscribe at example"},
             "worker",
             "MAILROOM_UNSUBSCRIBE_MAILTO",

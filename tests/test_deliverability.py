@@ -7,9 +7,15 @@ the batch or while it waited; a mailbox the server says does not exist is suppre
 
 from __future__ import annotations
 
+import io
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
+import dkim
 import pytest
 from aiohttp.test_utils import TestClient
 
@@ -17,6 +23,8 @@ from shared.settings import Settings
 from shared.unsubscribe import make_token, read_token
 from tests.conftest import AUTH, drain, make_settings, query
 from tests.smtp_server import RecordingSMTPServer, Rule
+from worker.check import run_checks
+from worker.dkim import DkimSigner
 
 PUBLIC_URL = "https://mail.example.org"
 
@@ -247,3 +255,116 @@ async def test_malformed_suppression_bodies_get_400_and_415(client: TestClient) 
     assert bad_json.status == 400
     form = await client.post("/api/suppressions", data={"addresses": "x"}, headers=AUTH)
     assert form.status == 415
+
+
+# -- DKIM -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def dkim_key(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("dkim") / "mailroom.pem"
+    subprocess.run(
+        ["openssl", "genrsa", "-traditional", "-out", str(path), "2048"],
+        check=True,
+        capture_output=True,
+    )
+    return path
+
+
+async def test_every_message_is_dkim_signed_and_verifies_against_the_published_key(
+    client: TestClient, settings: Settings, smtp: RecordingSMTPServer, dkim_key: Path
+) -> None:
+    signing = settings.model_copy(
+        update={"dkim_private_key_path": dkim_key, "dkim_selector": "mr2026"}
+    )
+    signer = DkimSigner.from_settings(signing)
+    assert signer is not None and signer.record_name == "mr2026._domainkey.example.com"
+    record = signer.public_record().encode()
+    seen: list[str] = []
+
+    def dns(name: bytes, timeout: int = 5) -> bytes:
+        seen.append(name.decode())
+        return record
+
+    await _batch(client, ["ada@example.org"])
+    await drain(signing)
+    (received,) = smtp.received
+    wire = received.raw
+    assert wire.startswith(b"DKIM-Signature: v=1; a=rsa-sha256; c=relaxed/relaxed;")
+    assert dkim.verify(wire, dnsfunc=dns)
+    assert seen == ["mr2026._domainkey.example.com."]
+    tampered = wire.replace(b"Hi there.", b"Hi thar.")
+    assert tampered != wire and not dkim.verify(tampered, dnsfunc=dns)
+
+
+def test_mailroom_check_verifies_the_key_offline_and_prints_the_record(dkim_key: Path) -> None:
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("MAILROOM_")},
+        "MAILROOM_FROM_ADDRESS": "news@example.org",
+        "MAILROOM_DKIM_PRIVATE_KEY_PATH": str(dkim_key),
+        "MAILROOM_DKIM_SELECTOR": "mr",
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "shared.cli", "check", "--offline"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "ok  DKIM: the key signs as mr._domainkey.example.org" in result.stdout
+    assert 'mr._domainkey.example.org TXT "v=DKIM1; k=rsa; p=MIIB' in result.stdout
+    broken = {**env, "MAILROOM_DKIM_PRIVATE_KEY_PATH": str(dkim_key.parent / "missing.pem")}
+    result = subprocess.run(
+        [sys.executable, "-m", "shared.cli", "check", "--offline"],
+        env=broken,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert "FAIL  DKIM: MAILROOM_DKIM_PRIVATE_KEY_PATH: cannot read" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("records", "status", "lines"),
+    [
+        ("published", 0, ["ok  DKIM record", "ok  SPF", "ok  DMARC"]),
+        ("other key", 1, ["FAIL  DKIM record", "ok  SPF", "ok  DMARC"]),
+        ("none", 1, ["FAIL  DKIM record", "FAIL  SPF", "FAIL  DMARC"]),
+        ("no network", 0, ["warn  DKIM record", "warn  SPF", "warn  DMARC"]),
+    ],
+)
+def test_mailroom_check_reads_the_sender_domains_records(
+    dkim_key: Path, records: str, status: int, lines: list[str]
+) -> None:
+    settings = Settings(  # type: ignore[call-arg]
+        _env_file=None,
+        from_address="news@example.org",
+        dkim_private_key_path=dkim_key,
+        dkim_selector="mr",
+    )
+    signer = DkimSigner.from_settings(settings)
+    assert signer is not None
+    zone = {
+        "published": {
+            "mr._domainkey.example.org": [signer.public_record()],
+            "example.org": ["v=spf1 mx -all"],
+            "_dmarc.example.org": ["v=DMARC1; p=quarantine"],
+        },
+        "other key": {
+            "mr._domainkey.example.org": ["v=DKIM1; k=rsa; p=MIIBIjANBgkqhkiG9w0B"],
+            "example.org": ["google-site-verification=x", "v=spf1 -all"],
+            "_dmarc.example.org": ["v=DMARC1; p=none"],
+        },
+        "none": {},
+    }
+    out = io.StringIO()
+
+    def lookup(name: str) -> list[str] | None:
+        return None if records == "no network" else zone[records].get(name, [])
+
+    assert run_checks(settings, online=True, out=out, lookup=lookup) == status
+    printed = out.getvalue()
+    for line in lines:
+        assert line in printed, printed

@@ -27,6 +27,7 @@ from shared.db import Database, make_pool
 from shared.metrics import WORKER_UP
 from shared.queue import EMAIL_QUEUE, MAINTENANCE_QUEUE, build_app
 from shared.settings import Settings
+from worker.dkim import DkimSigner
 from worker.drafting import Drafter, TemplateDrafter
 from worker.health import start_health_server
 from worker.llm import LlmDrafter
@@ -70,7 +71,12 @@ async def worker_runtime(
         settings=settings,
         db=Database(pool),
         drafters=drafters or {"template": TemplateDrafter(), **({"llm": llm} if llm else {})},
-        mailer=mailer or SmtpMailer(settings, size=settings.worker_concurrency),
+        mailer=mailer
+        or SmtpMailer(
+            settings,
+            size=settings.worker_concurrency,
+            signer=DkimSigner.from_settings(settings),
+        ),
         retry=retry,
     )
     try:

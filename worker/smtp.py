@@ -25,6 +25,7 @@ import aiosmtplib
 
 from shared.metrics import SMTP_SEND
 from shared.settings import Settings, SmtpSecurity
+from worker.dkim import DkimSigner
 from worker.failures import PermanentFailure, classify_smtp
 
 MAX_MESSAGES_PER_CONNECTION = 100
@@ -153,8 +154,10 @@ class SmtpMailer:
         size: int,
         max_messages_per_connection: int = MAX_MESSAGES_PER_CONNECTION,
         idle_timeout_s: float = IDLE_TIMEOUT_S,
+        signer: DkimSigner | None = None,
     ) -> None:
         self._settings = settings
+        self._signer = signer
         self._slots = asyncio.Semaphore(size)
         self._idle: list[_Connection] = []
         self._max_messages = max_messages_per_connection
@@ -195,6 +198,8 @@ class SmtpMailer:
     async def _transmit(self, conn: _Connection, message: Message) -> str:
         sender, to = str(message["From"]), str(message["To"])
         payload = wire_bytes(message)
+        if self._signer is not None:
+            payload = self._signer.sign(payload)
         client = conn.client
         stage = "mail"
         try:
