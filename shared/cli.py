@@ -1,4 +1,4 @@
-"""The ``mailroom`` command: dev, web, worker, migrate, dead-letters and check.
+"""The ``mailroom`` command: dev, web, worker, migrate, dead-letters, bounces and check.
 
 Each subcommand builds the settings once, configures logging once and hands both down. A
 configuration problem prints one line naming the variable and exits with status 2.
@@ -12,12 +12,16 @@ import sys
 import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psycopg
 import psycopg_pool
 
 from shared.logging import configure_logging
 from shared.settings import ConfigError, Settings, load_settings
+
+if TYPE_CHECKING:
+    from worker.bounces import Finding
 
 EXIT_CONFIG = 2
 
@@ -101,6 +105,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="jobs in flight at once (default: MAILROOM_WORKER_CONCURRENCY)",
     )
     _add_dead_letters(commands)
+    bounces = commands.add_parser(
+        "bounces",
+        help="suppress the addresses named by bounce and complaint reports",
+        description="Read delivery status notifications (RFC 3464) and feedback-loop "
+        "complaints (ARF, RFC 5965) from a mailbox and suppress the addresses they name: a "
+        "permanent failure as a hard bounce, a complaint as a complaint. Other messages and "
+        "temporary failures are counted and left alone. Safe to run again on the same mail.",
+    )
+    bounce_actions = bounces.add_subparsers(dest="action", metavar="ACTION", required=True)
+    process = bounce_actions.add_parser("process", help="read an mbox file of bounce mail")
+    process.add_argument("--mbox", type=Path, required=True, help="the mbox file to read")
+    process.add_argument(
+        "--dry-run", action="store_true", help="print what would be suppressed, change nothing"
+    )
     check = commands.add_parser(
         "check",
         help="check the sender's DKIM, SPF and DMARC setup",
@@ -169,6 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "migrate": _migrate,
         "dead-letters": _dead_letters,
         "check": _check,
+        "bounces": _bounces,
     }
     try:
         settings = load_settings()
@@ -226,6 +245,49 @@ def _check(settings: Settings, args: argparse.Namespace) -> int:
 
     settings.require("from_address")
     return run_checks(settings, online=not args.offline)
+
+
+def _bounces(settings: Settings, args: argparse.Namespace) -> int:
+    from worker.bounces import read_mbox
+
+    if not args.dry_run:
+        settings.require("database_url")
+    try:
+        summary = read_mbox(args.mbox)
+    except (OSError, ValueError) as exc:
+        print(f"mailroom bounces: cannot read {args.mbox}: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    for finding in summary.findings:
+        print(f"{finding.reason}\t{finding.address}\t{finding.detail}")
+    added = 0
+    if not args.dry_run and summary.findings:
+        try:
+            added = asyncio.run(_suppress_findings(settings, summary.findings))
+        except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as exc:
+            print(f"mailroom bounces: cannot reach the database: {exc}", file=sys.stderr)
+            return 1
+    print(
+        f"{summary.messages} message(s): {summary.reports} report(s),"
+        f" {summary.not_reports} other, {summary.unreadable} unreadable;"
+        f" {len(summary.findings)} address(es) found,"
+        + (" nothing changed (--dry-run)" if args.dry_run else f" {added} newly suppressed"),
+        file=sys.stderr,
+    )
+    return 0
+
+
+async def _suppress_findings(settings: Settings, findings: Sequence[Finding]) -> int:
+    from shared.db import Database, make_pool
+
+    assert settings.database_url is not None
+    added = 0
+    async with make_pool(settings.database_url, max_size=1, name="mailroom-cli") as pool:
+        db = Database(pool)
+        for reason in ("hard_bounce", "complaint"):
+            addresses = [f.address for f in findings if f.reason == reason]
+            if addresses:
+                added += await db.suppress(addresses, reason=reason, detail="bounce mailbox")
+    return added
 
 
 def _dead_letters(settings: Settings, args: argparse.Namespace) -> int:
