@@ -20,6 +20,7 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
 from shared.queue import EMAIL_QUEUE, SEND_EMAIL_TASK
+from shared.ratelimits import Limit
 
 # Row ids are bigint: anything outside 1..MAX_ID cannot name a row (and PostgreSQL refuses it).
 MAX_ID = 2**63 - 1
@@ -221,6 +222,11 @@ class Selection:
 
 
 _SELECTED = "(%(everything)s OR id = ANY(%(ids)s::bigint[]) OR batch_id = %(batch_id)s::uuid)"
+
+
+class _WindowFull(Exception):
+    def __init__(self, limit: Limit) -> None:
+        self.limit = limit
 
 
 class KeyReused(Exception):
@@ -447,13 +453,15 @@ class Database:
             row = await cursor.fetchone()
         return RecipientForSend(**row) if row else None
 
-    async def give_back_attempt(self, recipient_id: int) -> None:
-        """Undo :meth:`begin_attempt` for an attempt cut off by a shutdown (not its fault)."""
+    async def give_back_attempt(self, recipient_id: int, *, note: str | None = None) -> None:
+        """Undo :meth:`begin_attempt` for an attempt that was not the email's fault (cut off
+        by a shutdown, or held back by a rate limit); ``note`` says why it waits."""
         async with self.pool.connection() as conn:
             await conn.execute(
                 "UPDATE recipients SET status = 'queued', attempts = greatest(attempts - 1, 0),"
-                " updated_at = now() WHERE id = %s AND status = 'sending'",
-                (recipient_id,),
+                " last_error = coalesce(%s, last_error), updated_at = now()"
+                " WHERE id = %s AND status = 'sending'",
+                (note, recipient_id),
             )
 
     async def save_draft(
@@ -567,6 +575,69 @@ class Database:
                 " WHERE %(suppress)s ON CONFLICT (address_key) DO NOTHING",
                 {"status": status, "error": error[:2000], "id": recipient_id, "suppress": suppress},
             )
+
+    # -- sending-rate limits -----------------------------------------------------------------
+
+    async def take_send_slot(self, limits: Sequence[Limit]) -> tuple[Limit, datetime] | None:
+        """Count one message in every window of ``limits``, or none if one of them is full.
+
+        Returns ``None`` when the message may go, else the full limit and when its window
+        ends. One transaction: a full window rolls back the slots already taken in the others.
+        Concurrent workers serialize on each window's row, briefly.
+        """
+        async with self.pool.connection() as conn:
+            try:
+                async with conn.transaction():
+                    for limit in limits:
+                        cursor = await conn.execute(
+                            "INSERT INTO send_windows (scope, window_start, sent)"
+                            " VALUES (%(scope)s, to_timestamp("
+                            "  floor(extract(epoch FROM now()) / %(w)s) * %(w)s), 1)"
+                            " ON CONFLICT (scope, window_start) DO UPDATE"
+                            " SET sent = send_windows.sent + 1"
+                            " WHERE send_windows.sent < %(max)s RETURNING 1",
+                            {"scope": limit.scope, "w": limit.window_s, "max": limit.max_sent},
+                        )
+                        if await cursor.fetchone() is None:
+                            raise _WindowFull(limit)
+            except _WindowFull as full:
+                cursor = await conn.execute(
+                    "SELECT to_timestamp((floor(extract(epoch FROM now()) / %(w)s) + 1) * %(w)s)",
+                    {"w": full.limit.window_s},
+                )
+                row = await cursor.fetchone()
+                assert row is not None
+                return full.limit, row[0]
+        return None
+
+    async def full_windows(self, limits: Sequence[Limit]) -> list[tuple[Limit, datetime]]:
+        """The limits whose current window is full, with when each window ends."""
+        if not limits:
+            return []
+        async with self.pool.connection() as conn:
+            cursor = await conn.execute(
+                "SELECT l.n, to_timestamp((floor(extract(epoch FROM now()) / l.w) + 1) * l.w)"
+                " FROM unnest(%s::text[], %s::int[], %s::int[]) WITH ORDINALITY"
+                "  AS l(scope, w, max_sent, n)"
+                " JOIN send_windows s ON s.scope = l.scope AND s.window_start ="
+                "  to_timestamp(floor(extract(epoch FROM now()) / l.w) * l.w)"
+                " WHERE s.sent >= l.max_sent ORDER BY l.n",
+                (
+                    [x.scope for x in limits],
+                    [x.window_s for x in limits],
+                    [x.max_sent for x in limits],
+                ),
+            )
+            rows = await cursor.fetchall()
+        return [(limits[n - 1], ends) for n, ends in rows]
+
+    async def prune_send_windows(self) -> int:
+        """Forget windows that ended more than a day ago."""
+        async with self.pool.connection() as conn:
+            cursor = await conn.execute(
+                "DELETE FROM send_windows WHERE window_start < now() - interval '2 days'"
+            )
+        return cursor.rowcount
 
     # -- suppressions ------------------------------------------------------------------------
 

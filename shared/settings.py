@@ -101,6 +101,13 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(default=10_000, ge=1, le=1_000_000)
     max_upload_bytes: int = Field(default=5 * 1024 * 1024, ge=1024, le=100 * 1024 * 1024)
 
+    # Sending-rate limits shared by every worker (unset: no limit). Providers cap senders:
+    # Gmail's SMTP allows a few hundred to two thousand messages a day per account.
+    rate_per_second: int | None = Field(default=None, ge=1, le=100_000)
+    rate_per_hour: int | None = Field(default=None, ge=1, le=10_000_000)
+    rate_per_day: int | None = Field(default=None, ge=1, le=100_000_000)
+    rate_per_domain_per_minute: int | None = Field(default=None, ge=1, le=1_000_000)
+
     retry_max_attempts: int = Field(default=8, ge=1, le=100)
     retry_base_seconds: float = Field(default=5.0, gt=0, le=86_400)
     retry_cap_seconds: float = Field(default=3600.0, gt=0, le=7 * 86_400)

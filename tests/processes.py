@@ -33,6 +33,10 @@ _EXPORTED = (
     "secret_key",
     "web_port",
     "metrics_port",
+    "rate_per_second",
+    "rate_per_hour",
+    "rate_per_day",
+    "rate_per_domain_per_minute",
 )
 
 

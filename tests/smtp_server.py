@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import email.policy
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from email.message import EmailMessage
@@ -23,6 +24,7 @@ class Received:
     rcpt_tos: list[str]
     message: EmailMessage
     raw: bytes = b""  # the DATA exactly as it arrived (what a DKIM verifier reads)
+    received_at: float = 0.0  # time.time() when the message was accepted
 
     @property
     def message_id(self) -> str:
@@ -102,6 +104,7 @@ class RecordingSMTPServer:
                 rcpt_tos=list(envelope.rcpt_tos),
                 message=message,
                 raw=envelope.original_content or b"",
+                received_at=time.time(),
             )
         )
         return "250 Message accepted"

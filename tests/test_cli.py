@@ -74,6 +74,8 @@ def test_no_command_is_a_usage_error() -> None:
         ),
         ({"MAILROOM_LOG_LEVEL": "LOUD"}, "migrate", "MAILROOM_LOG_LEVEL", "one of DEBUG"),
         ({"MAILROOM_PUBLIC_URL": "mail.example.org"}, "worker", "MAILROOM_PUBLIC_URL", "http"),
+        ({"MAILROOM_RATE_PER_DAY": "0"}, "worker", "MAILROOM_RATE_PER_DAY", "greater than"),
+        ({"MAILROOM_RATE_PER_SECOND": "lots"}, "worker", "MAILROOM_RATE_PER_SECOND", "integer"),
         (
             {
                 "MAILROOM_DATABASE_URL": "postgresql://localhost/x",

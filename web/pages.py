@@ -11,6 +11,7 @@ from aiohttp import web
 from aiohttp.web_request import FileField
 
 from shared.db import MAX_ID, RECIPIENT_STATUSES, Selection
+from shared.ratelimits import sender_limits
 from web.api import batch_id_of, batch_json, checked_edit, create_batch, limits
 from web.auth import SESSION_COOKIE, SESSION_TTL_S
 from web.keys import AUTH, CAPTURE, DB, LOGIN_LIMITER, SESSION, SETTINGS
@@ -176,10 +177,24 @@ async def batch_page(request: web.Request) -> web.Response:
     if status is not None and status not in RECIPIENT_STATUSES:
         raise web.HTTPBadRequest(text=f"status must be one of: {', '.join(RECIPIENT_STATUSES)}")
     recipients = await db.list_recipients(batch_id, status=status, limit=200)
+    # A full sending-rate window holds every open batch back; say until when.
+    paused = (
+        []
+        if summary.status == "done"
+        else await db.full_windows(sender_limits(request.app[SETTINGS]))
+    )
     return render(
         request,
         "batch.html",
-        {"batch": batch_json(summary), "recipients": recipients, "filter": status},
+        {
+            "batch": batch_json(summary),
+            "recipients": recipients,
+            "filter": status,
+            "paused": [
+                {"name": limit.name, "max": limit.max_sent, "until": f"{ends:%Y-%m-%d %H:%M:%S}"}
+                for limit, ends in paused
+            ],
+        },
     )
 
 

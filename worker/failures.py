@@ -7,9 +7,12 @@ or a :class:`PermanentFailure` (dead letter at once) here, so call sites never m
 from __future__ import annotations
 
 import asyncio
+import datetime
 import ssl
 
 import aiosmtplib
+
+from shared.ratelimits import Limit
 
 HARD_BOUNCE_CODES = frozenset({550, 551, 553})
 
@@ -50,6 +53,23 @@ class PermanentFailure(DeliveryFailure):
     """Trying again cannot help (5xx replies, a template that cannot render)."""
 
     permanent = True
+
+
+class RateLimited(Exception):
+    """A sending-rate limit's window is full: not a failure, the job waits for ``resume_at``."""
+
+    def __init__(self, limit: Limit, resume_at: datetime.datetime) -> None:
+        super().__init__(f"the {limit.name} limit ({limit.max_sent}) is reached")
+        self.limit = limit
+        self.resume_at = resume_at
+
+    @property
+    def note(self) -> str:
+        """What the recipient's row says while it waits."""
+        return (
+            f"waiting for the {self.limit.name} sending limit ({self.limit.max_sent});"
+            f" resumes at {self.resume_at:%Y-%m-%d %H:%M:%S} UTC"
+        )
 
 
 def classify_smtp(exc: BaseException, *, stage: str) -> DeliveryFailure:

@@ -19,7 +19,12 @@ from procrastinate.jobs import Job
 from procrastinate.retry import BaseRetryStrategy
 
 from shared.settings import Settings
-from worker.failures import DeliveryFailure, InfrastructureFailure, TransientFailure
+from worker.failures import (
+    DeliveryFailure,
+    InfrastructureFailure,
+    RateLimited,
+    TransientFailure,
+)
 
 # Retried jobs go back with a lower priority than fresh ones. procrastinate's fetch walks its
 # (priority DESC, id ASC) index and filters out rows scheduled in the future; with retries at
@@ -27,6 +32,7 @@ from worker.failures import DeliveryFailure, InfrastructureFailure, TransientFai
 # (20,000 waiting retries: 4.9 ms per fetch at priority 0, 0.85 ms at -1; see bench/pickup.py).
 # The price: a retry that is due waits until no fresh job is ready.
 RETRY_PRIORITY = -1
+RATE_LIMIT_SPREAD_S = 1.0
 
 
 @dataclass
@@ -74,6 +80,11 @@ class BackoffRetry(BaseRetryStrategy):
             # The worker was shutting down and its grace period ran out: the job did nothing
             # wrong, so it goes straight back to the queue.
             return RetryDecision(retry_at=_now())
+        if isinstance(exception, RateLimited):
+            # Back when the window ends, spread over a second so the waiting jobs do not all
+            # arrive at once; no attempt is spent.
+            spread = datetime.timedelta(seconds=self.rng.uniform(0, RATE_LIMIT_SPREAD_S))
+            return RetryDecision(retry_at=exception.resume_at + spread, priority=RETRY_PRIORITY)
         if not isinstance(exception, TransientFailure):
             return None
         # The recipient's own count (a shutdown gives its attempt back); the job's as fallback.

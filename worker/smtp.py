@@ -22,20 +22,29 @@ from email.utils import formatdate
 from typing import Protocol
 
 import aiosmtplib
+import structlog
 
 from shared.metrics import SMTP_SEND
 from shared.settings import Settings, SmtpSecurity
 from worker.dkim import DkimSigner
-from worker.failures import PermanentFailure, classify_smtp
+from worker.failures import DeliveryFailure, PermanentFailure, classify_smtp
 
 MAX_MESSAGES_PER_CONNECTION = 100
 IDLE_TIMEOUT_S = 30.0
+# "421 slow down" and "451 try again later" (greylisting, a rate limit of the server's): for a
+# while after one, this worker sends one message at a time, at most one per interval.
+SLOW_DOWN_CODES = frozenset({421, 451})
+SLOW_DOWN_S = 300.0
+SLOW_DOWN_INTERVAL_S = 1.0
 # The stdlib's legacy MIME classes and policy: the same RFC 5322 output as the newer API for
 # what Mailroom sends, at a third of the CPU (that API parses every header it stores and
 # refolds it on output: the largest cost of a send in the worker's profile).
 _WIRE_POLICY = compat32.clone(linesep="\r\n")
 _UTF8_QP = Charset("utf-8")
 _UTF8_QP.body_encoding = QP
+
+
+log = structlog.get_logger(__name__)
 
 
 class Mailer(Protocol):
@@ -155,16 +164,48 @@ class SmtpMailer:
         max_messages_per_connection: int = MAX_MESSAGES_PER_CONNECTION,
         idle_timeout_s: float = IDLE_TIMEOUT_S,
         signer: DkimSigner | None = None,
+        slow_down_s: float = SLOW_DOWN_S,
+        slow_down_interval_s: float = SLOW_DOWN_INTERVAL_S,
     ) -> None:
         self._settings = settings
         self._signer = signer
+        self._slow_down_s = slow_down_s
+        self._slow_down_interval_s = slow_down_interval_s
+        self._slow_until = 0.0
+        self._paced = asyncio.Lock()
+        self._next_paced_send = 0.0
         self._slots = asyncio.Semaphore(size)
         self._idle: list[_Connection] = []
         self._max_messages = max_messages_per_connection
         self._idle_timeout_s = idle_timeout_s
 
+    @property
+    def slowed_down(self) -> bool:
+        """Whether the server recently asked us to slow down (421/451)."""
+        return time.monotonic() < self._slow_until
+
     async def send(self, message: Message) -> str:
         """Send ``message``; return the server's reply or raise a DeliveryFailure."""
+        try:
+            if not self.slowed_down:
+                return await self._send(message)
+            async with self._paced:
+                await asyncio.sleep(max(0.0, self._next_paced_send - time.monotonic()))
+                self._next_paced_send = time.monotonic() + self._slow_down_interval_s
+                return await self._send(message)
+        except DeliveryFailure as failure:
+            if failure.smtp_code in SLOW_DOWN_CODES:
+                if not self.slowed_down:
+                    log.warning(
+                        "smtp_slow_down",
+                        smtp_code=failure.smtp_code,
+                        for_s=self._slow_down_s,
+                        interval_s=self._slow_down_interval_s,
+                    )
+                self._slow_until = time.monotonic() + self._slow_down_s
+            raise
+
+    async def _send(self, message: Message) -> str:
         async with self._slots:
             started = time.perf_counter()
             conn, reused = await self._checkout()

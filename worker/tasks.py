@@ -37,6 +37,7 @@ from shared.metrics import (
     JOB_RETRIES,
 )
 from shared.queue import EMAIL_QUEUE, MAINTENANCE_QUEUE, SEND_EMAIL_TASK
+from shared.ratelimits import limits_for
 from shared.settings import Settings
 from shared.unsubscribe import make_token, unsubscribe_url
 from worker.drafting import Draft, Drafter, storable
@@ -44,6 +45,7 @@ from worker.failures import (
     DeliveryFailure,
     InfrastructureFailure,
     PermanentFailure,
+    RateLimited,
     TransientFailure,
 )
 from worker.retry import BackoffRetry
@@ -100,6 +102,9 @@ async def job_summary_middleware(
     except DeliveryFailure as failure:
         outcome = "permanent" if failure.permanent else "transient"
         raise
+    except RateLimited:
+        outcome = "rate_limited"
+        raise
     except asyncio.CancelledError:
         outcome = "aborted"
         raise
@@ -149,6 +154,12 @@ async def send_email(context: JobContext, recipient_id: int) -> str:
         failure = exc
     except psycopg.Error as exc:
         failure = _database_failure(exc)
+    except RateLimited as waiting:
+        # Not this email's fault: it waits for the window to end, with its attempt given back.
+        with contextlib.suppress(psycopg.Error):
+            await deps.db.give_back_attempt(recipient_id, note=waiting.note)
+        log.info("email_rate_limited", limit=waiting.limit.name, resume_at=waiting.resume_at)
+        raise
     except asyncio.CancelledError:
         # Cut off by a shutdown past its grace period: the retry policy requeues the job at
         # once, and the attempt does not count against the recipient's budget.
@@ -221,6 +232,11 @@ async def _deliver(deps: WorkerDeps, recipient: RecipientForSend, draft: Draft) 
         unsubscribe_url=_unsubscribe_url(deps.settings, recipient.email, sender),
         unsubscribe_mailto=deps.settings.unsubscribe_mailto,
     )
+    limits = limits_for(deps.settings, recipient.email)
+    if limits:
+        full = await deps.db.take_send_slot(limits)
+        if full is not None:
+            raise RateLimited(*full)
     async with deps.db.claim_delivery(recipient.id) as claim:
         if not claim.claimed:
             return "duplicate"
@@ -260,6 +276,7 @@ async def prune_jobs(context: JobContext, timestamp: int) -> int:
     """Delete failed job rows older than ``MAILROOM_RETENTION_DAYS``."""
     deps: WorkerDeps = context.additional_context[DEPS_KEY]
     deleted = await deps.db.prune_finished_jobs(retention_days=deps.settings.retention_days)
+    await deps.db.prune_send_windows()
     if deleted:
         log.info("old_jobs_pruned", deleted=deleted)
     return deleted

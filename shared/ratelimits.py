@@ -1,0 +1,50 @@
+"""Sending-rate limits: how many messages per second, hour and day, per sender and domain.
+
+Limits are fixed windows aligned on the clock (UTC): a second, the hour, the day. Every worker
+takes a slot in each window that applies before it sends, through PostgreSQL
+(:meth:`shared.db.Database.take_send_slot`), so the limits hold across processes and hosts. A
+job that finds a window full is put back for when the window ends, without spending an attempt.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from shared.settings import Settings
+
+
+@dataclass(frozen=True)
+class Limit:
+    """At most ``max_sent`` messages per ``window_s`` seconds within ``scope``."""
+
+    name: str  # what an operator reads: "per day"
+    scope: str
+    window_s: int
+    max_sent: int
+
+
+def sender_limits(settings: Settings) -> list[Limit]:
+    """The limits on everything the sender sends (unset settings are no limit)."""
+    sender = settings.from_address or "sender"
+    found = [
+        ("per second", 1, settings.rate_per_second),
+        ("per hour", 3600, settings.rate_per_hour),
+        ("per day", 86_400, settings.rate_per_day),
+    ]
+    return [Limit(name, f"sender:{sender}", w, n) for name, w, n in found if n is not None]
+
+
+def limits_for(settings: Settings, recipient: str) -> list[Limit]:
+    """Every limit a message to ``recipient`` counts against."""
+    limits = sender_limits(settings)
+    if settings.rate_per_domain_per_minute is not None:
+        domain = recipient.rsplit("@", 1)[-1].lower()
+        limits.append(
+            Limit(
+                f"per minute to {domain}",
+                f"domain:{domain}",
+                60,
+                settings.rate_per_domain_per_minute,
+            )
+        )
+    return limits
