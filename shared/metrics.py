@@ -51,6 +51,15 @@ EMAILS_SENT = Counter("mailroom_emails_sent", "Emails the SMTP server accepted."
 EMAIL_FAILURES = Counter("mailroom_email_failures", "Failed delivery attempts, by kind.", ["kind"])
 DEAD_LETTERS = Counter("mailroom_dead_letters", "Recipients that became dead letters.")
 JOB_RETRIES = Counter("mailroom_job_retries", "Email jobs scheduled for another attempt.")
+EMAILS_SUPPRESSED = Counter(
+    "mailroom_emails_suppressed",
+    "Queued emails skipped at send time: their address was suppressed.",
+)
+RATE_LIMITED = Counter(
+    "mailroom_rate_limited",
+    "Email jobs held back by a full sending-rate window, by limit.",
+    ["limit"],
+)
 LLM_TOKENS = Counter("mailroom_llm_tokens", "LLM tokens used, by kind.", ["kind"])
 JOB_DURATION = Histogram(
     "mailroom_job_duration_seconds",

@@ -21,6 +21,17 @@ _MAX_REPEAT = 10_000
 _MAX_EXPONENT = 100
 
 
+# A body template may place the unsubscribe link itself with {{ unsubscribe_url }}: drafts
+# store this marker, and the worker puts each recipient's link in its place when it builds the
+# message (and then adds no footer of its own).
+UNSUBSCRIBE_MARKER = "%%unsubscribe_url%%"
+
+
+def template_values(fields: dict[str, Any], email: str) -> dict[str, Any]:
+    """What a template can read: the recipient's fields, ``email`` and ``unsubscribe_url``."""
+    return {**fields, "email": email, "unsubscribe_url": UNSUBSCRIBE_MARKER}
+
+
 class TemplateProblem(ValueError):
     """A template that cannot be parsed or rendered; the message says where."""
 

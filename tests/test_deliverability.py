@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import dkim
 import pytest
 from aiohttp.test_utils import TestClient
@@ -23,6 +24,7 @@ from shared.settings import Settings
 from shared.unsubscribe import make_token, read_token
 from tests.conftest import AUTH, drain, make_settings, query
 from tests.smtp_server import RecordingSMTPServer, Rule
+from tests.test_pages import login
 from worker.check import run_checks
 from worker.dkim import DkimSigner
 
@@ -91,6 +93,28 @@ async def test_every_message_carries_a_one_click_unsubscribe_link_and_a_footer(
         found = read_token(token, secret="test-secret-key")
         assert found is not None and found.address == address
         assert found.sender == "sender@example.com"
+
+
+async def test_a_body_template_can_place_the_link_itself_instead_of_the_footer(
+    client: TestClient, settings: Settings, smtp: RecordingSMTPServer
+) -> None:
+    response = await client.post(
+        "/api/batches",
+        json={
+            "recipients": ["ada@example.org"],
+            "subject": "Hello",
+            "body": "Hi {{ email }}.\n\nHad enough? {{ unsubscribe_url }}\n",
+        },
+        headers=AUTH,
+    )
+    assert response.status == 201, await response.text()
+    await drain(settings)
+    (received,) = smtp.received
+    url = str(received.message["List-Unsubscribe"]).strip()[1:].split(">")[0]
+    plain, markup = (part.get_content() for part in received.message.iter_parts())
+    assert f"Had enough? {url}" in plain.replace("\r\n", "\n")
+    assert f'Had enough? <a href="{url}">{url}</a>' in markup
+    assert "To stop receiving" not in plain and "To stop receiving" not in markup
 
 
 async def test_one_click_post_unsubscribes_without_a_session_or_csrf_token(
@@ -368,3 +392,53 @@ def test_mailroom_check_reads_the_sender_domains_records(
     printed = out.getvalue()
     for line in lines:
         assert line in printed, printed
+
+
+# -- the operators' page --------------------------------------------------------------------
+
+
+async def test_operators_suppress_by_paste_or_csv_and_remove_on_the_page(
+    client: TestClient, settings: Settings
+) -> None:
+    csrf = await login(client)
+    form = aiohttp.FormData()
+    form.add_field("csrf_token", csrf)
+    form.add_field("addresses", "ada@example.org\ngrace@example.org, nope")
+    form.add_field("reason", "manual")
+    bad = await client.post("/suppressions", data=form)
+    assert bad.status == 422
+    page = await bad.text()
+    assert "line 2: &#39;nope&#39;" in page and "grace@example.org, nope" in page
+    assert await _suppressed(settings) == {}, "nothing is written when a line is bad"
+
+    form = aiohttp.FormData()
+    form.add_field("csrf_token", csrf)
+    form.add_field("addresses", "ada@example.org")
+    form.add_field("reason", "complaint")
+    form.add_field(
+        "csv",
+        b"name,Email\nLinus,linus@example.org\n",
+        filename="list.csv",
+        content_type="text/csv",
+    )
+    added = await client.post("/suppressions", data=form, allow_redirects=False)
+    assert added.status == 303
+    assert await _suppressed(settings) == {
+        "ada@example.org": "complaint",
+        "linus@example.org": "complaint",
+    }
+    listing = await (await client.get("/suppressions")).text()
+    assert "linus@example.org" in listing and "complaint" in listing
+
+    removed = await client.post(
+        "/suppressions",
+        data={"csrf_token": csrf, "action": "remove", "address": "ada@example.org"},
+        allow_redirects=False,
+    )
+    assert removed.status == 303
+    assert await _suppressed(settings) == {"linus@example.org": "complaint"}
+
+    forged = await client.post(
+        "/suppressions", data={"csrf_token": "forged", "action": "remove", "address": "x"}
+    )
+    assert forged.status == 403

@@ -10,12 +10,12 @@ import aiohttp_jinja2
 from aiohttp import web
 from aiohttp.web_request import FileField
 
-from shared.db import MAX_ID, RECIPIENT_STATUSES, Selection
+from shared.db import MAX_ID, RECIPIENT_STATUSES, SUPPRESSION_REASONS, Selection
 from shared.ratelimits import sender_limits
 from web.api import batch_id_of, batch_json, checked_edit, create_batch, limits
 from web.auth import SESSION_COOKIE, SESSION_TTL_S
 from web.keys import AUTH, CAPTURE, DB, LOGIN_LIMITER, SESSION, SETTINGS
-from web.validation import InvalidSubmission, from_form
+from web.validation import InvalidSubmission, addresses_from_form, from_form
 
 routes = web.RouteTableDef()
 
@@ -225,6 +225,43 @@ async def dead_letters_action(request: web.Request) -> web.StreamResponse:
     db = request.app[DB]
     await (db.redrive(selection) if action == "redrive" else db.discard(selection))
     raise web.HTTPSeeOther(location="/dead-letters")
+
+
+@routes.get("/suppressions")
+async def suppressions_page(request: web.Request) -> web.Response:
+    return await _suppressions(request, {})
+
+
+async def _suppressions(
+    request: web.Request, values: dict[str, Any], *, status: int = 200
+) -> web.Response:
+    rows = await request.app[DB].list_suppressions(limit=1000)
+    context = {"suppressions": rows, "reasons": SUPPRESSION_REASONS, "problems": [], **values}
+    return render(request, "suppressions.html", context, status=status)
+
+
+@routes.post("/suppressions")
+async def suppressions_action(request: web.Request) -> web.StreamResponse:
+    """Add pasted or uploaded addresses, or remove one, then show the list again."""
+    form = await request.post()
+    _check_csrf(request, form)
+    db = request.app[DB]
+    if form.get("action") == "remove":
+        await db.unsuppress([str(form.get("address", ""))])
+        raise web.HTTPSeeOther(location="/suppressions")
+    reason = str(form.get("reason", "manual"))
+    if reason not in SUPPRESSION_REASONS:
+        raise web.HTTPBadRequest(text=f"reason must be one of: {', '.join(SUPPRESSION_REASONS)}")
+    text = str(form.get("addresses", ""))
+    csv_text = _uploaded_csv(form.get("csv"), request.app[SETTINGS].max_upload_bytes)
+    try:
+        addresses = addresses_from_form(text, csv_text)
+    except InvalidSubmission as exc:
+        return await _suppressions(
+            request, {"problems": exc.problems, "addresses": text, "reason": reason}, status=422
+        )
+    await db.suppress(addresses, reason=reason, detail="added by an operator")
+    raise web.HTTPSeeOther(location="/suppressions")
 
 
 @routes.get("/dev/mail")

@@ -16,7 +16,7 @@ from typing import Any
 
 from shared.addresses import InvalidAddress, dedupe_key, normalize_address
 from shared.db import NewBatch, NewRecipient
-from shared.templating import TemplateProblem, fields_used, render
+from shared.templating import TemplateProblem, fields_used, render, template_values
 
 DRAFTERS = ("template", "llm")
 MAX_CONTEXT_CHARS = 20_000
@@ -160,6 +160,36 @@ def from_form(form: dict[str, str], *, limits: Limits, csv_text: str | None = No
         problems=problems,
         limits=limits,
     )
+
+
+def addresses_from_form(text: str, csv_text: str | None = None) -> list[str]:
+    """Addresses pasted one per line (commas and semicolons also separate) and/or a CSV's
+    ``email`` column, normalized; :class:`InvalidSubmission` lists every bad one by line."""
+    entries = [
+        _Entry(raw=piece.strip(), line=number)
+        for number, line in enumerate(text.splitlines(), start=1)
+        for piece in re.split(r"[,;]", line)
+        if piece.strip()
+    ]
+    problems: list[Problem] = []
+    if csv_text is not None:
+        entries += [
+            _Entry(raw=e.raw["email"], line=e.line, source="csv")
+            for e in _csv_entries(csv_text, problems)
+        ]
+    addresses = []
+    for entry in entries:
+        try:
+            addresses.append(normalize_address(str(entry.raw)))
+        except InvalidAddress as exc:
+            problems.append(
+                Problem(entry.source, f"{_shown(str(entry.raw))}: {exc}", line=entry.line)
+            )
+    if not entries and not problems:
+        problems.append(Problem("recipients", "give at least one address"))
+    if problems:
+        raise InvalidSubmission(problems)
+    return addresses
 
 
 def _csv_entries(text: str, problems: list[Problem]) -> list[_Entry]:
@@ -372,7 +402,7 @@ def _dry_run(
         shapes.setdefault(frozenset(recipient.fields), []).append(index)
     for members in shapes.values():
         sample = recipients[members[0]]
-        values = {**sample.fields, "email": sample.email}
+        values = template_values(sample.fields, sample.email)
         for name, source in (("subject", subject), ("body", body)):
             try:
                 render(source, values)

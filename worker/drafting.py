@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from shared.db import RecipientForSend
-from shared.templating import TemplateProblem, render
+from shared.templating import TemplateProblem, render, template_values
 from worker.failures import PermanentFailure
 
 MAX_SUBJECT_CHARS = 255
@@ -27,11 +27,6 @@ class Draft:
 
 class Drafter(Protocol):
     async def draft(self, recipient: RecipientForSend) -> Draft: ...
-
-
-def template_values(recipient: RecipientForSend) -> dict[str, object]:
-    """What a template can read: the recipient's fields and ``email``."""
-    return {**recipient.fields, "email": recipient.email}
 
 
 def checked_subject(text: str) -> str:
@@ -61,7 +56,7 @@ class TemplateDrafter:
     """Renders the batch's subject and body templates with the recipient's fields (offline)."""
 
     async def draft(self, recipient: RecipientForSend) -> Draft:
-        values = template_values(recipient)
+        values = template_values(recipient.fields, recipient.email)
         try:
             subject = render(recipient.subject_template, values)
             body = render(recipient.body_template, values)

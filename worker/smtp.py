@@ -26,6 +26,7 @@ import structlog
 
 from shared.metrics import SMTP_SEND
 from shared.settings import Settings, SmtpSecurity
+from shared.templating import UNSUBSCRIBE_MARKER
 from worker.dkim import DkimSigner
 from worker.failures import DeliveryFailure, PermanentFailure, classify_smtp
 
@@ -81,8 +82,9 @@ def build_message(
 
     With ``unsubscribe_url`` (an https link, or http in development) the message carries
     ``List-Unsubscribe`` and RFC 8058's ``List-Unsubscribe-Post: List-Unsubscribe=One-Click``,
-    and both parts end with a footer holding the link; ``unsubscribe_mailto`` is offered in
-    ``List-Unsubscribe`` too.
+    and both parts end with a footer holding the link, unless the body placed the link itself
+    (its template used ``{{ unsubscribe_url }}``, which drafts as ``UNSUBSCRIBE_MARKER``);
+    ``unsubscribe_mailto`` is offered in ``List-Unsubscribe`` too.
     """
     headers = {
         "From": sender,
@@ -111,7 +113,13 @@ def build_message(
     if unsubscribe_url:
         message["List-Unsubscribe-Post"] = "List-Unsubscribe=One-Click"
     text, markup = body, text_to_html(body)
-    if unsubscribe_url:
+    if UNSUBSCRIBE_MARKER in body:
+        # The body placed the link itself ({{ unsubscribe_url }}): no footer of ours.
+        link = unsubscribe_url or ""
+        anchor = f'<a href="{html.escape(link)}">{html.escape(link)}</a>' if link else ""
+        text = text.replace(UNSUBSCRIBE_MARKER, link)
+        markup = markup.replace(UNSUBSCRIBE_MARKER, anchor)
+    elif unsubscribe_url:
         text += f"\n\n--\nTo stop receiving these emails: {unsubscribe_url}\n"
         footer = (
             '<p style="color:#666;font-size:12px">To stop receiving these emails, '

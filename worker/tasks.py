@@ -32,9 +32,11 @@ from shared.metrics import (
     DEAD_LETTERS,
     EMAIL_FAILURES,
     EMAILS_SENT,
+    EMAILS_SUPPRESSED,
     JOB_DURATION,
     JOB_QUEUE_WAIT,
     JOB_RETRIES,
+    RATE_LIMITED,
 )
 from shared.queue import EMAIL_QUEUE, MAINTENANCE_QUEUE, SEND_EMAIL_TASK
 from shared.ratelimits import limits_for
@@ -132,6 +134,7 @@ async def send_email(context: JobContext, recipient_id: int) -> str:
     if recipient is None:
         return "skipped"
     if recipient.status == "suppressed":
+        EMAILS_SUPPRESSED.inc()
         return "suppressed"
     structlog.contextvars.bind_contextvars(
         batch_id=str(recipient.batch_id), recipient_id=recipient.id, request_id=recipient.request_id
@@ -158,6 +161,7 @@ async def send_email(context: JobContext, recipient_id: int) -> str:
         # Not this email's fault: it waits for the window to end, with its attempt given back.
         with contextlib.suppress(psycopg.Error):
             await deps.db.give_back_attempt(recipient_id, note=waiting.note)
+        RATE_LIMITED.labels(limit=waiting.limit.name.split(" to ")[0]).inc()
         log.info("email_rate_limited", limit=waiting.limit.name, resume_at=waiting.resume_at)
         raise
     except asyncio.CancelledError:
