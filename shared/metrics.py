@@ -60,6 +60,8 @@ RATE_LIMITED = Counter(
     "Email jobs held back by a full sending-rate window, by limit.",
     ["limit"],
 )
+for _limit in ("per second", "per hour", "per day", "per minute"):
+    RATE_LIMITED.labels(limit=_limit)  # published at 0 before the first one, for dashboards
 LLM_TOKENS = Counter("mailroom_llm_tokens", "LLM tokens used, by kind.", ["kind"])
 JOB_DURATION = Histogram(
     "mailroom_job_duration_seconds",
