@@ -179,12 +179,10 @@ class DeliveryClaim:
         await self._conn.execute(
             "WITH sent AS ("
             "  UPDATE recipients SET status = 'sent', sent_at = now(), updated_at = now(),"
-            "   message_id = %(message_id)s, last_error = NULL WHERE id = %(id)s RETURNING id),"
+            "   message_id = %(message_id)s, last_error = NULL WHERE id = %(id)s),"
             " result AS ("
-            "  UPDATE processed_jobs SET result = %(result)s WHERE idempotency_key = %(key)s"
-            "  RETURNING 1)"
-            " SELECT set_config('synchronous_commit', 'on', true),"
-            " (SELECT count(*) FROM sent), (SELECT count(*) FROM result)",
+            "  UPDATE processed_jobs SET result = %(result)s WHERE idempotency_key = %(key)s)"
+            " SELECT set_config('synchronous_commit', 'on', true)",
             {
                 "message_id": message_id,
                 "id": self.recipient_id,

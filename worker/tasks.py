@@ -161,7 +161,7 @@ async def send_email(context: JobContext, recipient_id: int) -> str:
         # Not this email's fault: it waits for the window to end, with its attempt given back.
         with contextlib.suppress(psycopg.Error):
             await deps.db.give_back_attempt(recipient_id, note=waiting.note)
-        RATE_LIMITED.labels(limit=waiting.limit.name.split(" to ")[0]).inc()
+        RATE_LIMITED.labels(limit=waiting.limit.kind).inc()
         log.info("email_rate_limited", limit=waiting.limit.name, resume_at=waiting.resume_at)
         raise
     except asyncio.CancelledError:
