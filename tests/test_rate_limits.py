@@ -59,7 +59,7 @@ async def test_a_full_daily_window_holds_the_rest_until_midnight_without_spendin
     assert len(jobs) == 2
     midnight = datetime.datetime.combine(tomorrow, datetime.time(), tzinfo=datetime.UTC)
     for scheduled_at, priority in jobs:
-        assert midnight <= scheduled_at <= midnight + datetime.timedelta(seconds=1)
+        assert midnight <= scheduled_at <= midnight + datetime.timedelta(seconds=60)
         assert priority == RETRY_PRIORITY
 
     # The operator sees why, and until when, on the batch page.
@@ -111,7 +111,15 @@ def test_a_rate_limited_job_comes_back_when_its_window_ends() -> None:
         exception=RateLimited(limit, resume_at), job=job
     )
     assert decision is not None and decision.priority == RETRY_PRIORITY
-    assert resume_at <= decision.retry_at <= resume_at + datetime.timedelta(seconds=1)
+    # Held back five times before: spread over 60 s x 2**5, up to the 15-minute ceiling.
+    assert resume_at <= decision.retry_at <= resume_at + datetime.timedelta(seconds=900)
+
+
+def test_a_backlog_held_back_again_and_again_spreads_wider_each_time() -> None:
+    spread = BackoffRetry.rate_limit_spread_s
+    assert [spread(1, n) for n in range(4)] == [1, 2, 4, 8]
+    assert spread(1, 30) == 900, "never more than fifteen minutes"
+    assert spread(86_400, 0) == 60, "a day's window does not spread the next day over a day"
 
 
 async def test_a_servers_slow_down_reply_paces_the_sends_that_follow(

@@ -32,7 +32,8 @@ from worker.failures import (
 # (20,000 waiting retries: 4.9 ms per fetch at priority 0, 0.85 ms at -1; see bench/pickup.py).
 # The price: a retry that is due waits until no fresh job is ready.
 RETRY_PRIORITY = -1
-RATE_LIMIT_SPREAD_S = 1.0
+RATE_LIMIT_SPREAD_BASE_S = 60
+RATE_LIMIT_SPREAD_MAX_S = 900.0
 
 
 @dataclass
@@ -75,15 +76,26 @@ class BackoffRetry(BaseRetryStrategy):
             return False
         return self.is_last(attempt or failure.attempt or 1)
 
+    @staticmethod
+    def rate_limit_spread_s(window_s: int, times_held: int) -> float:
+        """How widely a job held back by a full window is spread after the window ends.
+
+        Not all at once: a backlog far larger than the limit would otherwise come back in
+        every window, be fetched and be put back again, working the database hard to send a
+        few messages. The spread doubles each time the same job is held back (up to
+        ``RATE_LIMIT_SPREAD_MAX_S``), so a large backlog settles into a trickle of fetches.
+        """
+        base = min(window_s, RATE_LIMIT_SPREAD_BASE_S)
+        return float(min(RATE_LIMIT_SPREAD_MAX_S, base * 2.0 ** min(times_held, 20)))
+
     def get_retry_decision(self, *, exception: BaseException, job: Job) -> RetryDecision | None:
         if isinstance(exception, asyncio.CancelledError):
             # The worker was shutting down and its grace period ran out: the job did nothing
             # wrong, so it goes straight back to the queue.
             return RetryDecision(retry_at=_now())
         if isinstance(exception, RateLimited):
-            # Back when the window ends, spread over a second so the waiting jobs do not all
-            # arrive at once; no attempt is spent.
-            spread = datetime.timedelta(seconds=self.rng.uniform(0, RATE_LIMIT_SPREAD_S))
+            widest = self.rate_limit_spread_s(exception.limit.window_s, job.attempts)
+            spread = datetime.timedelta(seconds=self.rng.uniform(0, widest))
             return RetryDecision(retry_at=exception.resume_at + spread, priority=RETRY_PRIORITY)
         if not isinstance(exception, TransientFailure):
             return None
