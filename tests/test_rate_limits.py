@@ -90,13 +90,14 @@ async def test_a_per_second_limit_holds_across_two_worker_processes(
     # Exactly: no window counted more than the limit (both processes took slots in them).
     windows = await query(settings.database_url or "", "SELECT sent FROM send_windows")
     assert max(n for (n,) in windows) <= per_second and sum(n for (n,) in windows) == total
-    # And as the SMTP server saw it: 60 messages at 15 a second span at least three seconds,
-    # and no clock second got much more than 15 (a slot taken late in one second may arrive
-    # early in the next).
+    # And as the SMTP server saw it: 60 messages at 15 a second span at least three seconds.
+    # Windows are fixed, so the end of one and the start of the next can arrive together:
+    # any two consecutive clock seconds carry at most two windows' worth.
     times = sorted(r.received_at for r in smtp.received)
     assert times[-1] - times[0] >= (total / per_second) - 1.05
     per_clock_second = Counter(int(t) for t in times)
-    assert max(per_clock_second.values()) <= per_second + 4, per_clock_second
+    for second, n in per_clock_second.items():
+        assert n + per_clock_second.get(second + 1, 0) <= 2 * per_second, per_clock_second
     attempts = await query(settings.database_url or "", "SELECT max(attempts) FROM recipients")
     assert attempts == [(1,)], "waiting for a window spends no attempt"
 
