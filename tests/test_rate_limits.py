@@ -90,11 +90,12 @@ async def test_a_per_second_limit_holds_across_two_worker_processes(
     # Exactly: no window counted more than the limit (both processes took slots in them).
     windows = await query(settings.database_url or "", "SELECT sent FROM send_windows")
     assert max(n for (n,) in windows) <= per_second and sum(n for (n,) in windows) == total
-    # And as the SMTP server saw it: 60 messages at 15 a second span at least three seconds.
+    # And as the SMTP server saw it: 60 messages at 15 a window need four windows, so the first
+    # and the last are more than two seconds apart (unlimited, they take a fraction of one).
     # Windows are fixed, so the end of one and the start of the next can arrive together:
     # any two consecutive clock seconds carry at most two windows' worth.
     times = sorted(r.received_at for r in smtp.received)
-    assert times[-1] - times[0] >= (total / per_second) - 1.05
+    assert times[-1] - times[0] >= (total / per_second) - 2 - 0.1
     per_clock_second = Counter(int(t) for t in times)
     for second, n in per_clock_second.items():
         assert n + per_clock_second.get(second + 1, 0) <= 2 * per_second, per_clock_second
