@@ -29,6 +29,7 @@ from shared.db import Database, make_pool
 from shared.embedded import EmbeddedPostgres, ensure_database
 from shared.schema import migrate
 from shared.settings import Settings, SmtpSecurity
+from shared.stopping import StopRequests
 from web.app import create_app
 from worker.main import worker_options, worker_runtime
 
@@ -186,11 +187,13 @@ def _banner(settings: Settings, options: DevOptions, capture: MailCapture) -> No
 
 def _install_signal_handlers(stop: asyncio.Event, forced: asyncio.Event) -> None:
     loop = asyncio.get_running_loop()
+    requests = StopRequests()
 
     def on_signal() -> None:
-        if stop.is_set():
+        which = requests.received()
+        if which == "again":
             forced.set()
-        else:
+        elif which == "first":
             print("\nStopping: finishing jobs in flight (signal again to skip) …", flush=True)
             stop.set()
 

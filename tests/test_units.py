@@ -13,6 +13,7 @@ from email_validator import EmailNotValidError, validate_email
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from shared import stopping
 from shared.addresses import InvalidAddress, normalize_address
 from shared.templating import TemplateProblem, fields_used, render
 from shared.unsubscribe import make_token, read_token
@@ -321,3 +322,15 @@ def test_an_unsubscribe_token_names_its_address_and_sender_and_nothing_else_read
 @given(st.text(max_size=300))
 def test_any_text_as_a_token_is_refused_not_crashed_on(text: str) -> None:
     assert read_token(text, secret="k1") is None
+
+
+# -- stop requests ----------------------------------------------------------------------------
+
+
+def test_a_signal_delivered_twice_at_once_is_one_stop_request(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = iter([100.0, 100.02, 100.5, 101.0])
+    monkeypatch.setattr(stopping.time, "monotonic", lambda: next(clock))
+    requests = stopping.StopRequests()
+    assert [requests.received() for _ in range(4)] == ["first", "duplicate", "again", "again"]

@@ -27,6 +27,7 @@ from shared.db import Database, make_pool
 from shared.metrics import WORKER_UP
 from shared.queue import EMAIL_QUEUE, MAINTENANCE_QUEUE, build_app
 from shared.settings import Settings
+from shared.stopping import StopRequests
 from worker.dkim import DkimSigner
 from worker.drafting import Drafter, TemplateDrafter
 from worker.health import start_health_server
@@ -197,9 +198,13 @@ def _install_signal_handlers(
     stopping: asyncio.Event, current: list[tuple[Worker, Database]]
 ) -> None:
     loop = asyncio.get_running_loop()
+    requests = StopRequests()
 
     def on_signal(signum: int) -> None:
-        if stopping.is_set():
+        which = requests.received()
+        if which == "duplicate":
+            return
+        if which == "again":
             log.warning("worker_forced_exit", signal=signal.Signals(signum).name)
             os._exit(EXIT_FORCED)
         log.info("worker_stop_requested", signal=signal.Signals(signum).name)
