@@ -96,6 +96,25 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def free_ports(count: int) -> int:
+    """A port ``p`` such that ``p`` to ``p + count - 1`` are all free on loopback right now
+    (for processes that each take the next port, like ``mailroom worker --instance N``)."""
+    for _ in range(100):
+        base = free_port()
+        if base + count <= 65536 and all(_free(base + i) for i in range(1, count)):
+            return base
+    raise RuntimeError(f"no {count} free ports in a row on loopback")
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
 async def wait_until(
     check: Callable[[], Awaitable[bool]], timeout_s: float, what: str = "the condition"
 ) -> None:

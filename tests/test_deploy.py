@@ -22,7 +22,7 @@ import pytest
 
 from shared.settings import Settings, env_name
 from tests.conftest import API_TOKEN
-from tests.processes import ROOT, environment, free_port, wait_until
+from tests.processes import ROOT, environment, free_port, free_ports, wait_until
 from tests.smtp_server import RecordingSMTPServer
 
 UNITS = ROOT / "deploy/systemd"
@@ -253,8 +253,9 @@ async def test_migrate_web_and_three_workers_as_the_units_start_them_deliver_a_b
 
     database = f"deploy_{os.getpid()}_{int(time.time())}"
     url = await asyncio.to_thread(ensure_database, pg_admin_uri, database)
-    web_port, metrics_base = free_port(), free_port()
-    settings = make_settings(url, smtp.port, web_port=web_port, metrics_port=metrics_base - 10)
+    web_port, first_metrics_port = free_port(), free_ports(3)
+    # Instance N listens on MAILROOM_METRICS_PORT + N: three free ports in a row.
+    settings = make_settings(url, smtp.port, web_port=web_port, metrics_port=first_metrics_port - 1)
     env = {**environment(settings), "MAILROOM_WEB_HOST": "127.0.0.1"}
     # EnvironmentFile= and Environment= of the units, as systemd would pass them.
     env.update(dict(line.split("=", 1) for line in unit("mailroom-worker@.service")["Environment"]))
