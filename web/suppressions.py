@@ -17,13 +17,13 @@ import aiohttp_jinja2
 import structlog
 from aiohttp import web
 
-from shared.addresses import InvalidAddress, normalize_address
 from shared.db import SUPPRESSION_REASONS
 from shared.metrics import UNSUBSCRIBES
 from shared.unsubscribe import Unsubscription, read_token
 from web.api import InvalidQuery, page_json, page_of
 from web.keys import DB, SETTINGS
 from web.middlewares import api_error
+from web.validation import InvalidSubmission, addresses_from_list
 
 log = structlog.get_logger(__name__)
 routes = web.RouteTableDef()
@@ -137,19 +137,12 @@ def _addresses(payload: Any) -> list[str] | web.Response:
             "invalid_suppression",
             f'"addresses" must be a list of 1 to {MAX_ADDRESSES} addresses',
         )
-    addresses, problems = [], []
-    for position, text in enumerate(given):
-        try:
-            if not isinstance(text, str):
-                raise InvalidAddress("expected an address string")
-            addresses.append(normalize_address(text))
-        except InvalidAddress as exc:
-            problems.append({"position": position, "message": str(exc)})
-    if problems:
+    try:
+        return addresses_from_list(given)
+    except InvalidSubmission as exc:
         return api_error(
             422,
             "invalid_suppression",
-            f"{len(problems)} address(es) are not valid",
-            {"problems": problems[:1000]},
+            f"{exc.total} address(es) are not valid",
+            {"problems": [p.as_dict() for p in exc.problems]},
         )
-    return addresses

@@ -177,16 +177,33 @@ def addresses_from_form(text: str, csv_text: str | None = None) -> list[str]:
             _Entry(raw=e.raw["email"], line=e.line, source="csv")
             for e in _csv_entries(csv_text, problems)
         ]
-    addresses = []
-    for entry in entries:
-        try:
-            addresses.append(normalize_address(str(entry.raw)))
-        except InvalidAddress as exc:
-            problems.append(
-                Problem(entry.source, f"{_shown(str(entry.raw))}: {exc}", line=entry.line)
-            )
     if not entries and not problems:
         problems.append(Problem("recipients", "give at least one address"))
+    return _normalized(entries, problems)
+
+
+def addresses_from_list(given: list[Any]) -> list[str]:
+    """A JSON list of addresses, normalized; :class:`InvalidSubmission` lists every bad one
+    by its 0-based position."""
+    return _normalized([_Entry(raw=a, position=i, source="addresses") for i, a in enumerate(given)])
+
+
+def _normalized(entries: list[_Entry], problems: list[Problem] | None = None) -> list[str]:
+    """Each entry as a normalized address, or :class:`InvalidSubmission` with every problem
+    (those given, then one per bad entry)."""
+    problems = problems if problems is not None else []
+    addresses = []
+    for entry in entries:
+        if not isinstance(entry.raw, str):
+            problems.append(
+                Problem(entry.source, "expected an address string", entry.position, entry.line)
+            )
+            continue
+        try:
+            addresses.append(normalize_address(entry.raw))
+        except InvalidAddress as exc:
+            message = f"{_shown(entry.raw)}: {exc}"
+            problems.append(Problem(entry.source, message, entry.position, entry.line))
     if problems:
         raise InvalidSubmission(problems)
     return addresses
