@@ -92,13 +92,16 @@ async def test_a_per_second_limit_holds_across_two_worker_processes(
     assert max(n for (n,) in windows) <= per_second and sum(n for (n,) in windows) == total
     # And as the SMTP server saw it: 60 messages at 15 a window need four windows, so the first
     # and the last are more than two seconds apart (unlimited, they take a fraction of one).
-    # Windows are fixed, so the end of one and the start of the next can arrive together:
-    # any two consecutive clock seconds carry at most two windows' worth.
+    # The exact guarantee is the window table above; the server's clock sees it later. A slot
+    # is taken in the database's window and the message is accepted a moment after, so a
+    # message can land in the next clock second. Bounded by that lag (under a second, even on
+    # a loaded machine), what arrives in two consecutive clock seconds took its slots in at
+    # most three windows; unlimited, all 60 would arrive within one.
     times = sorted(r.received_at for r in smtp.received)
     assert times[-1] - times[0] >= (total / per_second) - 2 - 0.1
     per_clock_second = Counter(int(t) for t in times)
     for second, n in per_clock_second.items():
-        assert n + per_clock_second.get(second + 1, 0) <= 2 * per_second, per_clock_second
+        assert n + per_clock_second.get(second + 1, 0) <= 3 * per_second, per_clock_second
     attempts = await query(settings.database_url or "", "SELECT max(attempts) FROM recipients")
     assert attempts == [(1,)], "waiting for a window spends no attempt"
 
