@@ -282,7 +282,7 @@ async def _suppress_findings(settings: Settings, findings: Sequence[Finding]) ->
     assert settings.database_url is not None
     added = 0
     async with make_pool(settings.database_url, max_size=1, name="mailroom-cli") as pool:
-        db = Database(pool)
+        db = Database(pool, chunk_size=settings.chunk_size)
         for reason in ("hard_bounce", "complaint"):
             addresses = [f.address for f in findings if f.reason == reason]
             if addresses:
@@ -310,7 +310,7 @@ async def _run_dead_letters(settings: Settings, args: argparse.Namespace) -> int
 
     assert settings.database_url is not None
     async with make_pool(settings.database_url, max_size=1, name="mailroom-cli") as pool:
-        db = Database(pool)
+        db = Database(pool, chunk_size=settings.chunk_size)
         if args.action == "list":
             rows = await db.list_dead_letters(batch_id=args.batch, limit=args.limit)
             for row in rows:

@@ -19,7 +19,13 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
-from shared.queue import EMAIL_QUEUE, SEND_EMAIL_TASK
+from shared.queue import (
+    DEFAULT_CHUNK_SIZE,
+    EMAIL_QUEUE,
+    RETRY_PRIORITY,
+    SEND_CHUNK_TASK,
+    SEND_EMAIL_TASK,
+)
 from shared.ratelimits import Limit
 
 # Row ids are bigint: anything outside 1..MAX_ID cannot name a row (and PostgreSQL refuses it).
@@ -161,30 +167,50 @@ class RecipientForSend:
     hold_for_review: bool = False
 
 
+# What :class:`RecipientForSend` is made of, from ``recipients r`` and its ``batches b``.
+_FOR_SEND = (
+    "r.id, r.batch_id, r.email, r.fields, r.status, r.attempts, r.subject, r.body, b.drafter,"
+    " b.subject_template, b.body_template, r.enqueued_at, b.request_id, b.context,"
+    " (b.review AND b.approved_at IS NULL) AS hold_for_review"
+)
+
+
 class DeliveryClaim:
     """The at-most-once claim on one recipient's email, held for the length of a transaction."""
 
-    def __init__(self, conn: psycopg.AsyncConnection, recipient_id: int, claimed: bool) -> None:
+    def __init__(
+        self, conn: psycopg.AsyncConnection, recipient_id: int, claimed: bool, status: str | None
+    ) -> None:
         self._conn = conn
         self.recipient_id = recipient_id
         self.claimed = claimed
+        # The recipient's status when the claim was made: "sending" unless it was sent or
+        # cancelled meanwhile (then ``claimed`` is False).
+        self.status = status
 
-    async def mark_sent(self, message_id: str, smtp_reply: str) -> None:
+    async def mark_sent(
+        self, message_id: str, smtp_reply: str, *, draft: tuple[str, str] | None = None
+    ) -> None:
         """Record the accepted send; it commits together with the claim, durably.
 
-        One statement: the recipient becomes ``sent``, the key gets its result, and this
-        transaction's commit waits for the WAL flush even on a pool that does not (the claim is
-        what keeps a crash of PostgreSQL itself from causing a second send).
+        One statement: the recipient becomes ``sent`` (with ``draft``, its subject and body,
+        unless one is stored already), the key gets its result, and this transaction's commit
+        waits for the WAL flush even on a pool that does not (the claim is what keeps a crash
+        of PostgreSQL itself from causing a second send).
         """
+        subject, body = draft or (None, None)
         await self._conn.execute(
             "WITH sent AS ("
             "  UPDATE recipients SET status = 'sent', sent_at = now(), updated_at = now(),"
+            "   subject = coalesce(subject, %(subject)s), body = coalesce(body, %(body)s),"
             "   message_id = %(message_id)s, last_error = NULL WHERE id = %(id)s),"
             " result AS ("
             "  UPDATE processed_jobs SET result = %(result)s WHERE idempotency_key = %(key)s)"
             " SELECT set_config('synchronous_commit', 'on', true)",
             {
                 "message_id": message_id,
+                "subject": subject,
+                "body": body,
                 "id": self.recipient_id,
                 "result": Jsonb({"message_id": message_id, "smtp": smtp_reply}),
                 "key": email_key(self.recipient_id),
@@ -192,19 +218,39 @@ class DeliveryClaim:
         )
 
 
-# Defers one send_email job per row of the CTE named ``rows`` (which must expose ``id``), in
-# the caller's statement and so in the caller's transaction. procrastinate's own SQL function
-# does the insert; we only skip its Python-side job objects.
-_DEFER_JOBS_OF_ROWS = """
+# Defers one send_chunk job per chunk of at most %(chunk_size)s rows of the CTE named ``rows``
+# (which must expose ``id`` and ``batch_id``), a chunk never spanning two batches, in the
+# caller's statement and so in the caller's transaction. procrastinate's own SQL function does
+# the insert (checked against procrastinate 3.10); we only skip its Python-side job objects.
+# Evaluates to the number of jobs deferred (NULL for none).
+_DEFER_CHUNKS_OF_ROWS = """
 cardinality(procrastinate_defer_jobs_v1(ARRAY(
-    SELECT ROW(%(queue)s, %(task)s, 0, NULL, NULL,
-               jsonb_build_object('recipient_id', id), %(scheduled_at)s::timestamptz
+    SELECT ROW(%(queue)s, %(chunk_task)s, 0, NULL, NULL,
+               jsonb_build_object('batch_id', batch_id, 'recipient_ids', jsonb_agg(id ORDER BY id)),
+               %(scheduled_at)s::timestamptz
            )::procrastinate_job_to_defer_v1
-      FROM rows ORDER BY id
+      FROM (SELECT id, batch_id,
+                   (row_number() OVER (PARTITION BY batch_id ORDER BY id) - 1) / %(chunk_size)s
+                       AS chunk
+              FROM rows) c
+     GROUP BY batch_id, chunk
+     ORDER BY min(id)
 )))
 """
-_DEFER_EMAIL_JOBS = "SELECT " + _DEFER_JOBS_OF_ROWS
-_DEFER_PARAMS = {"queue": EMAIL_QUEUE, "task": SEND_EMAIL_TASK, "scheduled_at": None}
+# The recipients of ``rows`` and the chunk jobs deferred for them.
+_COUNT_AND_DEFER_CHUNKS = "SELECT (SELECT count(*) FROM rows), " + _DEFER_CHUNKS_OF_ROWS
+_DEFER_PARAMS = {"queue": EMAIL_QUEUE, "chunk_task": SEND_CHUNK_TASK, "scheduled_at": None}
+
+# A job of its own for each row of the CTE named ``failed`` (exposing ``id``) when
+# %(retry_at)s is set: the recipient tries again alone, at that time, behind fresh emails.
+_DEFER_OWN_JOB = """
+cardinality(procrastinate_defer_jobs_v1(ARRAY(
+    SELECT ROW(%(queue)s, %(email_task)s, %(priority)s, NULL, NULL,
+               jsonb_build_object('recipient_id', id), %(retry_at)s::timestamptz
+           )::procrastinate_job_to_defer_v1
+      FROM failed WHERE %(retry_at)s::timestamptz IS NOT NULL
+)))
+"""
 
 
 @dataclass(frozen=True)
@@ -242,21 +288,30 @@ def email_key(recipient_id: int) -> str:
 
 
 class Database:
-    """All of Mailroom's SQL, over one pool of autocommit connections."""
+    """All of Mailroom's SQL, over one pool of autocommit connections.
 
-    def __init__(self, pool: AsyncConnectionPool) -> None:
+    ``chunk_size`` is how many recipients of a batch one queue job sends
+    (``MAILROOM_CHUNK_SIZE``).
+    """
+
+    def __init__(self, pool: AsyncConnectionPool, *, chunk_size: int = DEFAULT_CHUNK_SIZE) -> None:
         self.pool = pool
+        self.chunk_size = chunk_size
+
+    def _defer_params(self, **overrides: Any) -> dict[str, Any]:
+        return {**_DEFER_PARAMS, "chunk_size": self.chunk_size, **overrides}
 
     # -- enqueue ---------------------------------------------------------------------------
 
     async def create_batch(
         self, batch: NewBatch, *, idempotency: tuple[str, str] | None = None
     ) -> uuid.UUID:
-        """Insert the batch, its recipients and one job per recipient in one transaction.
+        """Insert the batch, its recipients and their chunk jobs in one transaction.
 
         The recipients and their jobs go in a single statement: procrastinate's own
-        ``procrastinate_defer_jobs_v1`` is called on the ids the insert returns, so a batch of
-        any size costs two round trips. Either everything is committed or nothing is.
+        ``procrastinate_defer_jobs_v1`` is called on the ids the insert returns, one job per
+        ``chunk_size`` of them, so a batch of any size costs two round trips. Either everything
+        is committed or nothing is.
 
         ``idempotency`` is (key, hash of the request): a key seen before raises
         :class:`KeyReused` instead of creating a second batch. Two requests racing with one
@@ -296,21 +351,20 @@ class Database:
                            WITH ORDINALITY AS t(email, fields, n)
                       LEFT JOIN suppressions s ON s.address_key = lower(t.email)
                      ORDER BY t.n
-                    RETURNING id, status
-                ), rows AS (SELECT id FROM inserted WHERE status = 'queued')
-                SELECT (SELECT count(*) FROM rows),
+                    RETURNING id, batch_id, status
+                ), rows AS (SELECT id, batch_id FROM inserted WHERE status = 'queued')
                 """
-                + _DEFER_JOBS_OF_ROWS,
+                + _COUNT_AND_DEFER_CHUNKS,
                 {
                     "batch_id": batch_id,
                     "emails": emails,
                     "fields": fields,
-                    **_DEFER_PARAMS,
-                    "scheduled_at": batch.send_at,
+                    **self._defer_params(scheduled_at=batch.send_at),
                 },
             )
             row = await cursor.fetchone()
-            if row is None or row[0] != row[1]:
+            expected = -(-row[0] // self.chunk_size) if row else None
+            if row is None or (row[1] or 0) != expected:
                 raise RuntimeError("deferred job count does not match the recipients queued")
         return batch_id
 
@@ -334,24 +388,42 @@ class Database:
     async def cancel(self, batch_id: uuid.UUID) -> int | None:
         """Cancel what is left of a batch; ``None`` if there is no such batch.
 
-        Queued, retrying and drafted recipients become ``cancelled`` and their waiting jobs
-        are cancelled in the same transaction. Sends already in flight finish.
+        Queued, retrying, drafted and sending recipients become ``cancelled`` and their
+        waiting jobs are cancelled in the same transaction: a recipient's own job, and a chunk
+        job once none of its recipients is still open. Sends already in flight finish; a chunk
+        that is running skips its cancelled recipients.
         """
         async with self.pool.connection() as conn, conn.transaction():
             cursor = await conn.execute("SELECT 1 FROM batches WHERE id = %s", (batch_id,))
             if await cursor.fetchone() is None:
                 return None
+            # One snapshot: ``recipients`` below still shows the rows ``cancelled`` changes, so
+            # a chunk stays only for a recipient that is open and not being cancelled (one
+            # whose send is in flight).
+            # A recipient "sending" in a chunk is cancelled too, unless its send is in flight:
+            # its row is locked by the delivery claim, and skipped.
             cursor = await conn.execute(
-                "WITH cancelled AS ("
-                "  UPDATE recipients SET status = 'cancelled', updated_at = now()"
-                "   WHERE batch_id = %s AND status IN ('queued', 'retrying', 'drafted')"
-                "  RETURNING id),"
+                "WITH targets AS (SELECT id FROM recipients"
+                "  WHERE batch_id = %(batch_id)s"
+                "  AND status IN ('queued', 'retrying', 'drafted', 'sending')"
+                "  FOR UPDATE SKIP LOCKED),"
+                " cancelled AS ("
+                "  UPDATE recipients r SET status = 'cancelled', updated_at = now()"
+                "   FROM targets t WHERE r.id = t.id RETURNING r.id),"
                 " jobs AS ("
-                "  UPDATE procrastinate_jobs j SET status = 'cancelled' FROM cancelled c"
-                "   WHERE j.status = 'todo' AND j.queue_name = %s"
-                "     AND (j.args ->> 'recipient_id')::bigint = c.id RETURNING j.id)"
+                "  UPDATE procrastinate_jobs j SET status = 'cancelled'"
+                "   WHERE j.status = 'todo' AND j.queue_name = %(queue)s AND ("
+                "     (j.args ->> 'recipient_id')::bigint IN (SELECT id FROM cancelled)"
+                "     OR (j.task_name = %(chunk_task)s"
+                "       AND j.args ->> 'batch_id' = %(batch_id)s::text"
+                "       AND NOT EXISTS (SELECT 1 FROM recipients r"
+                "         WHERE r.id IN (SELECT jsonb_array_elements_text("
+                "           j.args -> 'recipient_ids')::bigint)"
+                "         AND r.status IN ('queued', 'sending') AND NOT r.own_job"
+                "         AND r.id NOT IN (SELECT id FROM cancelled))))"
+                "  RETURNING j.id)"
                 " SELECT (SELECT count(*) FROM cancelled), (SELECT count(*) FROM jobs)",
-                (batch_id, EMAIL_QUEUE),
+                {"batch_id": batch_id, "queue": EMAIL_QUEUE, "chunk_task": SEND_CHUNK_TASK},
             )
             row = await cursor.fetchone()
         return int(row[0]) if row else 0
@@ -422,6 +494,34 @@ class Database:
 
     # -- delivery (worker) -----------------------------------------------------------------
 
+    async def begin_chunk(
+        self, batch_id: uuid.UUID, recipient_ids: Sequence[int]
+    ) -> list[RecipientForSend]:
+        """:meth:`begin_attempt` for the recipients of one chunk job, in one statement.
+
+        Takes the chunk's recipients that are still its own: ``queued``, or ``sending`` when the
+        chunk runs again after its worker died; never one that left the chunk for a job of its
+        own (``own_job``), nor a final one. In id order.
+        """
+        async with self.pool.connection() as conn:
+            cursor = conn.cursor(row_factory=dict_row)
+            await cursor.execute(
+                "WITH t AS (SELECT x.id, EXISTS (SELECT 1 FROM suppressions"
+                "   WHERE address_key = lower(x.email)) AS suppressed"
+                "   FROM recipients x WHERE x.id = ANY(%(ids)s::bigint[])"
+                "   AND x.batch_id = %(batch_id)s"
+                "   AND x.status IN ('queued', 'sending') AND NOT x.own_job)"
+                " UPDATE recipients r"
+                " SET status = CASE WHEN t.suppressed THEN 'suppressed' ELSE 'sending' END,"
+                " attempts = r.attempts + CASE WHEN t.suppressed THEN 0 ELSE 1 END,"
+                " updated_at = now() FROM batches b, t"
+                " WHERE r.id = t.id AND b.id = r.batch_id"
+                f" RETURNING {_FOR_SEND}",
+                {"ids": list(recipient_ids), "batch_id": batch_id},
+            )
+            rows = await cursor.fetchall()
+        return sorted((RecipientForSend(**row) for row in rows), key=lambda r: r.id)
+
     async def begin_attempt(self, recipient_id: int) -> RecipientForSend | None:
         """Count an attempt, show the recipient as ``sending`` and return it with its templates.
 
@@ -442,25 +542,49 @@ class Database:
                 " updated_at = now() FROM batches b, s"
                 " WHERE r.id = %(id)s AND b.id = r.batch_id"
                 " AND r.status IN ('queued', 'retrying', 'sending')"
-                " RETURNING r.id, r.batch_id, r.email, r.fields, r.status, r.attempts, r.subject,"
-                " r.body, b.drafter, b.subject_template, b.body_template, r.enqueued_at,"
-                " b.request_id, b.context,"
-                " (b.review AND b.approved_at IS NULL) AS hold_for_review",
+                f" RETURNING {_FOR_SEND}",
                 {"id": recipient_id},
             )
             row = await cursor.fetchone()
         return RecipientForSend(**row) if row else None
 
-    async def give_back_attempt(self, recipient_id: int, *, note: str | None = None) -> None:
-        """Undo :meth:`begin_attempt` for an attempt that was not the email's fault (cut off
-        by a shutdown, or held back by a rate limit); ``note`` says why it waits."""
+    async def give_back_attempt(
+        self,
+        recipient_ids: int | Sequence[int],
+        *,
+        note: str | None = None,
+        own_job_at: datetime | None = None,
+    ) -> None:
+        """Undo :meth:`begin_attempt` for attempts that were not the email's fault (cut off by
+        a shutdown, or held back by a rate limit); ``note`` says why it waits.
+
+        ``own_job_at``: the recipient leaves its chunk and waits for a job of its own at that
+        time, deferred in the same statement (a chunk's recipient held back by a rate limit).
+        """
+        ids = [recipient_ids] if isinstance(recipient_ids, int) else list(recipient_ids)
         async with self.pool.connection() as conn:
             await conn.execute(
-                "UPDATE recipients SET status = 'queued', attempts = greatest(attempts - 1, 0),"
-                " last_error = coalesce(%s, last_error), updated_at = now()"
-                " WHERE id = %s AND status = 'sending'",
-                (note, recipient_id),
+                "WITH failed AS (UPDATE recipients SET status = 'queued',"
+                " attempts = greatest(attempts - 1, 0),"
+                " last_error = coalesce(%(note)s, last_error),"
+                " own_job = own_job OR %(retry_at)s::timestamptz IS NOT NULL, updated_at = now()"
+                " WHERE id = ANY(%(ids)s::bigint[]) AND status = 'sending' RETURNING id)"
+                " SELECT " + _DEFER_OWN_JOB,
+                {
+                    "note": note,
+                    "ids": ids,
+                    **self._own_job_params(own_job_at, priority=RETRY_PRIORITY),
+                },
             )
+
+    @staticmethod
+    def _own_job_params(retry_at: datetime | None, *, priority: int) -> dict[str, Any]:
+        return {
+            "queue": EMAIL_QUEUE,
+            "email_task": SEND_EMAIL_TASK,
+            "priority": priority,
+            "retry_at": retry_at,
+        }
 
     async def save_draft(
         self,
@@ -501,7 +625,7 @@ class Database:
         return True
 
     async def approve(self, batch_id: uuid.UUID) -> int | None:
-        """Send a reviewed batch: its drafted recipients are queued with new jobs, at once.
+        """Send a reviewed batch: its drafted recipients are queued in new chunk jobs, at once.
 
         Returns how many were queued, or ``None`` if the batch does not exist. Recipients still
         being drafted when the batch is approved are sent as soon as their draft is stored.
@@ -515,10 +639,11 @@ class Database:
             if await cursor.fetchone() is None:
                 return None
             cursor = await conn.execute(
-                "WITH rows AS (UPDATE recipients SET status = 'queued', enqueued_at = now(),"
-                " updated_at = now() WHERE batch_id = %(batch_id)s AND status = 'drafted'"
-                " RETURNING id)" + _DEFER_EMAIL_JOBS,
-                {"batch_id": batch_id, **_DEFER_PARAMS},
+                "WITH rows AS (UPDATE recipients SET status = 'queued', own_job = false,"
+                " enqueued_at = now(), updated_at = now()"
+                " WHERE batch_id = %(batch_id)s AND status = 'drafted'"
+                " RETURNING id, batch_id)" + _COUNT_AND_DEFER_CHUNKS,
+                {"batch_id": batch_id, **self._defer_params()},
             )
             row = await cursor.fetchone()
         return int(row[0] or 0) if row else 0
@@ -539,39 +664,67 @@ class Database:
     async def claim_delivery(self, recipient_id: int) -> AsyncIterator[DeliveryClaim]:
         """Hold the recipient's idempotency key for the duration of the block.
 
-        The key is inserted in an open transaction: a concurrent duplicate blocks on it until
-        this transaction ends, then sees it committed (and skips) or rolled back (and sends).
-        If the key is already committed, ``claimed`` is False and nothing must be sent. An
-        exception inside the block rolls the claim back.
+        The recipient's row is locked and the key inserted in an open transaction: a
+        concurrent duplicate blocks on the row until this transaction ends, then sees it sent
+        (and skips) or rolled back (and sends). If the key is already committed, or the
+        recipient is no longer ``sending`` (its batch was cancelled while it waited in its
+        chunk), ``claimed`` is False and nothing must be sent. :meth:`cancel` skips a locked
+        row, so a send in flight finishes. An exception inside the block rolls the claim back.
         """
         async with self.pool.connection() as conn, conn.transaction():
             cursor = await conn.execute(
-                "INSERT INTO processed_jobs (idempotency_key) VALUES (%s)"
-                " ON CONFLICT (idempotency_key) DO NOTHING RETURNING 1",
-                (email_key(recipient_id),),
+                "WITH mine AS (SELECT status FROM recipients WHERE id = %(id)s FOR UPDATE),"
+                " claim AS (INSERT INTO processed_jobs (idempotency_key)"
+                "  SELECT %(key)s FROM mine WHERE status = 'sending'"
+                "  ON CONFLICT (idempotency_key) DO NOTHING RETURNING 1)"
+                " SELECT (SELECT status FROM mine), EXISTS (SELECT 1 FROM claim)",
+                {"id": recipient_id, "key": email_key(recipient_id)},
             )
-            claimed = await cursor.fetchone() is not None
-            yield DeliveryClaim(conn, recipient_id, claimed)
+            row = await cursor.fetchone()
+            status, claimed = row if row else (None, False)
+            yield DeliveryClaim(conn, recipient_id, claimed, status)
 
     async def mark_failed(
-        self, recipient_id: int, *, status: str, error: str, suppress: bool = False
+        self,
+        recipient_id: int,
+        *,
+        status: str,
+        error: str,
+        suppress: bool = False,
+        retry_at: datetime | None = None,
+        draft: tuple[str, str] | None = None,
     ) -> None:
         """Record a failed attempt as ``retrying`` or ``dead`` (never over a final state).
 
         ``suppress`` also adds the address to the suppressions as a hard bounce, in the same
-        statement (the server said the mailbox does not exist).
+        statement (the server said the mailbox does not exist). ``retry_at``: the recipient
+        leaves its chunk for a job of its own at that time, deferred in the same statement.
+        ``draft`` (subject, body) is stored unless one already is.
         """
+        subject, body = draft or (None, None)
         async with self.pool.connection() as conn:
             await conn.execute(
                 "WITH failed AS ("
                 "  UPDATE recipients SET status = %(status)s, last_error = %(error)s,"
+                "   own_job = own_job OR %(retry_at)s::timestamptz IS NOT NULL,"
+                "   subject = coalesce(subject, %(subject)s), body = coalesce(body, %(body)s),"
                 "   updated_at = now()"
                 "  WHERE id = %(id)s AND status IN ('queued', 'sending', 'retrying')"
-                "  RETURNING email)"
-                " INSERT INTO suppressions (address_key, address, reason, detail)"
-                " SELECT lower(email), email, 'hard_bounce', %(error)s FROM failed"
-                " WHERE %(suppress)s ON CONFLICT (address_key) DO NOTHING",
-                {"status": status, "error": error[:2000], "id": recipient_id, "suppress": suppress},
+                "  RETURNING id, email),"
+                " suppressed AS ("
+                "  INSERT INTO suppressions (address_key, address, reason, detail)"
+                "  SELECT lower(email), email, 'hard_bounce', %(error)s FROM failed"
+                "  WHERE %(suppress)s ON CONFLICT (address_key) DO NOTHING)"
+                " SELECT " + _DEFER_OWN_JOB,
+                {
+                    "status": status,
+                    "error": error[:2000],
+                    "id": recipient_id,
+                    "suppress": suppress,
+                    "subject": subject,
+                    "body": body,
+                    **self._own_job_params(retry_at, priority=RETRY_PRIORITY),
+                },
             )
 
     # -- sending-rate limits -----------------------------------------------------------------
@@ -713,8 +866,8 @@ class Database:
     async def redrive(self, selection: Selection) -> int:
         """Requeue the selected dead letters with a fresh attempt budget; return how many.
 
-        One statement: the recipients go back to ``queued`` and a *new* job is deferred for
-        each (procrastinate's ``retry_job`` would keep the old job's attempt count), and their
+        One statement: the recipients go back to ``queued`` in *new* chunk jobs, per batch
+        (procrastinate's ``retry_job`` would keep the old job's attempt count), and their
         addresses' hard-bounce suppressions are lifted. Only ``dead`` rows are touched, so a
         recipient that was sent is never sent again.
         """
@@ -723,12 +876,12 @@ class Database:
             # lifted with it (an unsubscription or a complaint never is).
             cursor = await conn.execute(
                 "WITH rows AS (UPDATE recipients SET status = 'queued', attempts = 0,"
-                " last_error = NULL, enqueued_at = now(), updated_at = now()"
-                f" WHERE status = 'dead' AND {_SELECTED} RETURNING id, email),"
+                " own_job = false, last_error = NULL, enqueued_at = now(), updated_at = now()"
+                f" WHERE status = 'dead' AND {_SELECTED} RETURNING id, batch_id, email),"
                 " lifted AS (DELETE FROM suppressions s USING rows"
                 "  WHERE s.address_key = lower(rows.email) AND s.reason = 'hard_bounce')"
-                + _DEFER_EMAIL_JOBS,
-                {**selection.params(), **_DEFER_PARAMS},
+                + _COUNT_AND_DEFER_CHUNKS,
+                {**selection.params(), **self._defer_params()},
             )
             row = await cursor.fetchone()
         return int(row[0] or 0) if row else 0

@@ -126,9 +126,8 @@ async def _serve(
         settings.database_url, max_size=settings.database_pool_size, name="mailroom-web"
     )
     await pool.open(wait=True, timeout=30)
-    runner = web.AppRunner(
-        create_app(settings, db=Database(pool), capture=capture), access_log=None
-    )
+    db = Database(pool, chunk_size=settings.chunk_size)
+    runner = web.AppRunner(create_app(settings, db=db, capture=capture), access_log=None)
     await runner.setup()
     try:
         site = web.TCPSite(runner, options.host, options.port)
@@ -150,6 +149,7 @@ async def _serve(
             )
             _banner(settings, options, capture)
             await _wait_for(stop, worker)
+            deps.stopping.set()  # chunks start no new send
             worker.cancel()
             done, _ = await asyncio.wait(
                 {worker, asyncio.create_task(forced.wait())}, return_when=asyncio.FIRST_COMPLETED

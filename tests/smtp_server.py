@@ -33,11 +33,13 @@ class Received:
 
 @dataclass
 class Rule:
-    """Reply ``reply`` to RCPT (or DATA when ``at_data``) for the first ``times`` attempts."""
+    """Reply ``reply`` to RCPT (or DATA when ``at_data``) for the first ``times`` attempts,
+    ``delay_s`` after the command."""
 
     reply: str
     times: int | None = None  # None: always
     at_data: bool = False
+    delay_s: float = 0.0
     seen: int = 0
 
     def fires(self) -> bool:
@@ -83,6 +85,7 @@ class RecordingSMTPServer:
     ) -> str:
         rule = self.rules.get(address.lower())
         if rule is not None and not rule.at_data and rule.fires():
+            await asyncio.sleep(rule.delay_s)
             return rule.reply
         envelope.rcpt_tos.append(address)
         return "250 OK"

@@ -7,7 +7,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from shared.db import Database, NewBatch, NewRecipient
-from shared.queue import EMAIL_QUEUE, SEND_EMAIL_TASK
+from shared.queue import EMAIL_QUEUE, SEND_CHUNK_TASK
 from shared.settings import Settings
 from tests.conftest import AUTH, query
 
@@ -27,25 +27,48 @@ async def _counts(database_url: str) -> tuple[int, int, int]:
     return rows[0]  # type: ignore[return-value]
 
 
-async def test_a_committed_batch_has_one_job_per_recipient_carrying_only_its_id(
+async def test_a_committed_batch_has_one_job_per_chunk_carrying_only_ids(
     client: TestClient, settings: Settings
 ) -> None:
     response = await client.post("/api/batches", json=BATCH, headers=AUTH)
     assert response.status == 201
     url = settings.database_url or ""
-    assert await _counts(url) == (1, 3, 3)
+    assert await _counts(url) == (1, 3, 1)
     jobs = await query(
-        url,
-        "SELECT j.queue_name, j.task_name, j.status::text, j.args, r.email"
-        " FROM procrastinate_jobs j JOIN recipients r ON r.id = (j.args->>'recipient_id')::bigint"
-        " ORDER BY j.id",
+        url, "SELECT queue_name, task_name, status::text, args FROM procrastinate_jobs"
     )
-    assert [(q, t, s, e) for q, t, s, _, e in jobs] == [
-        (EMAIL_QUEUE, SEND_EMAIL_TASK, "todo", "a@example.org"),
-        (EMAIL_QUEUE, SEND_EMAIL_TASK, "todo", "b@example.org"),
-        (EMAIL_QUEUE, SEND_EMAIL_TASK, "todo", "c@example.org"),
+    ids = await query(url, "SELECT id FROM recipients ORDER BY id")
+    assert jobs == [
+        (
+            EMAIL_QUEUE,
+            SEND_CHUNK_TASK,
+            "todo",
+            {"batch_id": response_id(await response.json()), "recipient_ids": [i for (i,) in ids]},
+        )
     ]
-    assert all(set(args) == {"recipient_id"} for _, _, _, args, _ in jobs)
+
+
+async def test_a_large_batch_is_cut_into_chunks_of_the_configured_size_in_order(
+    db: Database, settings: Settings
+) -> None:
+    url = settings.database_url or ""
+    chunked = Database(db.pool, chunk_size=4)
+    batch_id = await chunked.create_batch(
+        NewBatch(
+            created_by="test",
+            subject_template="S",
+            body_template="B",
+            recipients=[NewRecipient(f"r{i}@example.org") for i in range(10)],
+        )
+    )
+    jobs = await query(url, "SELECT args FROM procrastinate_jobs ORDER BY id")
+    ids = [i for (i,) in await query(url, "SELECT id FROM recipients ORDER BY id")]
+    assert [args["recipient_ids"] for (args,) in jobs] == [ids[0:4], ids[4:8], ids[8:10]]
+    assert {args["batch_id"] for (args,) in jobs} == {str(batch_id)}
+
+
+def response_id(body: dict[str, object]) -> str:
+    return str(body["id"])
 
 
 async def test_a_failure_after_the_recipients_insert_leaves_no_batch_recipient_or_job(

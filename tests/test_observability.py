@@ -76,7 +76,8 @@ async def test_metrics_move_as_a_batch_with_faults_goes_through(
     )
     assert response.status == 201
     queued = await scrape(client)
-    assert value(queued, "mailroom_queue_jobs", queue="emails", status="todo_ready") == 10
+    # One chunk job carries the ten recipients.
+    assert value(queued, "mailroom_queue_jobs", queue="emails", status="todo_ready") == 1
     assert value(queued, "mailroom_recipients", status="queued") == 10
     assert value(queued, "mailroom_oldest_ready_job_age_seconds", queue="emails") >= 0
 
@@ -95,8 +96,9 @@ async def test_metrics_move_as_a_batch_with_faults_goes_through(
     assert delta("mailroom_email_failures_total", kind="transient") == 1
     assert delta("mailroom_dead_letters_total") == 1
     assert delta("mailroom_job_retries_total") == 1
-    assert delta("mailroom_job_duration_seconds_count", task="send_email", outcome="succeeded") == 9
-    assert delta("mailroom_job_duration_seconds_count", task="send_email", outcome="permanent") == 1
+    # The chunk recorded every outcome (so it succeeded); the 451 went on in a job of its own.
+    assert delta("mailroom_job_duration_seconds_count", task="send_chunk", outcome="succeeded") == 1
+    assert delta("mailroom_job_duration_seconds_count", task="send_email", outcome="succeeded") == 1
     assert delta("mailroom_job_queue_wait_seconds_count") == 11
     assert delta("mailroom_smtp_send_seconds_count") == 9
     assert (
@@ -427,11 +429,7 @@ async def test_job_log_lines_carry_their_ids_and_no_bodies_secrets_or_addresses(
     batch_id = (await response.json())["id"]
     await drain(settings)
     lines = [json.loads(line) for line in log_lines.getvalue().splitlines() if line.strip()]
-    finished = [
-        line
-        for line in lines
-        if line.get("event") == "job_finished" and line.get("task") == "send_email"
-    ]
+    finished = [line for line in lines if line.get("event") == "email_finished"]
     assert len(finished) == 2
     for line in finished:
         assert {
@@ -445,7 +443,9 @@ async def test_job_log_lines_carry_their_ids_and_no_bodies_secrets_or_addresses(
             "duration_s",
         } <= set(line)
         assert line["batch_id"] == batch_id and line["request_id"] == "req-observability-1"
-    assert sorted(line["outcome"] for line in finished) == ["permanent", "succeeded"]
+    assert sorted(line["outcome"] for line in finished) == ["dead", "sent"]
+    chunks = [line for line in lines if line.get("event") == "job_finished"]
+    assert [line["result"] for line in chunks if line["task"] == "send_chunk"] == ["dead=1 sent=1"]
     created = [line for line in lines if line.get("event") == "batch_created"]
     assert created and created[0]["request_id"] == "req-observability-1"
     text = log_lines.getvalue()

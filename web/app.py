@@ -134,7 +134,7 @@ async def _pool_context(app: web.Application) -> AsyncIterator[None]:
         settings.database_url, max_size=settings.database_pool_size, name="mailroom-web"
     )
     await pool.open(wait=True, timeout=30)
-    app[DB] = Database(pool)
+    app[DB] = Database(pool, chunk_size=settings.chunk_size)
     yield
     await pool.close()
 

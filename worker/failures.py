@@ -55,6 +55,14 @@ class PermanentFailure(DeliveryFailure):
     permanent = True
 
 
+class Interrupted(Exception):
+    """The worker is stopping: a chunk hands back the recipients it has not started.
+
+    Not a failure: the chunk goes back to the queue at once, attempts given back, and runs
+    again on whichever worker takes it (what it already sent is skipped then).
+    """
+
+
 class RateLimited(Exception):
     """A sending-rate limit's window is full: not a failure, the job waits for ``resume_at``."""
 

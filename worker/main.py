@@ -70,7 +70,7 @@ async def worker_runtime(
     llm = LlmDrafter(settings) if settings.groq_api_key and drafters is None else None
     deps = WorkerDeps(
         settings=settings,
-        db=Database(pool),
+        db=Database(pool, chunk_size=settings.chunk_size),
         drafters=drafters or {"template": TemplateDrafter(), **({"llm": llm} if llm else {})},
         mailer=mailer
         or SmtpMailer(
@@ -79,6 +79,8 @@ async def worker_runtime(
             signer=DkimSigner.from_settings(settings),
         ),
         retry=retry,
+        sending=asyncio.Semaphore(settings.worker_concurrency),
+        chunks=asyncio.Semaphore(WorkerDeps.chunks_in_flight(settings)),
     )
     try:
         await app.open_async(pool)
@@ -121,13 +123,13 @@ async def run_worker(settings: Settings, **overrides: Any) -> None:
     loses the database) is restarted too.
     """
     stopping = asyncio.Event()
-    # The running worker and its database, while there is one (for signals and /healthz).
-    current: list[tuple[Worker, Database]] = []
+    # The running worker and its dependencies, while there is one (for signals and /healthz).
+    current: list[tuple[Worker, WorkerDeps]] = []
     _install_signal_handlers(stopping, current)
 
     def running() -> tuple[int, Database] | None:
         if current and current[0][0].worker_id is not None:
-            return current[0][0].worker_id, current[0][1]
+            return current[0][0].worker_id, current[0][1].db
         return None
 
     health = await start_health_server(settings, running)
@@ -142,7 +144,7 @@ async def run_worker(settings: Settings, **overrides: Any) -> None:
 async def _supervise(
     settings: Settings,
     stopping: asyncio.Event,
-    current: list[tuple[Worker, Database]],
+    current: list[tuple[Worker, WorkerDeps]],
     overrides: dict[str, Any],
 ) -> None:
     backoff_s = 1.0
@@ -153,7 +155,7 @@ async def _supervise(
                     app=app,
                     **worker_options(settings, deps, install_signal_handlers=False, **overrides),
                 )
-                current[:] = [(worker, deps.db)]
+                current[:] = [(worker, deps)]
                 if stopping.is_set():  # a signal arrived while we were connecting
                     break
                 log.info(
@@ -195,7 +197,7 @@ async def _sleep_unless(event: asyncio.Event, seconds: float) -> None:
 
 
 def _install_signal_handlers(
-    stopping: asyncio.Event, current: list[tuple[Worker, Database]]
+    stopping: asyncio.Event, current: list[tuple[Worker, WorkerDeps]]
 ) -> None:
     loop = asyncio.get_running_loop()
     requests = StopRequests()
@@ -209,7 +211,8 @@ def _install_signal_handlers(
             os._exit(EXIT_FORCED)
         log.info("worker_stop_requested", signal=signal.Signals(signum).name)
         stopping.set()
-        for worker, _ in current:
+        for worker, deps in current:
+            deps.stopping.set()
             worker.stop()  # type: ignore[no-untyped-call]
 
     for sig in (signal.SIGTERM, signal.SIGINT):

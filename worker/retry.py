@@ -18,20 +18,18 @@ from procrastinate import RetryDecision
 from procrastinate.jobs import Job
 from procrastinate.retry import BaseRetryStrategy
 
+from shared.queue import RETRY_PRIORITY
 from shared.settings import Settings
 from worker.failures import (
     DeliveryFailure,
     InfrastructureFailure,
+    Interrupted,
     RateLimited,
     TransientFailure,
 )
 
-# Retried jobs go back with a lower priority than fresh ones. procrastinate's fetch walks its
-# (priority DESC, id ASC) index and filters out rows scheduled in the future; with retries at
-# -1, a fresh job is found at the head of the index however many retries wait in backoff
-# (20,000 waiting retries: 4.9 ms per fetch at priority 0, 0.85 ms at -1; see bench/pickup.py).
-# The price: a retry that is due waits until no fresh job is ready.
-RETRY_PRIORITY = -1
+__all__ = ["RETRY_PRIORITY", "BackoffRetry"]
+
 RATE_LIMIT_SPREAD_BASE_S = 60
 RATE_LIMIT_SPREAD_MAX_S = 900.0
 
@@ -89,9 +87,10 @@ class BackoffRetry(BaseRetryStrategy):
         return float(min(RATE_LIMIT_SPREAD_MAX_S, base * 2.0 ** min(times_held, 20)))
 
     def get_retry_decision(self, *, exception: BaseException, job: Job) -> RetryDecision | None:
-        if isinstance(exception, asyncio.CancelledError):
-            # The worker was shutting down and its grace period ran out: the job did nothing
-            # wrong, so it goes straight back to the queue.
+        if isinstance(exception, asyncio.CancelledError | Interrupted):
+            # The worker is shutting down (a chunk handing back what it had not started, or a
+            # job cut off when the grace period ran out): the job did nothing wrong, so it goes
+            # straight back to the queue.
             return RetryDecision(retry_at=_now())
         if isinstance(exception, RateLimited):
             widest = self.rate_limit_spread_s(exception.limit.window_s, job.attempts)

@@ -1,11 +1,21 @@
-"""The worker's tasks: ``send_email`` drafts and sends one recipient's email, exactly once.
+"""The worker's tasks: ``send_chunk`` and ``send_email`` send recipients' emails, exactly once.
+
+A batch goes out as one ``send_chunk`` job per chunk of its recipients; the chunk drafts and
+sends each of them with bounded concurrency over the worker's reused SMTP connections, and
+every recipient keeps its own status, attempts, claim key, draft and dead letter. A recipient
+that must try again later (a transient failure, a full sending-rate window) leaves the chunk
+for a ``send_email`` job of its own at its backoff time; a permanent failure makes it a dead
+letter at once. The chunk itself is never retried for one recipient's sake, so a slow or
+failing address never holds the rest back. ``send_email`` is that job of its own, and is also
+what every email was before chunks, so jobs queued by an earlier version still run.
 
 A task only loads by id, drafts, sends and records; the pieces live in :mod:`worker.drafting`,
 :mod:`worker.smtp` and :class:`shared.db.Database`. The once-only guarantee comes from the
 ``processed_jobs`` claim (see :meth:`shared.db.Database.claim_delivery`): the SMTP send happens
 while the claim is held, and the claim commits together with ``status = 'sent'``. The one
 window left: the SMTP server accepted the message and the process died before that commit; the
-job then runs again and the recipient receives the message twice (same Message-ID).
+job then runs again and the recipient receives the message twice (same Message-ID). A chunk
+that runs again (its worker died, the sweep requeued it) skips every recipient already sent.
 
 Two maintenance tasks run periodically in every deployment: ``sweep_stalled_jobs`` puts the
 jobs of a worker that stopped heartbeating (killed, frozen, cut off) back in the queue, and
@@ -17,9 +27,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import uuid
+from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import procrastinate
@@ -38,7 +50,7 @@ from shared.metrics import (
     JOB_RETRIES,
     RATE_LIMITED,
 )
-from shared.queue import EMAIL_QUEUE, MAINTENANCE_QUEUE, SEND_EMAIL_TASK
+from shared.queue import EMAIL_QUEUE, MAINTENANCE_QUEUE, SEND_CHUNK_TASK, SEND_EMAIL_TASK
 from shared.ratelimits import limits_for
 from shared.settings import Settings
 from shared.unsubscribe import make_token, unsubscribe_url
@@ -46,6 +58,7 @@ from worker.drafting import Draft, Drafter, storable
 from worker.failures import (
     DeliveryFailure,
     InfrastructureFailure,
+    Interrupted,
     PermanentFailure,
     RateLimited,
     TransientFailure,
@@ -58,20 +71,38 @@ log = structlog.get_logger(__name__)
 
 @dataclass(frozen=True)
 class WorkerDeps:
-    """What a task needs, built once per worker process and handed to every job."""
+    """What a task needs, built once per worker process and handed to every job.
+
+    ``sending`` bounds the sends in flight in this process, whatever job they belong to: each
+    holds a database connection (its claim) and an SMTP connection. ``chunks`` bounds the
+    chunks being worked on: just enough to keep every send slot busy, so the recipients shown
+    as ``sending`` are about the ones in flight, and a crash interrupts as few as it can.
+    """
 
     settings: Settings
     db: Database
     drafters: Mapping[str, Drafter]
     mailer: Mailer
     retry: BackoffRetry
+    sending: asyncio.Semaphore
+    chunks: asyncio.Semaphore
+    # Set when the worker is asked to stop: chunks start no new send, so a stop waits for the
+    # sends in flight only, not for the rest of every chunk.
+    stopping: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @staticmethod
+    def chunks_in_flight(settings: Settings) -> int:
+        """Chunks one worker works on at once: enough recipients for every send slot, and
+        one chunk more so the next is ready while the last recipients of one finish."""
+        return -(-settings.worker_concurrency // settings.chunk_size) + 1
 
 
 DEPS_KEY = "mailroom"
 
 
 def register_tasks(app: procrastinate.App, settings: Settings, retry: BackoffRetry) -> None:
-    """Attach Mailroom's tasks to ``app``: the email task and the periodic maintenance."""
+    """Attach Mailroom's tasks to ``app``: the email tasks and the periodic maintenance."""
+    app.task(name=SEND_CHUNK_TASK, queue=EMAIL_QUEUE, pass_context=True, retry=retry)(send_chunk)
     app.task(name=SEND_EMAIL_TASK, queue=EMAIL_QUEUE, pass_context=True, retry=retry)(send_email)
     app.periodic(cron=_every(settings.sweep_interval_seconds), periodic_id="sweep")(
         app.task(name="sweep_stalled_jobs", queue=MAINTENANCE_QUEUE, pass_context=True)(
@@ -107,6 +138,9 @@ async def job_summary_middleware(
     except RateLimited:
         outcome = "rate_limited"
         raise
+    except Interrupted:
+        outcome = "interrupted"
+        raise
     except asyncio.CancelledError:
         outcome = "aborted"
         raise
@@ -124,8 +158,109 @@ def _every(seconds: int) -> str:
     return f"* * * * * */{seconds}" if seconds < 60 else f"*/{seconds // 60} * * * *"
 
 
+# -- one chunk of a batch ------------------------------------------------------------------------
+
+
+async def send_chunk(context: JobContext, batch_id: str, recipient_ids: list[int]) -> str:
+    """Draft and send the emails of one chunk of a batch; returns the outcomes (for the log).
+
+    Each recipient is attempted concurrently (sends bounded by ``WorkerDeps.sending``) and
+    its outcome recorded on its own row. The job fails only when an outcome could not be
+    recorded (the database went away): it then runs again later, and whatever was recorded
+    is skipped.
+    """
+    deps: WorkerDeps = context.additional_context[DEPS_KEY]
+    structlog.contextvars.bind_contextvars(batch_id=batch_id)
+    async with deps.chunks:
+        return await _send_chunk(context, deps, uuid.UUID(batch_id), recipient_ids)
+
+
+async def _send_chunk(
+    context: JobContext, deps: WorkerDeps, batch_id: uuid.UUID, recipient_ids: list[int]
+) -> str:
+    try:
+        recipients = await deps.db.begin_chunk(batch_id, recipient_ids)
+    except psycopg.Error as exc:
+        raise _database_failure(exc) from exc
+    outcomes: Counter[str] = Counter()
+    if len(recipients) < len(recipient_ids):
+        outcomes["skipped"] = len(recipient_ids) - len(recipients)
+    unfinished = {r.id for r in recipients if r.status != "suppressed"}
+    ready_at = context.job.scheduled_at
+
+    async def attempt(recipient: RecipientForSend) -> None:
+        if recipient.status == "suppressed":
+            outcome = "suppressed"
+            EMAILS_SUPPRESSED.inc()
+        else:
+            outcome = await _send_in_chunk(deps, recipient, ready_at)
+        if outcome != "not_started":
+            unfinished.discard(recipient.id)
+        outcomes[outcome] += 1
+
+    try:
+        results = await asyncio.gather(*map(attempt, recipients), return_exceptions=True)
+    except asyncio.CancelledError:
+        # Cut off by a shutdown past its grace period: what did not finish goes back to the
+        # chunk, attempts given back, and the retry policy requeues the chunk at once.
+        with contextlib.suppress(psycopg.Error):
+            await asyncio.shield(deps.db.give_back_attempt(list(unfinished)))
+        raise
+    errors = [r for r in results if isinstance(r, BaseException)]
+    if errors:
+        # An outcome that could not be recorded leaves its recipient to this chunk: run the
+        # chunk again later (recipients recorded meanwhile are skipped then).
+        log.warning("chunk_incomplete", unrecorded=len(errors), error=_describe(errors[0]))
+        raise _database_failure(errors[0])
+    summary = " ".join(f"{name}={n}" for name, n in sorted(outcomes.items()))
+    if unfinished:
+        # The worker is stopping: what was not started goes back with the chunk.
+        try:
+            await deps.db.give_back_attempt(list(unfinished))
+        except psycopg.Error as exc:
+            raise _database_failure(exc) from exc
+        raise Interrupted(summary)
+    return summary
+
+
+async def _send_in_chunk(
+    deps: WorkerDeps, recipient: RecipientForSend, ready_at: datetime | None
+) -> str:
+    # Runs in a task of its own (asyncio.gather), so these bindings stay with this recipient.
+    structlog.contextvars.bind_contextvars(
+        recipient_id=recipient.id, request_id=recipient.request_id
+    )
+    _observe_wait(ready_at or recipient.enqueued_at)
+    started = time.perf_counter()
+    try:
+        outcome = await _attempt(deps, recipient, in_chunk=True)
+    except Interrupted:
+        return "not_started"
+    except RateLimited as waiting:
+        # Not this email's fault: it waits for the window to end in a job of its own, its
+        # attempt given back; the rest of the chunk goes on.
+        spread = deps.retry.rng.uniform(
+            0, deps.retry.rate_limit_spread_s(waiting.limit.window_s, 0)
+        )
+        resume_at = waiting.resume_at + timedelta(seconds=spread)
+        await deps.db.give_back_attempt(recipient.id, note=waiting.note, own_job_at=resume_at)
+        _count_rate_limited(waiting)
+        outcome = "rate_limited"
+    except DeliveryFailure as failure:
+        outcome = await _record_failure(deps, recipient, failure, own_job=True)
+    log.info("email_finished", outcome=outcome, duration_s=round(time.perf_counter() - started, 4))
+    return outcome
+
+
+# -- one recipient on its own --------------------------------------------------------------------
+
+
 async def send_email(context: JobContext, recipient_id: int) -> str:
-    """Draft and send the email of one recipient; returns what happened (for the job log)."""
+    """Draft and send the email of one recipient; returns what happened (for the job log).
+
+    A failure is raised after it is recorded, so the retry policy decides when this job runs
+    again (or that it does not).
+    """
     deps: WorkerDeps = context.additional_context[DEPS_KEY]
     try:
         recipient = await deps.db.begin_attempt(recipient_id)
@@ -139,30 +274,14 @@ async def send_email(context: JobContext, recipient_id: int) -> str:
     structlog.contextvars.bind_contextvars(
         batch_id=str(recipient.batch_id), recipient_id=recipient.id, request_id=recipient.request_id
     )
-    ready_at = context.job.scheduled_at or recipient.enqueued_at
-    JOB_QUEUE_WAIT.observe(max(0.0, (datetime.now(UTC) - ready_at).total_seconds()))
+    _observe_wait(context.job.scheduled_at or recipient.enqueued_at)
     try:
-        async with asyncio.timeout(deps.settings.job_timeout_seconds):
-            draft = await _draft_once(deps, recipient)
-            if recipient.hold_for_review and await deps.db.park_for_review(
-                recipient.id, recipient.batch_id
-            ):
-                return "drafted"
-            return await _deliver(deps, recipient, draft)
-    except TimeoutError:
-        failure: DeliveryFailure = TransientFailure(
-            f"attempt took longer than {deps.settings.job_timeout_seconds:g} s"
-        )
-    except DeliveryFailure as exc:
-        failure = exc
-    except psycopg.Error as exc:
-        failure = _database_failure(exc)
+        return await _attempt(deps, recipient)
     except RateLimited as waiting:
-        # Not this email's fault: it waits for the window to end, with its attempt given back.
+        # Not this email's fault: the job waits for the window to end, its attempt given back.
         with contextlib.suppress(psycopg.Error):
             await deps.db.give_back_attempt(recipient_id, note=waiting.note)
-        RATE_LIMITED.labels(limit=waiting.limit.kind).inc()
-        log.info("email_rate_limited", limit=waiting.limit.name, resume_at=waiting.resume_at)
+        _count_rate_limited(waiting)
         raise
     except asyncio.CancelledError:
         # Cut off by a shutdown past its grace period: the retry policy requeues the job at
@@ -170,49 +289,131 @@ async def send_email(context: JobContext, recipient_id: int) -> str:
         with contextlib.suppress(psycopg.Error):
             await asyncio.shield(deps.db.give_back_attempt(recipient_id))
         raise
+    except DeliveryFailure as failure:
+        with contextlib.suppress(psycopg.Error):
+            await _record_failure(deps, recipient, failure, own_job=False)
+        raise
+
+
+# -- what both do for one recipient --------------------------------------------------------------
+
+
+async def _attempt(deps: WorkerDeps, recipient: RecipientForSend, *, in_chunk: bool = False) -> str:
+    """Draft (once) and send one email; every problem comes out as a DeliveryFailure.
+
+    The draft and the send each get ``job_timeout_seconds``; waiting for a free send slot in a
+    busy worker is not counted against either. In a chunk, a send that has not started when
+    the worker is asked to stop raises :class:`Interrupted` instead.
+    """
+    limit = deps.settings.job_timeout_seconds
+    try:
+        async with asyncio.timeout(limit):
+            draft, stored = await _draft_once(deps, recipient)
+            if recipient.hold_for_review:
+                if not stored:
+                    await _save(deps, recipient, draft)
+                    stored = True
+                if await deps.db.park_for_review(recipient.id, recipient.batch_id):
+                    return "drafted"
+        async with deps.sending, asyncio.timeout(limit):
+            if in_chunk and deps.stopping.is_set():
+                raise Interrupted()
+            try:
+                return await _deliver(deps, recipient, draft, store=not stored)
+            except DeliveryFailure:
+                if not stored:  # the dead letter or retry shows what was attempted
+                    with contextlib.suppress(psycopg.Error):
+                        await _save(deps, recipient, draft)
+                raise
+    except TimeoutError:
+        raise TransientFailure(f"attempt took longer than {limit:g} s") from None
+    except psycopg.Error as exc:
+        raise _database_failure(exc) from exc
+    except (DeliveryFailure, RateLimited, Interrupted):
+        raise
     except Exception as exc:
         # A bug, not the far side: make it a dead letter an operator can see and redrive,
         # rather than a recipient stuck in "sending" forever.
-        log.exception("send_email_crashed", recipient_id=recipient_id)
-        failure = PermanentFailure(f"internal error: {type(exc).__name__}: {exc}"[:500])
+        log.exception("send_email_crashed", recipient_id=recipient.id)
+        raise PermanentFailure(f"internal error: {type(exc).__name__}: {exc}"[:500]) from exc
+
+
+async def _record_failure(
+    deps: WorkerDeps, recipient: RecipientForSend, failure: DeliveryFailure, *, own_job: bool
+) -> str:
+    """Record a failed attempt: a dead letter, or a retry (in a job of its own if ``own_job``).
+
+    Returns ``dead`` or ``retrying``. Raises psycopg.Error if it cannot be recorded.
+    """
     failure.attempt = recipient.attempts
     final = deps.retry.gives_up(failure)
     EMAIL_FAILURES.labels(kind="permanent" if failure.permanent else "transient").inc()
     (DEAD_LETTERS if final else JOB_RETRIES).inc()
+    outcome = "dead" if final else "retrying"
     log.info(
         "email_attempt_failed",
         attempt=recipient.attempts,
         error=failure.message,
         smtp_code=failure.smtp_code,
-        outcome="dead" if final else "retrying",
+        outcome=outcome,
     )
-    with contextlib.suppress(psycopg.Error):
-        await deps.db.mark_failed(
-            recipient_id,
-            status="dead" if final else "retrying",
-            error=failure.message,
-            suppress=failure.mailbox_unknown,
-        )
-    raise failure
+    retry_at = None
+    if own_job and not final:
+        delay = deps.retry.delay_s(recipient.attempts, failure.retry_after_s)
+        retry_at = datetime.now(UTC) + timedelta(seconds=delay)
+    await deps.db.mark_failed(
+        recipient.id,
+        status=outcome,
+        error=failure.message,
+        suppress=failure.mailbox_unknown,
+        retry_at=retry_at,
+    )
+    return outcome
 
 
-def _database_failure(exc: psycopg.Error) -> InfrastructureFailure:
+def _observe_wait(ready_at: datetime) -> None:
+    JOB_QUEUE_WAIT.observe(max(0.0, (datetime.now(UTC) - ready_at).total_seconds()))
+
+
+def _count_rate_limited(waiting: RateLimited) -> None:
+    RATE_LIMITED.labels(limit=waiting.limit.kind).inc()
+    log.info("email_rate_limited", limit=waiting.limit.name, resume_at=waiting.resume_at)
+
+
+def _database_failure(exc: BaseException) -> InfrastructureFailure:
     # The database went away mid-attempt: nothing was recorded as sent, so trying again later
     # is safe. If even the retry cannot be recorded, the job stays "doing" and the stalled-job
     # sweep requeues it once this worker's heartbeat goes stale.
     return InfrastructureFailure(f"database unavailable: {type(exc).__name__}")
 
 
-async def _draft_once(deps: WorkerDeps, recipient: RecipientForSend) -> Draft:
-    # A stored draft is reused by every later attempt: drafting may cost money (an LLM).
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:300]
+
+
+async def _draft_once(deps: WorkerDeps, recipient: RecipientForSend) -> tuple[Draft, bool]:
+    """The recipient's draft, and whether it is stored on its row already.
+
+    A stored draft is reused by every later attempt: drafting may cost money (an LLM), so such
+    a draft is stored before the send. A drafter whose drafts cost nothing and come out the
+    same every time (templates) is stored with the attempt's outcome instead, which saves a
+    round trip per email.
+    """
     if recipient.subject is not None and recipient.body is not None:
-        return Draft(subject=recipient.subject, body=recipient.body)
+        return Draft(subject=recipient.subject, body=recipient.body), True
     drafter = deps.drafters.get(recipient.drafter)
     if drafter is None:
         raise PermanentFailure(
             f"this worker has no {recipient.drafter!r} drafter (set MAILROOM_GROQ_API_KEY)"
         )
     draft = storable(await drafter.draft(recipient))
+    if not getattr(drafter, "store_before_send", True):
+        return draft, False
+    await _save(deps, recipient, draft)
+    return draft, True
+
+
+async def _save(deps: WorkerDeps, recipient: RecipientForSend, draft: Draft) -> None:
     await deps.db.save_draft(
         recipient.id,
         draft.subject,
@@ -220,10 +421,11 @@ async def _draft_once(deps: WorkerDeps, recipient: RecipientForSend) -> Draft:
         prompt_tokens=draft.prompt_tokens,
         completion_tokens=draft.completion_tokens,
     )
-    return draft
 
 
-async def _deliver(deps: WorkerDeps, recipient: RecipientForSend, draft: Draft) -> str:
+async def _deliver(
+    deps: WorkerDeps, recipient: RecipientForSend, draft: Draft, *, store: bool
+) -> str:
     sender = deps.settings.from_address
     assert sender is not None  # required by the worker's startup checks
     message_id = message_id_for(recipient.id, recipient.batch_id, sender_domain(sender))
@@ -243,9 +445,12 @@ async def _deliver(deps: WorkerDeps, recipient: RecipientForSend, draft: Draft) 
             raise RateLimited(*full)
     async with deps.db.claim_delivery(recipient.id) as claim:
         if not claim.claimed:
-            return "duplicate"
+            # Sent already (a duplicate job, a chunk run again), or cancelled while it waited.
+            return "cancelled" if claim.status == "cancelled" else "duplicate"
         reply = await deps.mailer.send(message)
-        await claim.mark_sent(message_id, reply)
+        await claim.mark_sent(
+            message_id, reply, draft=(draft.subject, draft.body) if store else None
+        )
     EMAILS_SENT.inc()
     return "sent"
 
