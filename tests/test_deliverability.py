@@ -19,9 +19,10 @@ import aiohttp
 import dkim
 import pytest
 from aiohttp.test_utils import TestClient
+from aiosmtplib.protocol import normalize_message_line_endings
 from dkim.util import parse_tag_value
 
-from shared.settings import Settings
+from shared.settings import ConfigError, Settings
 from shared.unsubscribe import make_token, read_token
 from tests.conftest import AUTH, drain, make_settings, query
 from tests.smtp_server import RecordingSMTPServer, Rule
@@ -383,6 +384,7 @@ DKIM_MESSAGES = {
     "long lines": _raw(*_HEADERS, "Subject: " + "s" * 900, body=b"y" * 5000 + b"\r\n"),
     "dots and 8-bit bytes": _raw(*_HEADERS, body=b".\r\n..x\r\ncaf\xe9 \xff\r\n"),
     "bare LF line ends": b"From: news@example.org\nSubject: Hi\n\nline one\nline two \n\n",
+    "a lone CR": _raw(*_HEADERS, body=b"one\rtwo \r\n"),
 }
 
 
@@ -391,7 +393,9 @@ def test_dkim_signatures_verify_with_dkimpy(dkim_key: Path, message: bytes) -> N
     signer = _signer(dkim_key)
     record = signer.public_record().encode()
     signed = signer.sign(message)
-    assert signed.endswith(message) or b"\n" in message.replace(b"\r\n", b"")
+    # What aiosmtplib would send: verifiers see CRLF line ends and a final CRLF, so the signer
+    # signs (and returns) those.
+    assert signed.endswith(normalize_message_line_endings(message))
     assert dkim.verify(signed, dnsfunc=lambda name, timeout=5: record)
     tampered = signed.replace(b"news@example.org", b"news@example.net")
     assert tampered != signed and not dkim.verify(tampered, dnsfunc=lambda name, timeout=5: record)
@@ -402,15 +406,12 @@ def test_dkim_signs_the_headers_and_tags_dkimpy_signs(dkim_key: Path) -> None:
     signer = _signer(dkim_key)
     for message in DKIM_MESSAGES.values():
         ours = _signature_tags(signer.sign(message))
+        sent = normalize_message_line_endings(message)
         theirs = _signature_tags(
             dkim.sign(
-                message,
-                b"mr",
-                b"example.org",
-                dkim_key.read_bytes(),
-                canonicalize=(b"relaxed", b"relaxed"),
+                sent, b"mr", b"example.org", dkim_key.read_bytes(), canonicalize=(b"relaxed",) * 2
             )
-            + message
+            + sent
         )
         assert ours.keys() == theirs.keys()
         for tag in (b"v", b"a", b"c", b"d", b"i", b"q", b"s", b"bh"):
@@ -423,6 +424,30 @@ def _signature_tags(signed: bytes) -> dict[bytes, bytes]:
     header = re.match(rb"DKIM-Signature:(.*?)\r?\n(?![ \t])", signed, re.DOTALL)
     assert header is not None
     return dict(parse_tag_value(header.group(1)))
+
+
+@pytest.mark.parametrize(
+    ("openssl", "message"),
+    [
+        (None, "cannot read"),
+        (["genrsa", "-aes256", "-passout", "pass:secret"], "is encrypted"),
+        (["genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"], "the key is EC"),
+        (["genpkey", "-algorithm", "ed25519"], "the key is Ed25519"),
+    ],
+    ids=["missing", "encrypted", "EC", "Ed25519"],
+)
+def test_dkim_keys_it_cannot_sign_with_are_config_errors(
+    tmp_path: Path, openssl: list[str] | None, message: str
+) -> None:
+    key = tmp_path / "dkim.pem"
+    if openssl is not None:
+        subprocess.run(["openssl", *openssl, "-out", str(key)], check=True, capture_output=True)
+    with pytest.raises(ConfigError) as raised:
+        _signer(key)
+    assert str(raised.value).startswith("MAILROOM_DKIM_PRIVATE_KEY_PATH: ")
+    assert message in str(raised.value)
+    if openssl is not None:
+        assert f"{key} is not a PEM RSA private key (" in str(raised.value)
 
 
 def test_a_dkim_signature_survives_a_relay_refolding_headers(dkim_key: Path) -> None:
