@@ -22,7 +22,6 @@ from pathlib import Path
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
-from dkim.crypto import parse_pem_private_key
 
 from shared.settings import ConfigError, Settings, env_name
 
@@ -38,9 +37,6 @@ _LINE_END = re.compile(rb"\r\n|\r|\n")
 _WSP = re.compile(rb"[ \t]+")
 _FOLD_AT = 76  # RFC 5322 asks for lines of at most 78 characters
 _B64_WIDTH = _FOLD_AT - 4  # after " b=" on the first line
-
-# rsaEncryption (1.2.840.113549.1.1.1), DER-encoded with its NULL parameters.
-_RSA_ALGORITHM = bytes.fromhex("300d06092a864886f70d0101010500")
 
 
 @dataclass(frozen=True)
@@ -115,9 +111,9 @@ class DkimSigner:
 
     def public_record(self) -> str:
         """The TXT record to publish at :attr:`record_name`."""
-        key = parse_pem_private_key(self.private_key)
-        rsa_public_key = _der(0x30, _der_int(key["modulus"]) + _der_int(key["publicExponent"]))
-        spki = _der(0x30, _RSA_ALGORITHM + _der(0x03, b"\0" + rsa_public_key))
+        spki = self._key.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
         return f"v=DKIM1; k=rsa; p={base64.b64encode(spki).decode()}"
 
 
@@ -184,18 +180,3 @@ def _fold(line: bytes) -> bytes:
             lines.append(b"")
         lines[-1] += b" " + word if lines[-1] else word
     return b"\r\n ".join(lines)
-
-
-def _der_int(value: int) -> bytes:
-    body = value.to_bytes(value.bit_length() // 8 + 1, "big")  # a leading 0 keeps it positive
-    return _der(0x02, body)
-
-
-def _der(tag: int, body: bytes) -> bytes:
-    n = len(body)
-    if n < 0x80:
-        length = bytes([n])
-    else:
-        size = n.to_bytes((n.bit_length() + 7) // 8, "big")
-        length = bytes([0x80 | len(size)]) + size
-    return bytes([tag]) + length + body
