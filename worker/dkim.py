@@ -4,10 +4,10 @@ Optional: set ``MAILROOM_DKIM_PRIVATE_KEY_PATH`` (a PEM RSA key) and ``MAILROOM_
 the signing domain is ``MAILROOM_DKIM_DOMAIN`` or the sender's. Headers and body are
 canonicalized "relaxed", which survives the re-folding some relays do.
 
-The rsa-sha256 signature is OpenSSL's, through ``cryptography``: dkimpy's pure-Python RSA cost
-about 7.5 ms of CPU per message, the largest part of a send. Canonicalization and the choice of
-header fields are a few rules of the RFC, written out below; dkimpy still verifies
-(``mailroom check``, the tests).
+The rsa-sha256 signature is OpenSSL's, through ``cryptography``: about 0.4 ms of CPU per
+message with a 2048-bit key, where dkimpy's pure-Python RSA took 7.5 ms. Canonicalization and
+the choice of header fields are a few rules of the RFC, written out below; dkimpy still
+verifies (``mailroom check``, the tests).
 """
 
 from __future__ import annotations
