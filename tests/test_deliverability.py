@@ -19,14 +19,17 @@ import aiohttp
 import dkim
 import pytest
 from aiohttp.test_utils import TestClient
+from aiosmtplib.protocol import normalize_message_line_endings
+from dkim.util import parse_tag_value
 
-from shared.settings import Settings
+from shared.settings import ConfigError, Settings
 from shared.unsubscribe import make_token, read_token
 from tests.conftest import AUTH, drain, make_settings, query
 from tests.smtp_server import RecordingSMTPServer, Rule
 from tests.test_pages import login
 from worker.check import run_checks
 from worker.dkim import DkimSigner
+from worker.smtp import build_message, wire_bytes
 
 PUBLIC_URL = "https://mail.example.org"
 
@@ -319,6 +322,151 @@ async def test_every_message_is_dkim_signed_and_verifies_against_the_published_k
     assert seen == ["mr2026._domainkey.example.com."]
     tampered = wire.replace(b"Hi there.", b"Hi thar.")
     assert tampered != wire and not dkim.verify(tampered, dnsfunc=dns)
+
+
+def _signer(key: Path) -> DkimSigner:
+    settings = Settings(  # type: ignore[call-arg]
+        _env_file=None,
+        from_address="news@example.org",
+        dkim_private_key_path=key,
+        dkim_selector="mr",
+    )
+    signer = DkimSigner.from_settings(settings)
+    assert signer is not None
+    return signer
+
+
+def _built(subject: str, body: str) -> bytes:
+    message = build_message(
+        sender="news@example.org",
+        to="ada@example.com",
+        subject=subject,
+        body=body,
+        message_id="<mailroom.1.2@example.org>",
+        unsubscribe_url=PUBLIC_URL + "/u/token",
+    )
+    return wire_bytes(message)
+
+
+def _raw(*lines: str, body: bytes = b"Hello.\r\n") -> bytes:
+    return "".join(line + "\r\n" for line in lines).encode() + b"\r\n" + body
+
+
+_HEADERS = ("From: News <news@example.org>", "To: ada@example.com", "Subject: Hello")
+
+# Messages a signer must get exactly right: what build_message makes, and the odd shapes a
+# canonicalization bug would show on (RFC 6376 3.4.2 for headers, 3.4.4 for the body).
+DKIM_MESSAGES = {
+    "non-ASCII subject, QP body": _built("Nouvelles — décembre", "Café crème à 8 h.\n\nÀ bientôt"),
+    "long encoded subject": _built("Überschrift " * 12, "Zeile " * 60 + "\n" + "x" * 300),
+    "empty built body": _built("Hello", ""),
+    "folded headers": _raw(
+        "From: News <news@example.org>",
+        "To: ada@example.com,\r\n\tgrace@example.com,\r\n   linus@example.com",
+        "Subject: a subject\r\n folded\r\n\tthree times",
+        "Content-Type: text/plain;\r\n charset=utf-8",
+    ),
+    "whitespace in headers": _raw(
+        "From:news@example.org", "To:  ada@example.com  \t", "Subject: \t lots   of \t space  "
+    ),
+    "odd header name case": _raw("fROM: news@example.org", "SUBJECT: Hi", "Message-Id: <a@b>"),
+    "a header twice": _raw(*_HEADERS, "Subject: again", "Cc: one@example.com", "Cc: two@x.org"),
+    "From twice": _raw(*_HEADERS, "From: other@example.org"),
+    "unsigned headers too": _raw(
+        "Received: from a by b", *_HEADERS, "X-Mailer: mailroom", "Bcc: hidden@example.org"
+    ),
+    "empty body": _raw(*_HEADERS, body=b""),
+    "headers only": "\r\n".join(_HEADERS).encode() + b"\r\n",
+    "only blank lines": _raw(*_HEADERS, body=b"\r\n\r\n  \r\n\t\r\n"),
+    "trailing blank lines": _raw(*_HEADERS, body=b"text\r\n\r\n\r\n\r\n"),
+    "whitespace at line ends": _raw(*_HEADERS, body=b"a  \r\nb\t\r\n c \t d \r\n\r\n e"),
+    "no final line break": _raw(*_HEADERS, body=b"last line"),
+    "long lines": _raw(*_HEADERS, "Subject: " + "s" * 900, body=b"y" * 5000 + b"\r\n"),
+    "dots and 8-bit bytes": _raw(*_HEADERS, body=b".\r\n..x\r\ncaf\xe9 \xff\r\n"),
+    "bare LF line ends": b"From: news@example.org\nSubject: Hi\n\nline one\nline two \n\n",
+    "a lone CR": _raw(*_HEADERS, body=b"one\rtwo \r\n"),
+}
+
+
+@pytest.mark.parametrize("message", DKIM_MESSAGES.values(), ids=DKIM_MESSAGES.keys())
+def test_dkim_signatures_verify_with_dkimpy(dkim_key: Path, message: bytes) -> None:
+    signer = _signer(dkim_key)
+    record = signer.public_record().encode()
+    signed = signer.sign(message)
+    # What aiosmtplib would send: verifiers see CRLF line ends and a final CRLF, so the signer
+    # signs (and returns) those.
+    assert signed.endswith(normalize_message_line_endings(message))
+    assert dkim.verify(signed, dnsfunc=lambda name, timeout=5: record)
+    tampered = signed.replace(b"news@example.org", b"news@example.net")
+    assert tampered != signed and not dkim.verify(tampered, dnsfunc=lambda name, timeout=5: record)
+
+
+def test_dkim_signs_the_headers_and_tags_dkimpy_signs(dkim_key: Path) -> None:
+    """The same h= list (RFC 6376's recommended fields, From once more) and tags as before."""
+    signer = _signer(dkim_key)
+    for message in DKIM_MESSAGES.values():
+        ours = _signature_tags(signer.sign(message))
+        sent = normalize_message_line_endings(message)
+        theirs = _signature_tags(
+            dkim.sign(
+                sent, b"mr", b"example.org", dkim_key.read_bytes(), canonicalize=(b"relaxed",) * 2
+            )
+            + sent
+        )
+        assert ours.keys() == theirs.keys()
+        for tag in (b"v", b"a", b"c", b"d", b"i", b"q", b"s", b"bh"):
+            assert ours[tag] == theirs[tag], tag
+        assert re.split(rb"\s*:\s*", ours[b"h"]) == re.split(rb"\s*:\s*", theirs[b"h"])
+        assert abs(int(ours[b"t"]) - int(theirs[b"t"])) <= 5
+
+
+def _signature_tags(signed: bytes) -> dict[bytes, bytes]:
+    header = re.match(rb"DKIM-Signature:(.*?)\r?\n(?![ \t])", signed, re.DOTALL)
+    assert header is not None
+    return dict(parse_tag_value(header.group(1)))
+
+
+@pytest.mark.parametrize(
+    ("openssl", "message"),
+    [
+        (None, "cannot read"),
+        (["genrsa", "-aes256", "-passout", "pass:secret"], "is encrypted"),
+        (["genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"], "the key is EC"),
+        (["genpkey", "-algorithm", "ed25519"], "the key is Ed25519"),
+    ],
+    ids=["missing", "encrypted", "EC", "Ed25519"],
+)
+def test_dkim_keys_it_cannot_sign_with_are_config_errors(
+    tmp_path: Path, openssl: list[str] | None, message: str
+) -> None:
+    key = tmp_path / "dkim.pem"
+    if openssl is not None:
+        subprocess.run(["openssl", *openssl, "-out", str(key)], check=True, capture_output=True)
+    with pytest.raises(ConfigError) as raised:
+        _signer(key)
+    assert str(raised.value).startswith("MAILROOM_DKIM_PRIVATE_KEY_PATH: ")
+    assert message in str(raised.value)
+    if openssl is not None:
+        assert f"{key} is not a PEM RSA private key (" in str(raised.value)
+
+
+def test_a_dkim_signature_survives_a_relay_refolding_headers(dkim_key: Path) -> None:
+    """Relaxed canonicalization: re-folded headers and re-spaced values still verify."""
+    signer = _signer(dkim_key)
+    record = signer.public_record().encode()
+    signed = signer.sign(_built("A subject that is long enough to fold, " * 3, "Hi."))
+    head, body = signed.split(b"\r\n\r\n", 1)
+    refolded = (
+        re.sub(rb"\r\n[ \t]+", b" ", head)  # every folded header on one line
+        .replace(b"To: ada@example.com", b"To:\r\n\t ada@example.com  ")
+        .replace(b"Subject: ", b"Subject:\t\t")
+        .replace(b"; boundary=", b";\r\n      boundary=")
+    )
+    assert refolded != head
+    relayed = b"Received: by relay.example.net\r\n" + refolded + b"\r\n\r\n" + body
+    assert dkim.verify(relayed, dnsfunc=lambda name, timeout=5: record)
+    reworded = relayed.replace(b"To:\r\n\t ada@", b"To:\r\n\t bob@")
+    assert reworded != relayed and not dkim.verify(reworded, dnsfunc=lambda name, timeout=5: record)
 
 
 def test_mailroom_check_verifies_the_key_offline_and_prints_the_record(dkim_key: Path) -> None:
