@@ -7,6 +7,7 @@ transaction opens one explicitly, so no statement pays for an implicit BEGIN/COM
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -173,6 +174,15 @@ _FOR_SEND = (
     " b.subject_template, b.body_template, r.enqueued_at, b.request_id, b.context,"
     " (b.review AND b.approved_at IS NULL) AS hold_for_review"
 )
+
+
+async def _roll_back(conn: psycopg.AsyncConnection) -> None:
+    # Whatever state the pipeline is in (a failed statement aborts it until the next sync),
+    # leave the connection outside any transaction; a broken one the pool discards.
+    try:
+        await conn.execute("ROLLBACK")
+    except psycopg.Error:
+        pass
 
 
 class DeliveryClaim:
@@ -670,8 +680,13 @@ class Database:
         recipient is no longer ``sending`` (its batch was cancelled while it waited in its
         chunk), ``claimed`` is False and nothing must be sent. :meth:`cancel` skips a locked
         row, so a send in flight finishes. An exception inside the block rolls the claim back.
+
+        Two round trips around the send, in pipeline mode: BEGIN with the claim, then
+        :meth:`DeliveryClaim.mark_sent` with the COMMIT. The commit's outcome is known when
+        the block exits: a failure there raises, as an unrecorded send must.
         """
-        async with self.pool.connection() as conn, conn.transaction():
+        async with self.pool.connection() as conn, conn.pipeline():
+            await conn.execute("BEGIN")
             cursor = await conn.execute(
                 "WITH mine AS (SELECT status FROM recipients WHERE id = %(id)s FOR UPDATE),"
                 " claim AS (INSERT INTO processed_jobs (idempotency_key)"
@@ -682,7 +697,12 @@ class Database:
             )
             row = await cursor.fetchone()
             status, claimed = row if row else (None, False)
-            yield DeliveryClaim(conn, recipient_id, claimed, status)
+            try:
+                yield DeliveryClaim(conn, recipient_id, claimed, status)
+            except BaseException:
+                await asyncio.shield(_roll_back(conn))
+                raise
+            await conn.execute("COMMIT")
 
     async def mark_failed(
         self,
