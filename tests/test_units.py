@@ -19,7 +19,7 @@ from shared.templating import TemplateProblem, fields_used, render
 from shared.unsubscribe import make_token, read_token
 from worker.failures import PermanentFailure, TransientFailure, classify_smtp
 from worker.retry import BackoffRetry
-from worker.smtp import build_message, text_to_html, wire_bytes
+from worker.smtp import build_message, text_to_html
 
 # -- templates ------------------------------------------------------------------------------
 
@@ -207,32 +207,77 @@ def test_the_html_part_escapes_everything_and_keeps_paragraphs() -> None:
     assert "<p>next &lt;script&gt;</p>" in markup
 
 
-@pytest.mark.parametrize("field", ["sender", "to", "subject", "message_id"])
-@pytest.mark.parametrize("injection", ["\r\nBcc: evil@example.org", "\nBcc: evil@example.org"])
-def test_a_header_injection_cannot_add_headers(field: str, injection: str) -> None:
+_HEADER_FIELDS = {
+    "sender": "From",
+    "to": "To",
+    "subject": "Subject",
+    "message_id": "Message-ID",
+    "unsubscribe_url": "List-Unsubscribe",
+    "unsubscribe_mailto": "List-Unsubscribe",
+}
+
+
+@pytest.mark.parametrize("field", list(_HEADER_FIELDS))
+@pytest.mark.parametrize(
+    "injection",
+    [
+        "\r\nBcc: evil@example.org",
+        "\nBcc: evil@example.org",
+        "\rBcc: evil@example.org",
+        "\x0bBcc: evil@example.org",  # what str.splitlines() also breaks at
+        "\x0c",
+        "\x1c",
+        "\x1e",
+        "\x85",
+        "\u2028",
+        "\u2029",
+        "\x00",
+        "\x08",
+        "\x1b[31m",
+        "\x7f",
+        "\x9f",
+        "\ud800",  # half a surrogate pair: not encodable
+    ],
+)
+def test_a_header_value_with_a_control_character_is_refused(field: str, injection: str) -> None:
     values = {
         "sender": "a@example.org",
         "to": "b@example.org",
         "subject": "Hi",
         "message_id": "<1@example.org>",
+        "unsubscribe_url": "https://example.org/u/t",
+        "unsubscribe_mailto": "u@example.org",
     }
     values[field] += injection
-    with pytest.raises(ValueError, match="line break"):
+    with pytest.raises(PermanentFailure, match=f"^unsafe header: {_HEADER_FIELDS[field]}$"):
+        build_message(body="x", **values)
+
+
+@pytest.mark.parametrize("field", [f for f in _HEADER_FIELDS if f != "subject"])
+def test_a_tab_is_refused_everywhere_but_in_the_subject(field: str) -> None:
+    values = {
+        "sender": "a@example.org",
+        "to": "b@example.org",
+        "subject": "Hi\tthere",
+        "message_id": "<1@example.org>",
+    }
+    message = build_message(body="x", **values)
+    assert BytesParser(policy=default).parsebytes(message.data)["Subject"] == "Hi\tthere"
+    values[field] = values.get(field, "x@example.org") + "\t"
+    with pytest.raises(PermanentFailure, match="unsafe header"):
         build_message(body="x", **values)
 
 
 def test_a_message_reads_back_as_written_in_both_parts() -> None:
     body = "Grüße, Ada <3\n\n" + "a long line " * 200 + "\n.\nend = fin"
     subject = "Héllo wörld, " + "x" * 150
-    wire = wire_bytes(
-        build_message(
-            sender="a@example.org",
-            to="b@example.org",
-            subject=subject,
-            body=body,
-            message_id="<1@example.org>",
-        )
-    )
+    wire = build_message(
+        sender="a@example.org",
+        to="b@example.org",
+        subject=subject,
+        body=body,
+        message_id="<1@example.org>",
+    ).data
     assert b"\r\n" in wire and b"\n" not in wire.replace(b"\r\n", b"")
     assert max(len(line) for line in wire.split(b"\r\n")) <= 998
     parsed = BytesParser(policy=default).parsebytes(wire)
