@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import binascii
+import collections
 import functools
 import html
 import os
@@ -23,19 +24,28 @@ from typing import Protocol
 import aiosmtplib
 import structlog
 
-from shared.metrics import SMTP_SEND
+from shared.metrics import SMTP_CONCURRENCY_LIMIT, SMTP_SEND, SMTP_THROTTLED
 from shared.settings import Settings, SmtpSecurity
 from shared.templating import UNSUBSCRIBE_MARKER
 from worker.dkim import DkimSigner
-from worker.failures import DeliveryFailure, PermanentFailure, classify_smtp
+from worker.failures import (
+    DeliveryFailure,
+    PermanentFailure,
+    asks_to_slow_down,
+    classify_smtp,
+)
 
 MAX_MESSAGES_PER_CONNECTION = 100
 IDLE_TIMEOUT_S = 30.0
-# "421 slow down" and "451 try again later" (greylisting, a rate limit of the server's): for a
-# while after one, this worker sends one message at a time, at most one per interval.
-SLOW_DOWN_CODES = frozenset({421, 451})
-SLOW_DOWN_S = 300.0
-SLOW_DOWN_INTERVAL_S = 1.0
+# When the server asks to slow down (worker.failures.asks_to_slow_down), the number of sends in
+# flight halves, down to one; below one, sends are paced: PACE_MIN_S apart at first, twice as far
+# apart after each further request, up to PACE_MAX_S. The cap is low on purpose: the jobs
+# queued behind the one slot (up to the worker's concurrency of them) must still finish within
+# their time limit, and a server that refuses everything for a while then costs one attempt
+# per two seconds (the retries' own backoff spreads them further). Successes undo it step by
+# step, see SmtpMailer.
+PACE_MIN_S = 0.25
+PACE_MAX_S = 2.0
 
 # RFC 5322: a line is at most 998 characters and should be at most 78.
 _MAX_LINE = 998
@@ -274,6 +284,62 @@ def text_to_html(body: str) -> str:
     return f"<!doctype html>\n<html><body>\n{inner}\n</body></html>\n"
 
 
+class AdaptiveLimiter:
+    """At most ``limit`` holders at once, with a limit that can move between 1 and ``size``.
+
+    asyncio.Semaphore's algorithm (a FIFO of waiting futures, a slot handed straight to the
+    next waiter) with a ceiling that moves: lowering it lets the holders above it finish and
+    admits no one until the count is under it; raising it admits waiters at once. Release is
+    synchronous, so no cancellation can lose a slot or a wake-up (an asyncio.Condition needs
+    its lock to notify, and on Python 3.11 a waiter cancelled just after being notified
+    swallows the notification).
+    """
+
+    def __init__(self, size: int) -> None:
+        if size < 1:
+            raise ValueError("size must be at least 1")
+        self.size = size
+        self.limit = size
+        self.active = 0
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+
+    async def acquire(self) -> None:
+        if self.active < self.limit and not self._waiters:
+            self.active += 1
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self.release()  # granted a slot just as the wait was cancelled: pass it on
+            elif waiter in self._waiters:
+                self._waiters.remove(waiter)
+            raise
+
+    def release(self) -> None:
+        self.active -= 1
+        self._wake()
+
+    def set_limit(self, limit: int) -> None:
+        self.limit = max(1, min(self.size, limit))
+        self._wake()
+
+    def _wake(self) -> None:
+        while self._waiters and self.active < self.limit:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                self.active += 1
+                waiter.set_result(None)
+
+    async def __aenter__(self) -> None:
+        await self.acquire()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.release()
+
+
 class _StaleConnection(Exception):
     """The server closed the connection before our first command of a transaction."""
 
@@ -290,7 +356,17 @@ class _Connection:
 
 
 class SmtpMailer:
-    """Sends through one SMTP server with at most ``size`` connections, reused."""
+    """Sends through one SMTP server with at most ``size`` connections, reused.
+
+    How many messages are in flight adapts to the server (additive increase, multiplicative
+    decrease, as TCP does): a reply that asks this sender to slow down halves the limit, down
+    to one, then paces the sends (PACE_MIN_S, doubling up to PACE_MAX_S); every ``limit``
+    successes with no such reply in between undo one step (halve the pace, or add one to the
+    limit, up to ``size``). A reply about one recipient (a greylisting 451 to RCPT) or any other
+    failure changes nothing. Sends that started before the last decrease went out at the old
+    limit: their replies are counted (the metric) but change nothing, so a burst of refusals
+    from the sends in flight halves the limit once, and their successes do not undo it.
+    """
 
     def __init__(
         self,
@@ -300,77 +376,121 @@ class SmtpMailer:
         max_messages_per_connection: int = MAX_MESSAGES_PER_CONNECTION,
         idle_timeout_s: float = IDLE_TIMEOUT_S,
         signer: DkimSigner | None = None,
-        slow_down_s: float = SLOW_DOWN_S,
-        slow_down_interval_s: float = SLOW_DOWN_INTERVAL_S,
     ) -> None:
         self._settings = settings
         self._signer = signer
-        self._slow_down_s = slow_down_s
-        self._slow_down_interval_s = slow_down_interval_s
-        self._slow_until = 0.0
-        self._paced = asyncio.Lock()
-        self._next_paced_send = 0.0
-        self._slots = asyncio.Semaphore(size)
+        self._limiter = AdaptiveLimiter(size)
+        self._epoch = 0  # one more at each decrease
+        self._successes = 0  # in this epoch, since the last change
+        self._pace_s = 0.0
+        self._next_send_at = 0.0
         self._idle: list[_Connection] = []
         self._max_messages = max_messages_per_connection
         self._idle_timeout_s = idle_timeout_s
+        SMTP_CONCURRENCY_LIMIT.set(size)
 
     @property
-    def slowed_down(self) -> bool:
-        """Whether the server recently asked us to slow down (421/451)."""
-        return time.monotonic() < self._slow_until
+    def concurrency_limit(self) -> int:
+        """How many messages may be in flight now (``size`` unless the server throttled)."""
+        return self._limiter.limit
+
+    @property
+    def pace_s(self) -> float:
+        """The least time between two sends now (0: not paced)."""
+        return self._pace_s
 
     async def send(self, message: OutgoingMessage) -> str:
         """Send ``message``; return the server's reply or raise a DeliveryFailure."""
-        try:
-            if not self.slowed_down:
-                return await self._send(message)
-            async with self._paced:
-                await asyncio.sleep(max(0.0, self._next_paced_send - time.monotonic()))
-                self._next_paced_send = time.monotonic() + self._slow_down_interval_s
-                return await self._send(message)
-        except DeliveryFailure as failure:
-            if failure.smtp_code in SLOW_DOWN_CODES:
-                if not self.slowed_down:
-                    log.warning(
-                        "smtp_slow_down",
-                        smtp_code=failure.smtp_code,
-                        for_s=self._slow_down_s,
-                        interval_s=self._slow_down_interval_s,
-                    )
-                self._slow_until = time.monotonic() + self._slow_down_s
-            raise
+        async with self._limiter:
+            if self._pace_s:
+                # Paced only at a limit of one: the holders of the one slot take turns here.
+                await asyncio.sleep(max(0.0, self._next_send_at - time.monotonic()))
+                self._next_send_at = time.monotonic() + self._pace_s
+            epoch = self._epoch
+            try:
+                reply = await self._send(message)
+            except DeliveryFailure as failure:
+                if asks_to_slow_down(failure):
+                    self._slow_down(failure, epoch)
+                raise
+            self._succeeded(epoch)
+            return reply
+
+    def _slow_down(self, failure: DeliveryFailure, epoch: int) -> None:
+        SMTP_THROTTLED.inc()
+        if epoch != self._epoch:
+            return  # started before the last decrease, which already answered this burst
+        self._epoch += 1
+        self._successes = 0
+        old_limit, old_pace = self._limiter.limit, self._pace_s
+        if old_limit > 1:
+            self._limiter.set_limit(old_limit // 2)
+        else:
+            self._pace_s = min(PACE_MAX_S, max(PACE_MIN_S, old_pace * 2))
+            self._next_send_at = time.monotonic() + self._pace_s
+        SMTP_CONCURRENCY_LIMIT.set(self._limiter.limit)
+        log.warning(
+            "smtp_throttled",
+            smtp_code=failure.smtp_code,
+            stage=failure.stage,
+            old_limit=old_limit,
+            new_limit=self._limiter.limit,
+            old_pace_s=old_pace,
+            pace_s=self._pace_s,
+        )
+
+    def _succeeded(self, epoch: int) -> None:
+        if epoch != self._epoch:
+            return  # sent at the limit before the last decrease: says nothing of the new one
+        limit, pace = self._limiter.limit, self._pace_s
+        if not pace and limit >= self._limiter.size:
+            return
+        self._successes += 1
+        if self._successes < limit:
+            return
+        self._successes = 0
+        if pace:
+            self._pace_s = pace / 2 if pace / 2 >= PACE_MIN_S else 0.0
+        else:
+            self._limiter.set_limit(limit + 1)
+            SMTP_CONCURRENCY_LIMIT.set(self._limiter.limit)
+        log.info(
+            "smtp_recovered",
+            old_limit=limit,
+            new_limit=self._limiter.limit,
+            old_pace_s=pace,
+            pace_s=self._pace_s,
+        )
 
     async def _send(self, message: OutgoingMessage) -> str:
-        async with self._slots:
-            started = time.perf_counter()
-            conn, reused = await self._checkout()
+        started = time.perf_counter()
+        conn, reused = await self._checkout()
+        try:
+            reply = await self._transmit(conn, message)
+        except _StaleConnection as stale:
+            await self._discard(conn)
+            if not reused:
+                raise classify_smtp(stale.cause, stage="mail") from stale.cause
+            # The server had closed this idle connection before our MAIL command: nothing
+            # was accepted on it, so one attempt on a fresh connection cannot duplicate.
+            conn, _ = await self._checkout(fresh=True)
             try:
                 reply = await self._transmit(conn, message)
-            except _StaleConnection as stale:
+            except _StaleConnection as again:
                 await self._discard(conn)
-                if not reused:
-                    raise classify_smtp(stale.cause, stage="mail") from stale.cause
-                # The server had closed this idle connection before our MAIL command: nothing
-                # was accepted on it, so one attempt on a fresh connection cannot duplicate.
-                conn, _ = await self._checkout(fresh=True)
-                try:
-                    reply = await self._transmit(conn, message)
-                except _StaleConnection as again:
-                    await self._discard(conn)
-                    raise classify_smtp(again.cause, stage="mail") from again.cause
-                except BaseException:
-                    await self._discard(conn)
-                    raise
+                raise classify_smtp(again.cause, stage="mail") from again.cause
             except BaseException:
                 await self._discard(conn)
                 raise
-            SMTP_SEND.observe(time.perf_counter() - started)
-            if conn.sent >= self._max_messages:
-                await self._discard(conn)
-            else:
-                self._idle.append(conn)
-            return reply
+        except BaseException:
+            await self._discard(conn)
+            raise
+        SMTP_SEND.observe(time.perf_counter() - started)
+        if conn.sent >= self._max_messages:
+            await self._discard(conn)
+        else:
+            self._idle.append(conn)
+        return reply
 
     async def _transmit(self, conn: _Connection, message: OutgoingMessage) -> str:
         sender, to, payload = message.sender, message.recipient, message.data
