@@ -85,6 +85,14 @@ LLM_REQUEST = Histogram(
     buckets=_LATENCY_BUCKETS,
 )
 WORKER_UP = Gauge("mailroom_worker_up", "1 while this worker process is running its worker.")
+SMTP_CONCURRENCY_LIMIT = Gauge(
+    "mailroom_smtp_concurrency_limit",
+    "Messages this worker may hand to the SMTP server at once (lowered when it throttles).",
+)
+SMTP_THROTTLED = Counter(
+    "mailroom_smtp_throttled",
+    "SMTP replies about the connection or the sender that ask to slow down (421, 4xx to MAIL).",
+)
 
 # -- web --------------------------------------------------------------------------------------
 BATCHES_CREATED = Counter("mailroom_batches_created", "Batches created.")

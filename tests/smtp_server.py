@@ -1,7 +1,8 @@
 """A real SMTP server on loopback (aiosmtpd) that records what it accepts.
 
 It can be told to misbehave per address: reply with a given code for the first ``k`` attempts,
-or always; delay before answering DATA. Everything it receives is kept in order, so tests can
+or always, to RCPT (the recipient's address), to DATA, or to MAIL (the sender's address: every
+message from it); delay before answering DATA. Everything it receives is kept in order, so tests can
 count deliveries per Message-ID.
 """
 
@@ -33,12 +34,13 @@ class Received:
 
 @dataclass
 class Rule:
-    """Reply ``reply`` to RCPT (or DATA when ``at_data``) for the first ``times`` attempts,
-    ``delay_s`` after the command."""
+    """Reply ``reply`` to RCPT (or DATA when ``at_data``, MAIL when ``at_mail``) for the first
+    ``times`` attempts; at RCPT, ``delay_s`` after the command."""
 
     reply: str
     times: int | None = None  # None: always
     at_data: bool = False
+    at_mail: bool = False  # keyed by the sender's address
     delay_s: float = 0.0
     seen: int = 0
 
@@ -80,11 +82,21 @@ class RecordingSMTPServer:
 
     # -- aiosmtpd hooks --------------------------------------------------------------------
 
+    async def handle_MAIL(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        rule = self.rules.get(address.lower())
+        if rule is not None and rule.at_mail and rule.fires():
+            return rule.reply
+        envelope.mail_from = address
+        envelope.mail_options.extend(options)
+        return "250 OK"
+
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
     ) -> str:
         rule = self.rules.get(address.lower())
-        if rule is not None and not rule.at_data and rule.fires():
+        if rule is not None and not (rule.at_data or rule.at_mail) and rule.fires():
             await asyncio.sleep(rule.delay_s)
             return rule.reply
         envelope.rcpt_tos.append(address)

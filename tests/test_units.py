@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 from email.parser import BytesParser
 from email.policy import default
@@ -17,9 +18,9 @@ from shared import stopping
 from shared.addresses import InvalidAddress, normalize_address
 from shared.templating import TemplateProblem, fields_used, render
 from shared.unsubscribe import make_token, read_token
-from worker.failures import PermanentFailure, TransientFailure, classify_smtp
+from worker.failures import PermanentFailure, TransientFailure, asks_to_slow_down, classify_smtp
 from worker.retry import BackoffRetry
-from worker.smtp import build_message, text_to_html, wire_bytes
+from worker.smtp import AdaptiveLimiter, build_message, text_to_html
 
 # -- templates ------------------------------------------------------------------------------
 
@@ -198,6 +199,135 @@ def test_something_that_is_not_an_smtp_error_is_not_silently_classified() -> Non
         classify_smtp(KeyError("x"), stage="data")
 
 
+@pytest.mark.parametrize(
+    ("code", "stage", "slows_down"),
+    [
+        (421, "connect", True),  # "too many connections" in the greeting
+        (421, "mail", True),
+        (421, "rcpt", True),  # the server closes the connection: not about the recipient
+        (421, "data", True),
+        (450, "connect", True),
+        (451, "mail", True),  # "rate limited"
+        (452, "mail", True),  # "too many messages"
+        (451, "data", True),
+        (452, "data", True),
+        (450, "rcpt", False),  # mailbox busy
+        (451, "rcpt", False),  # greylisting
+        (452, "rcpt", False),  # mailbox full
+        (550, "mail", False),  # permanent: never retried, nothing to pace
+        (554, "data", False),
+        (535, "connect", False),
+    ],
+)
+def test_only_a_reply_about_the_connection_or_the_sender_asks_to_slow_down(
+    code: int, stage: str, slows_down: bool
+) -> None:
+    failure = classify_smtp(aiosmtplib.SMTPResponseException(code, "x"), stage=stage)
+    assert failure.stage == stage
+    assert asks_to_slow_down(failure) is slows_down
+    refused = aiosmtplib.SMTPRecipientsRefused([aiosmtplib.SMTPRecipientRefused(code, "x", "a@b")])
+    assert classify_smtp(refused, stage="data").stage == "rcpt"
+
+
+def test_network_failures_do_not_ask_to_slow_down() -> None:
+    for error, stage in [
+        (ConnectionRefusedError("refused"), "connect"),
+        (aiosmtplib.SMTPTimeoutError("slow"), "data"),
+        (aiosmtplib.SMTPServerDisconnected("gone"), "rcpt"),
+    ]:
+        failure = classify_smtp(error, stage=stage)
+        assert failure.stage == stage and not asks_to_slow_down(failure)
+    assert not asks_to_slow_down(TransientFailure("no code, no stage"))
+
+
+# -- the adjustable sending limit -----------------------------------------------------------------
+
+
+async def test_the_limiter_admits_up_to_its_limit_and_follows_it_down_and_up() -> None:
+    limiter = AdaptiveLimiter(4)
+    entered: list[int] = []
+    release = asyncio.Event()
+
+    async def hold(i: int) -> None:
+        async with limiter:
+            entered.append(i)
+            await release.wait()
+
+    tasks = [asyncio.create_task(hold(i)) for i in range(6)]
+    await asyncio.sleep(0)
+    assert entered == [0, 1, 2, 3] and limiter.active == 4
+    limiter.set_limit(0)
+    assert limiter.limit == 1, "never below one"
+    limiter.set_limit(9)
+    assert limiter.limit == 4, "never above the size"
+    limiter.set_limit(2)
+    await asyncio.sleep(0)
+    assert entered == [0, 1, 2, 3], "the holders above the limit finish; no one new yet"
+    limiter.set_limit(4)
+    await asyncio.sleep(0)
+    assert entered == [0, 1, 2, 3], "still full at four"
+    release.set()
+    await asyncio.gather(*tasks)
+    assert sorted(entered) == list(range(6)) and limiter.active == 0
+
+
+async def test_a_lowered_limit_admits_one_at_a_time_in_order() -> None:
+    limiter = AdaptiveLimiter(3)
+    order: list[str] = []
+    gate = asyncio.Event()
+
+    async def job(name: str) -> None:
+        async with limiter:
+            order.append(f"+{name}")
+            await gate.wait()
+            order.append(f"-{name}")
+
+    first = [asyncio.create_task(job(n)) for n in "abc"]
+    await asyncio.sleep(0)
+    limiter.set_limit(1)
+    later = [asyncio.create_task(job(n)) for n in "de"]
+    await asyncio.sleep(0)
+    gate.set()
+    await asyncio.gather(*first, *later)
+    # d waits for all three holders to leave (a limit of one), e for d.
+    assert order[:3] == ["+a", "+b", "+c"]
+    assert order[3:] == ["-a", "-b", "-c", "+d", "-d", "+e", "-e"]
+
+
+async def test_a_raised_limit_admits_waiters_at_once() -> None:
+    limiter = AdaptiveLimiter(3)
+    limiter.set_limit(1)
+    await limiter.acquire()
+    waiters = [asyncio.create_task(limiter.acquire()) for _ in range(3)]
+    await asyncio.sleep(0)
+    assert limiter.active == 1 and not any(w.done() for w in waiters)
+    limiter.set_limit(3)
+    await asyncio.sleep(0)
+    assert limiter.active == 3 and [w.done() for w in waiters] == [True, True, False]
+    limiter.release()
+    await asyncio.wait_for(waiters[2], 1)
+    assert limiter.active == 3
+
+
+async def test_a_cancelled_waiter_never_loses_a_slot() -> None:
+    limiter = AdaptiveLimiter(1)
+    await limiter.acquire()
+    waiting = asyncio.create_task(limiter.acquire())
+    await asyncio.sleep(0)
+    waiting.cancel()  # cancelled while it waits
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    granted = asyncio.create_task(limiter.acquire())
+    await asyncio.sleep(0)
+    limiter.release()  # hands the slot to `granted` ...
+    granted.cancel()  # ... which is cancelled before it runs: the slot must come back
+    with pytest.raises(asyncio.CancelledError):
+        await granted
+    assert limiter.active == 0
+    await asyncio.wait_for(limiter.acquire(), 1)
+    assert limiter.active == 1
+
+
 # -- messages -------------------------------------------------------------------------------
 
 
@@ -207,32 +337,77 @@ def test_the_html_part_escapes_everything_and_keeps_paragraphs() -> None:
     assert "<p>next &lt;script&gt;</p>" in markup
 
 
-@pytest.mark.parametrize("field", ["sender", "to", "subject", "message_id"])
-@pytest.mark.parametrize("injection", ["\r\nBcc: evil@example.org", "\nBcc: evil@example.org"])
-def test_a_header_injection_cannot_add_headers(field: str, injection: str) -> None:
+_HEADER_FIELDS = {
+    "sender": "From",
+    "to": "To",
+    "subject": "Subject",
+    "message_id": "Message-ID",
+    "unsubscribe_url": "List-Unsubscribe",
+    "unsubscribe_mailto": "List-Unsubscribe",
+}
+
+
+@pytest.mark.parametrize("field", list(_HEADER_FIELDS))
+@pytest.mark.parametrize(
+    "injection",
+    [
+        "\r\nBcc: evil@example.org",
+        "\nBcc: evil@example.org",
+        "\rBcc: evil@example.org",
+        "\x0bBcc: evil@example.org",  # what str.splitlines() also breaks at
+        "\x0c",
+        "\x1c",
+        "\x1e",
+        "\x85",
+        "\u2028",
+        "\u2029",
+        "\x00",
+        "\x08",
+        "\x1b[31m",
+        "\x7f",
+        "\x9f",
+        "\ud800",  # half a surrogate pair: not encodable
+    ],
+)
+def test_a_header_value_with_a_control_character_is_refused(field: str, injection: str) -> None:
     values = {
         "sender": "a@example.org",
         "to": "b@example.org",
         "subject": "Hi",
         "message_id": "<1@example.org>",
+        "unsubscribe_url": "https://example.org/u/t",
+        "unsubscribe_mailto": "u@example.org",
     }
     values[field] += injection
-    with pytest.raises(ValueError, match="line break"):
+    with pytest.raises(PermanentFailure, match=f"^unsafe header: {_HEADER_FIELDS[field]}$"):
+        build_message(body="x", **values)
+
+
+@pytest.mark.parametrize("field", [f for f in _HEADER_FIELDS if f != "subject"])
+def test_a_tab_is_refused_everywhere_but_in_the_subject(field: str) -> None:
+    values = {
+        "sender": "a@example.org",
+        "to": "b@example.org",
+        "subject": "Hi\tthere",
+        "message_id": "<1@example.org>",
+    }
+    message = build_message(body="x", **values)
+    assert BytesParser(policy=default).parsebytes(message.data)["Subject"] == "Hi\tthere"
+    values[field] = values.get(field, "x@example.org") + "\t"
+    with pytest.raises(PermanentFailure, match="unsafe header"):
         build_message(body="x", **values)
 
 
 def test_a_message_reads_back_as_written_in_both_parts() -> None:
     body = "Grüße, Ada <3\n\n" + "a long line " * 200 + "\n.\nend = fin"
     subject = "Héllo wörld, " + "x" * 150
-    wire = wire_bytes(
-        build_message(
-            sender="a@example.org",
-            to="b@example.org",
-            subject=subject,
-            body=body,
-            message_id="<1@example.org>",
-        )
-    )
+    wire = build_message(
+        sender="a@example.org",
+        to="b@example.org",
+        subject=subject,
+        body=body,
+        message_id="<1@example.org>",
+    ).data
     assert b"\r\n" in wire and b"\n" not in wire.replace(b"\r\n", b"")
     assert max(len(line) for line in wire.split(b"\r\n")) <= 998
     parsed = BytesParser(policy=default).parsebytes(wire)

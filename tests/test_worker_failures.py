@@ -89,3 +89,17 @@ async def test_a_template_that_renders_a_nul_character_is_a_dead_letter_not_an_o
     )
     assert row == [("dead", 1, "drafted text contains a NUL character")]
     assert smtp.received == []
+
+
+async def test_a_subject_with_a_control_character_is_a_dead_letter_and_never_sent(
+    db: Database, settings: Settings, smtp: RecordingSMTPServer
+) -> None:
+    # An escape sequence survives drafting (it is not a line break); the message builder
+    # refuses it like any other control character in a header.
+    await _one(db, subject='Hi {{ "\\x1b" }}[31mthere')
+    await drain(settings)
+    row = await query(
+        settings.database_url or "", "SELECT status, attempts, last_error FROM recipients"
+    )
+    assert row == [("dead", 1, "unsafe header: Subject")]
+    assert smtp.received == []

@@ -15,7 +15,7 @@ import dkim
 
 from shared.settings import ConfigError, Settings
 from worker.dkim import DkimSigner
-from worker.smtp import build_message, wire_bytes
+from worker.smtp import build_message
 
 DNS_TIMEOUT_S = 3.0
 Lookup = Callable[[str], list[str] | None]
@@ -82,15 +82,13 @@ def run_checks(
 
 def _signs_and_verifies(signer: DkimSigner, settings: Settings, record: str) -> bool:
     assert settings.from_address is not None
-    sample = wire_bytes(
-        build_message(
-            sender=settings.from_address,
-            to="check@example.org",
-            subject="mailroom check",
-            body="A message signed to check the DKIM key.",
-            message_id="<check@mailroom>",
-        )
-    )
+    sample = build_message(
+        sender=settings.from_address,
+        to="check@example.org",
+        subject="mailroom check",
+        body="A message signed to check the DKIM key.",
+        message_id="<check@mailroom>",
+    ).data
     return bool(dkim.verify(signer.sign(sample), dnsfunc=lambda name, timeout=5: record.encode()))
 
 

@@ -35,6 +35,8 @@ class DeliveryFailure(Exception):
         # The server refused the recipient's mailbox itself (a hard bounce): never send there
         # again.
         self.mailbox_unknown = False
+        # Where in the SMTP exchange it happened (connect, mail, rcpt, data), if it did.
+        self.stage: str | None = None
 
 
 class TransientFailure(DeliveryFailure):
@@ -82,6 +84,13 @@ class RateLimited(Exception):
 
 def classify_smtp(exc: BaseException, *, stage: str) -> DeliveryFailure:
     """Map an aiosmtplib or network error at ``stage`` (connect, mail, rcpt, data) to a failure."""
+    failure = _classify_smtp(exc, stage=stage)
+    if failure.stage is None:
+        failure.stage = stage
+    return failure
+
+
+def _classify_smtp(exc: BaseException, *, stage: str) -> DeliveryFailure:
     if isinstance(exc, aiosmtplib.SMTPRecipientsRefused):
         refusal = exc.recipients[0] if exc.recipients else None
         if refusal is not None:
@@ -105,10 +114,28 @@ def _by_code(code: int, message: str, *, stage: str) -> DeliveryFailure:
     text = f"SMTP {code} during {stage}: {message.strip()}"[:500]
     # 5xx to MAIL, RCPT or DATA means the server will not take this message: retrying only
     # risks the sender's reputation. 4xx (and anything unexpected) may succeed later.
+    failure: DeliveryFailure
     if 500 <= code < 600 and stage in {"mail", "rcpt", "data"}:
         failure = PermanentFailure(text, smtp_code=code)
         # 550, 551 and 553 to RCPT name the mailbox; a 554 or a refusal at DATA may be about
         # the content or the sender, which suppressing the address would not fix.
         failure.mailbox_unknown = stage == "rcpt" and code in HARD_BOUNCE_CODES
-        return failure
-    return TransientFailure(text, smtp_code=code)
+    else:
+        failure = TransientFailure(text, smtp_code=code)
+    failure.stage = stage
+    return failure
+
+
+def asks_to_slow_down(failure: DeliveryFailure) -> bool:
+    """Whether a reply is about the connection or the sender, so sending slower can help.
+
+    421 at any stage closes the connection ("service not available": too many connections,
+    too fast), and a 4xx to the greeting, to MAIL or to DATA (451 "rate limited", 452 at MAIL
+    "too many messages") concerns everything this sender sends. A 4xx to RCPT (450, 451, 452:
+    greylisting, a full or busy mailbox) concerns that one recipient: the others go on at full
+    speed while it waits for its retry.
+    """
+    code = failure.smtp_code
+    if code is None or not 400 <= code < 500:
+        return False
+    return code == 421 or failure.stage in {"connect", "mail", "data"}
