@@ -29,7 +29,7 @@ from tests.smtp_server import RecordingSMTPServer, Rule
 from tests.test_pages import login
 from worker.check import run_checks
 from worker.dkim import DkimSigner
-from worker.smtp import build_message, wire_bytes
+from worker.smtp import build_message
 
 PUBLIC_URL = "https://mail.example.org"
 
@@ -345,7 +345,7 @@ def _built(subject: str, body: str) -> bytes:
         message_id="<mailroom.1.2@example.org>",
         unsubscribe_url=PUBLIC_URL + "/u/token",
     )
-    return wire_bytes(message)
+    return message.data
 
 
 def _raw(*lines: str, body: bytes = b"Hello.\r\n") -> bytes:
