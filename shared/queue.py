@@ -22,8 +22,11 @@ DEFAULT_CHUNK_SIZE = 50
 # (20,000 waiting retries: 4.9 ms per fetch at priority 0, 0.85 ms at -1; see bench/pickup.py).
 # The price: a retry that is due waits until no fresh job is ready.
 RETRY_PRIORITY = -1
-# Periodic housekeeping (the stalled-job sweep, pruning) so it never waits behind emails.
+# Periodic housekeeping (the stalled-job sweep, pruning). A worker fetches from both queues by
+# priority, then id: at a priority above every email job, a sweep deferred now is the next job
+# any worker takes, however large the email backlog it would otherwise queue behind.
 MAINTENANCE_QUEUE = "maintenance"
+MAINTENANCE_PRIORITY = 100
 
 
 def build_app() -> procrastinate.App:

@@ -332,3 +332,37 @@ async def test_a_postgresql_restart_mid_run_loses_nothing(
         print(f"\npostgres restart: {duplicates} duplicate deliveries")
         assert duplicates <= settings.worker_concurrency
     assert not (tmp_path / "pgdata" / "postmaster.pid").exists(), "the restarted server is stopped"
+
+
+async def test_the_sweep_requeues_orphaned_jobs_on_time_behind_a_large_email_backlog(
+    db: Database, settings: Settings, smtp: RecordingSMTPServer
+) -> None:
+    settings = fast_recovery(settings, stalled_after_seconds=2, worker_concurrency=1)
+    url = settings.database_url or ""
+    # An email job orphaned by a worker that died (running, no live heartbeat)...
+    await enqueue(db, 1, prefix="orphan")
+    await query(
+        url,
+        "INSERT INTO procrastinate_workers (last_heartbeat) VALUES (now() - interval '1 hour');"
+        " UPDATE procrastinate_jobs SET status = 'doing',"
+        "  worker_id = (SELECT max(id) FROM procrastinate_workers)",
+    )
+    # ...behind a backlog of 3,000 ready email jobs that takes far longer than the sweep.
+    one_per_job = Database(db.pool, chunk_size=1)
+    await enqueue(one_per_job, 3000)
+    smtp.data_delay_s = 0.01
+    started = time.monotonic()
+    async with worker_process(settings) as proc:
+        # Within a sweep interval of the worker starting (the orphan is long stalled), with
+        # seconds to spare for starting a process on a busy machine.
+        await wait_until(
+            lambda: _count(settings, "email LIKE 'orphan%' AND status = 'sent'", at_least=1),
+            settings.stalled_after_seconds + settings.sweep_interval_seconds + 8,
+            "the orphaned job to be requeued and sent",
+        )
+        requeued_after = time.monotonic() - started
+        backlog = await query(url, "SELECT count(*) FROM recipients WHERE status <> 'sent'")
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 30) == 0
+    print(f"\norphaned job sent {requeued_after:.1f} s after the worker started")
+    assert backlog[0][0] > 1000, "the backlog was still there when the sweep ran"

@@ -50,7 +50,13 @@ from shared.metrics import (
     JOB_RETRIES,
     RATE_LIMITED,
 )
-from shared.queue import EMAIL_QUEUE, MAINTENANCE_QUEUE, SEND_CHUNK_TASK, SEND_EMAIL_TASK
+from shared.queue import (
+    EMAIL_QUEUE,
+    MAINTENANCE_PRIORITY,
+    MAINTENANCE_QUEUE,
+    SEND_CHUNK_TASK,
+    SEND_EMAIL_TASK,
+)
 from shared.ratelimits import limits_for
 from shared.settings import Settings
 from shared.unsubscribe import make_token, unsubscribe_url
@@ -104,14 +110,19 @@ def register_tasks(app: procrastinate.App, settings: Settings, retry: BackoffRet
     """Attach Mailroom's tasks to ``app``: the email tasks and the periodic maintenance."""
     app.task(name=SEND_CHUNK_TASK, queue=EMAIL_QUEUE, pass_context=True, retry=retry)(send_chunk)
     app.task(name=SEND_EMAIL_TASK, queue=EMAIL_QUEUE, pass_context=True, retry=retry)(send_email)
-    app.periodic(cron=_every(settings.sweep_interval_seconds), periodic_id="sweep")(
-        app.task(name="sweep_stalled_jobs", queue=MAINTENANCE_QUEUE, pass_context=True)(
-            sweep_stalled_jobs
-        )
-    )
-    app.periodic(cron="17 * * * *", periodic_id="prune")(
-        app.task(name="prune_jobs", queue=MAINTENANCE_QUEUE, pass_context=True)(prune_jobs)
-    )
+    for periodic_id, name, cron, func in (
+        (
+            "sweep",
+            "sweep_stalled_jobs",
+            _every(settings.sweep_interval_seconds),
+            sweep_stalled_jobs,
+        ),
+        ("prune", "prune_jobs", "17 * * * *", prune_jobs),
+    ):
+        task = app.task(
+            name=name, queue=MAINTENANCE_QUEUE, priority=MAINTENANCE_PRIORITY, pass_context=True
+        )(func)
+        app.periodic(cron=cron, periodic_id=periodic_id)(task)
 
 
 async def job_summary_middleware(
