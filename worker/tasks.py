@@ -183,6 +183,8 @@ async def send_chunk(context: JobContext, batch_id: str, recipient_ids: list[int
     deps: WorkerDeps = context.additional_context[DEPS_KEY]
     structlog.contextvars.bind_contextvars(batch_id=batch_id)
     async with deps.chunks:
+        if deps.stopping.is_set():  # fetched just before the stop: leave it to the next worker
+            raise Interrupted("not started")
         return await _send_chunk(context, deps, uuid.UUID(batch_id), recipient_ids)
 
 
