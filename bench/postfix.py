@@ -28,6 +28,7 @@ on failure and on Ctrl-C too. It needs root (Postfix's master starts as root) an
 package (``apt-get install postfix``); without them the benchmark says so and skips.
 
     uv run python -m bench.postfix [--recipients 1000] [--processes 1,2] [--repeat 3]
+                                   [--concurrency 8]
 """
 
 from __future__ import annotations
@@ -173,6 +174,7 @@ class Postfix:
 
     def start(self) -> None:
         owner = pwd.getpwnam("nobody")
+        self.base.mkdir(parents=True, exist_ok=True)
         self.base.chmod(0o755)  # the virtual agent delivers as nobody, and must reach the Maildir
         self.config.mkdir()
         self.queue.mkdir(mode=0o755)  # Postfix wants it owned by root; it creates the rest
@@ -424,7 +426,12 @@ async def through_mailroom(
 
 
 async def run(
-    url: str, postfix: Postfix, recipients: int, processes: list[int], repeat: int
+    url: str,
+    postfix: Postfix,
+    recipients: int,
+    processes: list[int],
+    repeat: int,
+    concurrency: int | None = None,
 ) -> dict[str, Any]:
     results: dict[str, Any] = {
         "recipients": recipients,
@@ -433,7 +440,11 @@ async def run(
         "rows": [],
     }
     settings = harness.settings_for(
-        url, smtp_port=postfix.port, web_port=free_port(), from_address=SENDER
+        url,
+        smtp_port=postfix.port,
+        web_port=free_port(),
+        from_address=SENDER,
+        **({"worker_concurrency": concurrency} if concurrency else {}),
     )
     web = await harness.start_mailroom(
         settings,
@@ -525,6 +536,12 @@ def main() -> None:
     p.add_argument("--recipients", type=int, default=1_000, help="emails in each batch")
     p.add_argument("--processes", default="1,2", help="worker processes, comma-separated")
     p.add_argument("--repeat", type=int, default=3, help="runs per configuration")
+    p.add_argument(
+        "--concurrency",
+        type=int,
+        help="each worker's concurrency, and so the baseline's connections per worker"
+        " (default: Mailroom's default, 8)",
+    )
     args = p.parse_args()
     reason = why_not_runnable()
     if reason is not None:
@@ -544,6 +561,7 @@ def main() -> None:
                     recipients=args.recipients,
                     processes=[int(x) for x in args.processes.split(",")],
                     repeat=args.repeat,
+                    concurrency=args.concurrency,
                 )
             )
     except KeyboardInterrupt:
