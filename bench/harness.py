@@ -140,6 +140,40 @@ async def wait_for_http(url: str, timeout_s: float = 30.0) -> None:
             await asyncio.sleep(0.1)
 
 
+async def wait_for_workers(url: str, count: int, timeout_s: float = 60.0) -> None:
+    """Until ``count`` workers have registered with procrastinate (they listen for jobs)."""
+    import psycopg
+
+    deadline = time.monotonic() + timeout_s
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+        while True:
+            cursor = await conn.execute("SELECT count(*) FROM procrastinate_workers")
+            row = await cursor.fetchone()
+            if row and row[0] >= count:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{count} worker(s) did not register within {timeout_s} s")
+            await asyncio.sleep(0.1)
+
+
+async def post_batch(
+    session: Any, base: str, payload: dict[str, Any], token: str = "bench-token"
+) -> dict[str, Any]:
+    """``POST /api/batches`` to a ``mailroom web`` at ``base``; its 201 answer (else raise).
+
+    ``session`` is an ``aiohttp.ClientSession``; ``token`` is :func:`settings_for`'s.
+    """
+    async with session.post(
+        f"{base}/api/batches",
+        data=json.dumps(payload).encode(),
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+    ) as response:
+        answer: dict[str, Any] = await response.json()
+        if response.status != 201:
+            raise RuntimeError(f"POST /api/batches answered {response.status}: {answer}")
+    return answer
+
+
 # -- the SMTP sink -----------------------------------------------------------------------------
 
 
