@@ -56,7 +56,7 @@ import psycopg
 
 from bench import harness
 from tests.processes import free_port
-from worker.smtp import build_message, wire_bytes
+from worker.smtp import build_message
 
 DOMAIN = "mailroom-bench.example.org"
 SENDER = "bench@example.com"
@@ -355,7 +355,7 @@ async def aiosmtplib_alone(postfix: Postfix, count: int, conns: int, tag: str) -
         message = build_message(
             sender=SENDER, to=to, subject=f"Hello User {i}", body=body, message_id=message_id
         )
-        todo.append((to, wire_bytes(message)))
+        todo.append((to, message.data))
 
     async def sender() -> None:
         client = aiosmtplib.SMTP(hostname="127.0.0.1", port=postfix.port, timeout=30)
