@@ -22,18 +22,23 @@ next to the steady rate of the rest, so a slow start after a large enqueue shows
 configuration starts on emptied tables whose statistics say so, as a fresh database does, and
 nothing analyzes them after a batch is enqueued.
 
+With ``--dkim``, each configuration runs twice, unsigned and with every message DKIM-signed
+(a 2048-bit RSA key made for the run), so signing's cost shows as a ratio within the run.
+
 The pickup of a fresh email while 20,000 wait in backoff is ``bench.pickup``.
 
     uv run python -m bench.e2e [--recipients 10000] [--processes 1,2] [--repeat 3]
-                               [--chunk-sizes 50]
+                               [--chunk-sizes 50] [--dkim]
 """
 
 from __future__ import annotations
 
 import asyncio
 import statistics
+import tempfile
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -141,23 +146,46 @@ async def run(
     repeat: int,
     probes: int,
     chunk_sizes: list[int],
+    dkim: bool = False,
 ) -> dict[str, Any]:
     results: dict[str, Any] = {"recipients": recipients, "repeat": repeat, "rows": []}
-    with harness.SmtpSink() as sink:
+    with harness.SmtpSink() as sink, tempfile.TemporaryDirectory() as tmp:
         settings = harness.settings_for(url, smtp_port=sink.port)
+        signing = [{}, dkim_env(Path(tmp))] if dkim else [{}]
         async with make_pool(url, max_size=2, name="bench") as pool:
             for chunk_size in chunk_sizes:
                 db = Database(pool, chunk_size=chunk_size)
                 for procs in processes:
-                    row = await measure(url, db, sink, settings, procs, recipients, repeat, probes)
-                    results["rows"].append(row)
-                    print(
-                        f"  chunk {chunk_size}, {procs} worker(s): {row['emails_per_s']} emails/s,"
-                        f" SMTP alone {row['smtp_only_per_s']}/s",
-                        flush=True,
-                    )
-                    await harness.empty(url)
+                    for env in signing:
+                        row = await measure(
+                            url, db, sink, settings, procs, recipients, repeat, probes, env
+                        )
+                        results["rows"].append(row)
+                        print(
+                            f"  chunk {chunk_size}, {procs} worker(s)"
+                            f"{', DKIM' if row['dkim'] else ''}: {row['emails_per_s']} emails/s,"
+                            f" SMTP alone {row['smtp_only_per_s']}/s",
+                            flush=True,
+                        )
+                        await harness.empty(url)
     return results
+
+
+def dkim_env(folder: Path) -> dict[str, str]:
+    """Worker settings that DKIM-sign every message with a fresh 2048-bit key."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    path = folder / "dkim.pem"
+    path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return {"MAILROOM_DKIM_PRIVATE_KEY_PATH": str(path), "MAILROOM_DKIM_SELECTOR": "bench"}
 
 
 async def measure(
@@ -169,10 +197,11 @@ async def measure(
     recipients: int,
     repeat: int,
     probes: int,
+    worker_env: dict[str, str],
 ) -> dict[str, Any]:
     """One configuration: ``repeat`` batches next to SMTP alone, then the idle latency."""
     conns = procs * settings.worker_concurrency
-    workers = [await harness.start_mailroom(settings, "worker") for _ in range(procs)]
+    workers = [await harness.start_mailroom(settings, "worker", **worker_env) for _ in range(procs)]
     try:
         await wait_for_workers(url, procs)
         rates, direct, waits, warm = [], [], [], []
@@ -188,6 +217,7 @@ async def measure(
         await harness.stop(workers)
     return {
         "chunk_size": db.chunk_size,
+        "dkim": bool(worker_env),
         "processes": procs,
         "concurrency": settings.worker_concurrency,
         "emails_per_s": round(statistics.median(rates)),
@@ -224,14 +254,16 @@ def print_table(results: dict[str, Any]) -> None:
         f" (median of {results['repeat']})\n"
     )
     print(
-        f"{'chunk':>5} {'workers x conc.':>16} {'emails/s':>9} {'SMTP alone':>11} {'share':>6}"
+        f"{'chunk':>5} {'DKIM':>4} {'workers x conc.':>16} {'emails/s':>9} {'SMTP alone':>11}"
+        f" {'share':>6}"
         f" {'first 1k/s':>10} {'rest/s':>7}"
         f" {'idle p50':>9} {'idle p99':>9} {'loaded p50':>11} {'loaded p99':>11}"
     )
     for r in results["rows"]:
         idle, loaded = r["idle_commit_to_accepted"], r["loaded_commit_to_accepted"]
         print(
-            f"{r['chunk_size']:>5} {r['processes']:>8} x {r['concurrency']:<5}"
+            f"{r['chunk_size']:>5} {'yes' if r['dkim'] else 'no':>4}"
+            f" {r['processes']:>8} x {r['concurrency']:<5}"
             f" {r['emails_per_s']:>9,}"
             f" {r['smtp_only_per_s']:>11,} {r['emails_per_s'] / r['smtp_only_per_s']:>5.0%}"
             f" {r['first_1000_per_s'] or '-':>10} {r['rest_per_s'] or '-':>7}"
@@ -254,6 +286,7 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=3, help="batches per configuration")
     p.add_argument("--probes", type=int, default=100, help="one-email batches for idle latency")
     p.add_argument("--chunk-sizes", default="50", help="recipients per job, comma-separated")
+    p.add_argument("--dkim", action="store_true", help="also measure with DKIM signing")
     args = p.parse_args()
     results = asyncio.run(
         main_async(
@@ -263,6 +296,7 @@ def main() -> None:
             repeat=args.repeat,
             probes=args.probes,
             chunk_sizes=[int(x) for x in args.chunk_sizes.split(",")],
+            dkim=args.dkim,
         )
     )
     print_table(results)
