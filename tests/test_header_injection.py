@@ -11,13 +11,19 @@ from __future__ import annotations
 
 import email
 import email.policy
+import io
 from collections import Counter
 from typing import Any
 
 import aiohttp
+import pytest
 from aiohttp.test_utils import TestClient
 
-from tests.conftest import AUTH
+from shared.settings import Settings
+from tests.conftest import AUTH, drain, query
+from tests.smtp_server import RecordingSMTPServer
+from tests.test_api import _nothing_written
+from tests.test_pages import login
 
 # Characters that end a line somewhere (VT, FF, FS, NEL, LS), or are controls (DEL, NUL).
 GARBAGE = ["\x0b", "\x0c", "\x1c", "\x85", "\u2028", "\x7f", "\x00"]
@@ -77,3 +83,259 @@ def test_the_definition_is_every_control_del_the_line_separators_and_surrogates(
         "character U+000C (form feed) at position 7 is not allowed in an email header"
     )
     assert unsafe_message("a\tb") is not None and unsafe_message("a\tb", allow_tab=True) is None
+
+
+# -- the API --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("char", [*GARBAGE, "\ud800"])
+async def test_a_recipient_field_the_subject_reads_is_refused_by_position(
+    client: TestClient, settings: Settings, char: str
+) -> None:
+    response = await post(
+        client,
+        {
+            "recipients": [
+                {"email": "ok@example.org", "name": "Ok"},
+                {"email": "a@example.org", "name": f"Bob{char}{ATTACK}"},
+            ],
+            "subject": "Hi {{ name }}",
+            "body": "Hello",
+        },
+    )
+    problems = await problems_of(response)
+    assert len(problems) == 1, problems
+    problem = problems[0]
+    assert (problem["field"], problem["position"]) == ("recipients", 1)
+    assert "field 'name'" in problem["message"]
+    assert f"character {code(char)}" in problem["message"]
+    assert "at position 4 " in problem["message"]
+    assert "attacker" not in problem["message"], "the hostile value is not echoed"
+    await _nothing_written(settings)
+
+
+@pytest.mark.parametrize("char", [*GARBAGE, "\ud800"])
+async def test_a_subject_template_with_such_a_character_is_refused(
+    client: TestClient, settings: Settings, char: str
+) -> None:
+    response = await post(
+        client, {"recipients": ["a@example.org"], "subject": f"Hi{char}{ATTACK}", "body": "B"}
+    )
+    problems = await problems_of(response)
+    subject = [p for p in problems if p["field"] == "subject"]
+    assert subject, problems
+    assert f"character {code(char)}" in subject[0]["message"]
+    assert "at position 3 " in subject[0]["message"]
+    await _nothing_written(settings)
+
+
+async def test_the_rendered_subject_is_checked_for_every_recipient(
+    client: TestClient, settings: Settings
+) -> None:
+    # Numbers are not text, and both recipients have the same fields: only rendering each
+    # recipient's subject shows that the second one's makes a form feed.
+    response = await post(
+        client,
+        {
+            "recipients": [
+                {"email": "a@example.org", "n": 65},
+                {"email": "b@example.org", "n": 12},
+                {"email": "c@example.org", "n": 66},
+            ],
+            "subject": "Code {{ '%c' % n }}",
+            "body": "B",
+        },
+    )
+    problems = await problems_of(response)
+    assert [(p["field"], p.get("position")) for p in problems] == [("recipients", 1)]
+    message = problems[0]["message"]
+    assert message.startswith("b@example.org: the rendered subject: character U+000C")
+    assert "at position 6 " in message
+    await _nothing_written(settings)
+
+
+async def test_a_template_that_writes_a_control_character_is_refused(
+    client: TestClient, settings: Settings
+) -> None:
+    # No control character in the template's text: the string literal's escape makes one.
+    response = await post(
+        client,
+        {"recipients": ["a@example.org"], "subject": 'Hi {{ "\\x0b" }}Bcc: x', "body": "B"},
+    )
+    problems = await problems_of(response)
+    assert problems[0]["position"] == 0
+    assert (
+        "the rendered subject: character U+000B (vertical tab) at position 4"
+        in (problems[0]["message"])
+    )
+    await _nothing_written(settings)
+
+
+@pytest.mark.parametrize("char", GARBAGE)
+async def test_an_address_with_such_a_character_inside_is_refused(
+    client: TestClient, settings: Settings, char: str
+) -> None:
+    response = await post(
+        client, {"recipients": [f"a{char}b@example.org"], "subject": "S", "body": "B"}
+    )
+    problems = await problems_of(response)
+    assert (problems[0]["field"], problems[0]["position"]) == ("recipients", 0)
+    await _nothing_written(settings)
+
+
+async def test_fields_the_subject_does_not_read_may_hold_any_text(
+    client: TestClient, settings: Settings, smtp: RecordingSMTPServer
+) -> None:
+    # Only the body uses "address": it is quoted-printable in a MIME part, never a header.
+    response = await post(
+        client,
+        {
+            "recipients": [{"email": "a@example.org", "address": "1 Main St\x0cFloor 2\x85"}],
+            "subject": "Hi",
+            "body": "Your address: {{ address }}",
+        },
+    )
+    assert response.status == 201, await response.text()
+    await drain(settings)
+    assert len(smtp.received) == 1
+    assert_only_our_headers(smtp.received[0].raw, unsubscribe=False)
+
+
+# -- the form: pasted lines and CSV cells ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("char", GARBAGE)
+async def test_the_form_refuses_a_pasted_address_with_such_a_character(
+    client: TestClient, settings: Settings, char: str
+) -> None:
+    csrf = await login(client)
+    response = await client.post(
+        "/batches",
+        data={
+            "csrf_token": csrf,
+            "recipients": f"bad{char}one@example.org\nbroken\nfine@example.org",
+            "subject": "S",
+            "body": "B",
+        },
+    )
+    assert response.status == 422
+    page = await response.text()
+    # Lines are counted as the browser shows them: the character does not start a new one.
+    assert "Line 1:" in page and "Line 2:" in page and "Line 3:" not in page
+    await _nothing_written(settings)
+
+
+@pytest.mark.parametrize("char", GARBAGE)
+async def test_the_form_refuses_a_subject_with_such_a_character(
+    client: TestClient, settings: Settings, char: str
+) -> None:
+    csrf = await login(client)
+    response = await client.post(
+        "/batches",
+        data={
+            "csrf_token": csrf,
+            "recipients": "a@example.org",
+            "subject": f"Hi{char}{ATTACK}",
+            "body": "B",
+        },
+    )
+    assert response.status == 422
+    page = await response.text()
+    assert f"character {code(char)}" in page and "at position 3 " in page
+    await _nothing_written(settings)
+
+
+@pytest.mark.parametrize("char", GARBAGE)
+async def test_a_csv_cell_the_subject_reads_is_refused_by_line(
+    client: TestClient, settings: Settings, char: str
+) -> None:
+    csrf = await login(client)
+    data = aiohttp.FormData()
+    for name, value in {
+        "csrf_token": csrf,
+        "recipients": "",
+        "subject": "Hello {{ name }}",
+        "body": "Hi {{ name }}",
+    }.items():
+        data.add_field(name, value)
+    cells = f"email,name\nok@example.org,Ok\nbob@example.org,Bob{char}{ATTACK}\n"
+    data.add_field(
+        "csv", io.BytesIO(cells.encode()), filename="people.csv", content_type="text/csv"
+    )
+    response = await client.post("/batches", data=data)
+    assert response.status == 422
+    page = await response.text()
+    assert "CSV line 3:" in page and "CSV line 2:" not in page
+    assert "field &#39;name&#39;" in page
+    assert f"character {code(char)}" in page and "at position 4 " in page
+    await _nothing_written(settings)
+
+
+# -- an edited draft ------------------------------------------------------------------------------
+
+
+async def _drafted(client: TestClient, settings: Settings) -> tuple[str, int]:
+    response = await post(
+        client,
+        {"recipients": ["a@example.org"], "subject": "Original", "body": "B", "send": False},
+    )
+    assert response.status == 201, await response.text()
+    batch_id = (await response.json())["id"]
+    await drain(settings)
+    rows = await query(settings.database_url or "", "SELECT id, status FROM recipients")
+    assert rows[0][1] == "drafted"
+    return batch_id, rows[0][0]
+
+
+@pytest.mark.parametrize("char", [*GARBAGE, "\ud800"])
+async def test_an_edited_subject_with_such_a_character_is_refused(
+    client: TestClient, settings: Settings, smtp: RecordingSMTPServer, char: str
+) -> None:
+    batch_id, recipient_id = await _drafted(client, settings)
+    response = await client.patch(
+        f"/api/batches/{batch_id}/recipients/{recipient_id}",
+        json={"subject": f"Hi Bob{char}{ATTACK}", "body": "Edited"},
+        headers=AUTH,
+    )
+    assert response.status == 422
+    error = (await response.json())["error"]
+    assert error["code"] == "invalid_draft"
+    assert error["message"].startswith(f"subject: character {code(char)}")
+    assert "at position 7 " in error["message"]
+    draft = await query(settings.database_url or "", "SELECT subject, body FROM recipients")
+    assert draft == [("Original", "B")]
+    sent = await client.post(f"/api/batches/{batch_id}/send", headers=AUTH)
+    assert sent.status == 200
+    await drain(settings)
+    assert [r.message["Subject"] for r in smtp.received] == ["Original"]
+
+
+async def test_an_edited_body_that_is_not_valid_unicode_is_refused(
+    client: TestClient, settings: Settings
+) -> None:
+    batch_id, recipient_id = await _drafted(client, settings)
+    response = await client.patch(
+        f"/api/batches/{batch_id}/recipients/{recipient_id}",
+        json={"subject": "Fine", "body": "half a pair: \udc00"},
+        headers=AUTH,
+    )
+    assert response.status == 422
+    message = (await response.json())["error"]["message"]
+    assert message.startswith("body: character U+DC00 (lone surrogate) at position 14")
+
+
+@pytest.mark.parametrize("char", GARBAGE)
+async def test_the_edit_page_refuses_such_a_subject(
+    client: TestClient, settings: Settings, char: str
+) -> None:
+    batch_id, recipient_id = await _drafted(client, settings)
+    csrf = await login(client)
+    response = await client.post(
+        f"/batches/{batch_id}/recipients/{recipient_id}/edit",
+        data={"csrf_token": csrf, "subject": f"Hi Bob{char}{ATTACK}", "body": "Edited"},
+    )
+    assert response.status == 422
+    page = await response.text()
+    assert f"subject: character {code(char)}" in page and "at position 7 " in page
+    draft = await query(settings.database_url or "", "SELECT subject, body FROM recipients")
+    assert draft == [("Original", "B")]
