@@ -19,6 +19,7 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
 
+from shared.db import Database, NewBatch, NewRecipient
 from shared.settings import Settings
 from tests.conftest import AUTH, drain, query
 from tests.smtp_server import RecordingSMTPServer
@@ -339,3 +340,32 @@ async def test_the_edit_page_refuses_such_a_subject(
     assert f"subject: character {code(char)}" in page and "at position 7 " in page
     draft = await query(settings.database_url or "", "SELECT subject, body FROM recipients")
     assert draft == [("Original", "B")]
+
+
+# -- the worker's template drafter ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("char", GARBAGE)
+async def test_the_template_drafter_refuses_a_subject_naming_the_character(
+    db: Database, settings: Settings, smtp: RecordingSMTPServer, char: str
+) -> None:
+    # Written straight to the database, as an older web tier (or a bug) could have. PostgreSQL
+    # cannot store a NUL in a field, so that one comes from an escape in the template.
+    if char == "\x00":
+        subject, fields = 'Hi Bob{{ "\\u0000" }}x', {}
+    else:
+        subject, fields = "Hi {{ name }}", {"name": f"Bob{char}{ATTACK}"}
+    await db.create_batch(
+        NewBatch(
+            created_by="t",
+            subject_template=subject,
+            body_template="B",
+            recipients=[NewRecipient("x@example.org", fields)],
+        )
+    )
+    await drain(settings)
+    rows = await query(settings.database_url or "", "SELECT status, last_error FROM recipients")
+    assert rows[0][0] == "dead"
+    assert rows[0][1].startswith(f"drafted subject: character {code(char)}")
+    assert "at position 7 " in rows[0][1]
+    assert smtp.received == []
