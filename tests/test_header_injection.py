@@ -13,6 +13,7 @@ import email
 import email.policy
 import io
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -20,7 +21,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from shared.db import Database, NewBatch, NewRecipient
-from shared.settings import Settings
+from shared.settings import ConfigError, Settings, load_settings
 from tests.conftest import AUTH, drain, query
 from tests.smtp_server import RecordingSMTPServer
 from tests.test_api import _nothing_written
@@ -369,3 +370,31 @@ async def test_the_template_drafter_refuses_a_subject_naming_the_character(
     assert rows[0][1].startswith(f"drafted subject: character {code(char)}")
     assert "at position 7 " in rows[0][1]
     assert smtp.received == []
+
+
+# -- settings -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("from_address", "sender@example.org{}"),
+        ("unsubscribe_mailto", "unsubscribe@example.org{}"),
+        ("smtp_host", "smtp.example.org{}Bcc: x"),
+        ("smtp_username", "user{}name"),
+        ("public_url", "https://mail.example.org/{}x"),
+        ("groq_base_url", "https://api.example.org/{}x"),
+    ],
+)
+@pytest.mark.parametrize("char", [*GARBAGE, "\t"])
+def test_a_setting_with_such_a_character_is_a_config_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, field: str, value: str, char: str
+) -> None:
+    monkeypatch.chdir(tmp_path)  # no .env file
+    with pytest.raises(ConfigError) as refused:
+        load_settings(**{field: value.format(char)})
+    message = str(refused.value)
+    assert message.startswith(f"MAILROOM_{field.upper()}: ")
+    assert f"character {code(char)}" in message
+    position = value.index("{}") + 1
+    assert f"at position {position} " in message
