@@ -62,7 +62,9 @@ async def test_a_bug_while_drafting_makes_a_visible_dead_letter(
     await _one(db)
     await drain(settings, drafters={"template": BrokenDrafter()})
     row = await query(settings.database_url or "", "SELECT status, last_error FROM recipients")
-    assert row == [("dead", "internal error: RuntimeError: drafter bug")]
+    assert row == [
+        ("dead", "internal error: RuntimeError (see send_email_crashed in the worker log)")
+    ]
     assert smtp.received == []
 
 
