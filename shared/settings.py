@@ -16,6 +16,7 @@ from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_vali
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.addresses import InvalidAddress, normalize_address
+from shared.headers import find_unsafe, unsafe_message
 from shared.queue import DEFAULT_CHUNK_SIZE
 
 ENV_PREFIX = "MAILROOM_"
@@ -42,9 +43,13 @@ class LogFormat(enum.StrEnum):
 
 
 def _header_safe(value: str | None) -> str | None:
-    if value is not None and ("\r" in value or "\n" in value):
-        raise ValueError("must not contain line breaks")
-    return value
+    """The value, if it can go into a header or an SMTP command (shared.headers' rule)."""
+    if value is None or find_unsafe(value) is None:
+        return value
+    problem = unsafe_message(value)
+    if "\r" in value or "\n" in value:
+        problem = f"must not contain line breaks; {problem}"
+    raise ValueError(problem)
 
 
 class Settings(BaseSettings):

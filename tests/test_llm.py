@@ -510,3 +510,41 @@ async def test_a_reply_with_a_nul_character_is_paid_for_once_and_dead(
     assert (row[1], row[2], row[3]) == ("dead", 1, "drafted text contains a NUL character")
     assert len(fake_groq.requests) == 1
     assert smtp.received == []
+
+
+@pytest.mark.parametrize(
+    "char", ["\x0b", "\x0c", "\x1c", "\x85", "\u2028", "\x7f", "\x00", "\ud800"]
+)
+async def test_a_subject_that_cannot_be_a_header_gets_the_repair_round(
+    llm_client: TestClient,
+    llm_settings: Settings,
+    smtp: RecordingSMTPServer,
+    fake_groq: FakeGroq,
+    char: str,
+) -> None:
+    injected = json.dumps({"subject": f"Hi Ada{char}Bcc: attacker@evil.example", "body": "x" * 60})
+    fake_groq.replies = [Reply(injected), Reply(VALID)]
+    await submit(llm_client, recipients=PEOPLE[:1])
+    await settle(llm_settings)
+    assert len(fake_groq.requests) == 2
+    repair = fake_groq.requests[1]["messages"][3]["content"]
+    if char == "\ud800":  # pydantic refuses half a surrogate pair itself
+        assert "subject: Input should be a valid string" in repair
+    else:
+        assert f"subject: Value error, character U+{ord(char):04X}" in repair
+        assert "at position 7 is not allowed in an email header" in repair
+    assert [r[1] for r in await rows(llm_settings)] == ["sent"]
+    assert [r.message["Subject"] for r in smtp.received] == ["A role for you"]
+
+
+async def test_a_subject_that_stays_unsafe_after_the_repair_round_is_retried_then_dead(
+    llm_client: TestClient, llm_settings: Settings, smtp: RecordingSMTPServer, fake_groq: FakeGroq
+) -> None:
+    fake_groq.default = lambda _: Reply(json.dumps({"subject": "Hi\x0cthere", "body": "x" * 60}))
+    await submit(llm_client, recipients=PEOPLE[:1])
+    await settle(llm_settings)
+    _, status, attempts, error, *_ = (await rows(llm_settings))[0]
+    assert (status, attempts) == ("dead", llm_settings.retry_max_attempts)
+    assert error.startswith("LLM reply invalid after a repair round: subject: Value error, ")
+    assert "character U+000C (form feed) at position 3" in error
+    assert smtp.received == []

@@ -18,6 +18,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import structlog
 import yaml
 from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
@@ -454,3 +455,81 @@ async def test_job_log_lines_carry_their_ids_and_no_bodies_secrets_or_addresses(
     assert API_TOKEN not in text and "test-secret-key" not in text
     assert "ada.lovelace@example.org" not in text and "gone@example.org" not in text
     assert "g***@example.org" in text  # the SMTP error is logged, with the address masked
+
+
+class _CrashingDrafter:
+    """A bug whose exception text quotes the recipient's address and the batch's subject."""
+
+    async def draft(self, recipient: Any) -> Any:
+        raise RuntimeError(
+            f"cannot draft {recipient.subject_template!r} for {recipient.email}"
+            f" ({recipient.fields})"
+        )
+
+
+async def test_a_crash_logs_its_traceback_without_the_address_or_the_subject(
+    client: TestClient, settings: Settings, smtp: RecordingSMTPServer, log_lines: io.StringIO
+) -> None:
+    response = await client.post(
+        "/api/batches",
+        json={
+            "recipients": [{"email": "ada.lovelace@example.org", "name": "NAME-MARKER-19c2"}],
+            "subject": "Quarterly numbers",
+            "body": "BODY-MARKER-7f3a",
+        },
+        headers=AUTH,
+    )
+    assert response.status == 201
+    await drain(settings, drafters={"template": _CrashingDrafter()})
+    lines = [json.loads(line) for line in log_lines.getvalue().splitlines() if line.strip()]
+    crashed = [line for line in lines if line.get("event") == "send_email_crashed"]
+    assert len(crashed) == 1
+    traceback = crashed[0]["exception"]
+    assert "Traceback (most recent call last)" in traceback and "in draft" in traceback
+    assert "RuntimeError: (message withheld" in traceback
+    text = log_lines.getvalue()
+    for secret in ("ada.lovelace@example.org", "Quarterly numbers", "NAME-MARKER-19c2"):
+        assert secret not in text
+    failed = [line for line in lines if line.get("event") == "email_attempt_failed"]
+    assert failed[0]["error"].startswith("internal error: RuntimeError")
+    assert smtp.received == []
+
+
+def test_tracebacks_mask_addresses_and_show_messages_only_at_debug() -> None:
+    from shared.logging import configure_logging
+    from shared.settings import LogFormat
+
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level)
+    try:
+        for level in ("INFO", "DEBUG"):
+            buffer = io.StringIO()
+            configure_logging(level, LogFormat.JSON, stream=buffer)
+            # The data comes from variables: a traceback shows the source line that raised.
+            address, subject = "ada@example.org", "Quarterly numbers"
+            other = "grace.hopper@example.org"
+            try:
+                try:
+                    raise KeyError(other)
+                except KeyError as cause:
+                    raise ValueError(f"subject {subject!r} for {address}") from cause
+            except ValueError:
+                logging.getLogger("mailroom.test").exception("stdlib_crash")
+                structlog.get_logger("mailroom.test").exception("structlog_crash")
+            lines = [json.loads(line) for line in buffer.getvalue().splitlines()]
+            assert [line["event"] for line in lines] == ["stdlib_crash", "structlog_crash"]
+            for line in lines:
+                traceback = line["exception"]
+                assert "grace.hopper@" not in traceback and "ada@" not in traceback
+                assert "direct cause" in traceback and "test_observability.py" in traceback
+                if level == "DEBUG":
+                    assert (
+                        "ValueError: subject 'Quarterly numbers' for a***@example.org" in traceback
+                    )
+                    assert "KeyError: 'g***@example.org'" in traceback
+                else:
+                    assert "Quarterly numbers" not in traceback
+                    assert "ValueError: (message withheld" in traceback
+                    assert "KeyError: (message withheld" in traceback
+    finally:
+        root.handlers, root.level = saved[0], saved[1]

@@ -62,7 +62,9 @@ async def test_a_bug_while_drafting_makes_a_visible_dead_letter(
     await _one(db)
     await drain(settings, drafters={"template": BrokenDrafter()})
     row = await query(settings.database_url or "", "SELECT status, last_error FROM recipients")
-    assert row == [("dead", "internal error: RuntimeError: drafter bug")]
+    assert row == [
+        ("dead", "internal error: RuntimeError (see send_email_crashed in the worker log)")
+    ]
     assert smtp.received == []
 
 
@@ -87,19 +89,33 @@ async def test_a_template_that_renders_a_nul_character_is_a_dead_letter_not_an_o
     row = await query(
         settings.database_url or "", "SELECT status, attempts, last_error FROM recipients"
     )
-    assert row == [("dead", 1, "drafted text contains a NUL character")]
+    assert row == [
+        (
+            "dead",
+            1,
+            "drafted subject: character U+0000 (NUL) at position 4 is not allowed in an email"
+            " header",
+        )
+    ]
     assert smtp.received == []
 
 
 async def test_a_subject_with_a_control_character_is_a_dead_letter_and_never_sent(
     db: Database, settings: Settings, smtp: RecordingSMTPServer
 ) -> None:
-    # An escape sequence survives drafting (it is not a line break); the message builder
-    # refuses it like any other control character in a header.
+    # An escape sequence survives rendering (it is not a line break); the drafter refuses it
+    # like any other character that cannot go into a header (as the message builder would).
     await _one(db, subject='Hi {{ "\\x1b" }}[31mthere')
     await drain(settings)
     row = await query(
         settings.database_url or "", "SELECT status, attempts, last_error FROM recipients"
     )
-    assert row == [("dead", 1, "unsafe header: Subject")]
+    assert row == [
+        (
+            "dead",
+            1,
+            "drafted subject: character U+001B (escape) at position 4 is not allowed in an"
+            " email header",
+        )
+    ]
     assert smtp.received == []

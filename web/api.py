@@ -13,6 +13,7 @@ import structlog
 from aiohttp import web
 
 from shared.db import MAX_ID, RECIPIENT_STATUSES, BatchSummary, KeyReused
+from shared.headers import lone_surrogate_message, unsafe_message
 from shared.metrics import BATCHES_CREATED, RECIPIENTS_ENQUEUED
 from web.keys import AUTH_KIND, CAPTURE, DB, REQUEST_ID, SETTINGS
 from web.middlewares import api_error
@@ -248,12 +249,18 @@ def checked_edit(payload: Any) -> tuple[str, str]:
     subject, body = payload.get("subject"), payload.get("body")
     if not isinstance(subject, str) or not subject.strip():
         raise ValueError("subject: required")
-    if "\0" in subject or (isinstance(body, str) and "\0" in body):
-        raise ValueError("NUL characters are not allowed")
     if "\r" in subject or "\n" in subject or len(subject) > MAX_EDITED_SUBJECT_CHARS:
         raise ValueError(f"subject: one line of at most {MAX_EDITED_SUBJECT_CHARS} characters")
+    not_allowed = unsafe_message(subject, allow_tab=True)  # NUL included
+    if not_allowed is not None:
+        raise ValueError(f"subject: {not_allowed}")
     if not isinstance(body, str) or not body.strip() or len(body) > MAX_EDITED_BODY_CHARS:
         raise ValueError(f"body: required, at most {MAX_EDITED_BODY_CHARS} characters")
+    if "\0" in body:
+        raise ValueError("body: NUL characters are not allowed")
+    not_text = lone_surrogate_message(body)
+    if not_text is not None:
+        raise ValueError(f"body: {not_text}")
     return subject.strip(), body
 
 

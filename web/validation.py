@@ -16,6 +16,7 @@ from typing import Any
 
 from shared.addresses import InvalidAddress, dedupe_key, normalize_address
 from shared.db import NewBatch, NewRecipient
+from shared.headers import lone_surrogate_message, unsafe_message
 from shared.templating import TemplateProblem, fields_used, render, template_values
 
 DRAFTERS = ("template", "llm")
@@ -26,6 +27,7 @@ MAX_FIELDS_PER_RECIPIENT = 50
 MAX_FIELD_VALUE_CHARS = 2_000
 MAX_PROBLEMS_LISTED = 1_000
 _FIELD_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
 _API_KEYS = {"recipients", "subject", "body", "drafter", "context", "send", "send_at"}
 MAX_SCHEDULE_AHEAD = timedelta(days=365)
 
@@ -141,7 +143,7 @@ def from_form(form: dict[str, str], *, limits: Limits, csv_text: str | None = No
     """Validate the HTML form: one address per line (commas and semicolons also separate),
     and/or a CSV file whose header row names an ``email`` column (other columns are fields)."""
     entries: list[_Entry] = []
-    for number, text in enumerate(form.get("recipients", "").splitlines(), start=1):
+    for number, text in enumerate(_lines(form.get("recipients", "")), start=1):
         for piece in re.split(r"[,;]", text):
             if piece.strip():
                 entries.append(_Entry(raw=piece.strip(), line=number))
@@ -167,7 +169,7 @@ def addresses_from_form(text: str, csv_text: str | None = None) -> list[str]:
     ``email`` column, normalized; :class:`InvalidSubmission` lists every bad one by line."""
     entries = [
         _Entry(raw=piece.strip(), line=number)
-        for number, line in enumerate(text.splitlines(), start=1)
+        for number, line in enumerate(_lines(text), start=1)
         for piece in re.split(r"[,;]", line)
         if piece.strip()
     ]
@@ -180,6 +182,13 @@ def addresses_from_form(text: str, csv_text: str | None = None) -> list[str]:
     if not entries and not problems:
         problems.append(Problem("recipients", "give at least one address"))
     return _normalized(entries, problems)
+
+
+def _lines(text: str) -> list[str]:
+    """The lines of a textarea as the browser shows them: broken at CR and LF only (not at the
+    form feeds, separators and NELs ``str.splitlines()`` also breaks at), so line numbers in
+    errors match what the operator sees."""
+    return _LINE_BREAK.split(text)
 
 
 def addresses_from_list(given: list[Any]) -> list[str]:
@@ -269,6 +278,7 @@ def _validate(
 ) -> Submission:
     max_batch_size = limits.max_batch_size
     templates_ok = False
+    subject_fields: set[str] = set()
     if drafter == "llm":
         context = _check_llm(subject, body, context, limits, problems)
         subject = body = ""
@@ -279,6 +289,8 @@ def _validate(
         templates_ok = _check_template(
             "subject", subject, MAX_SUBJECT_TEMPLATE_CHARS, problems, single_line=True
         )
+        if templates_ok:
+            subject_fields = fields_used(str(subject))
         templates_ok &= _check_template("body", body, MAX_BODY_TEMPLATE_CHARS, problems)
     else:
         problems.append(Problem("drafter", f"must be one of: {', '.join(DRAFTERS)}"))
@@ -296,7 +308,7 @@ def _validate(
     seen: set[str] = set()
     duplicates = 0
     for entry in entries:
-        recipient = _recipient(entry, problems)
+        recipient = _recipient(entry, problems, subject_fields)
         if recipient is None:
             continue
         key = dedupe_key(recipient.email)
@@ -308,6 +320,7 @@ def _validate(
         kept.append(entry)
     if templates_ok:
         _dry_run(str(subject), str(body), recipients, kept, problems)
+        _check_rendered_subjects(str(subject), subject_fields, recipients, kept, problems)
 
     if problems:
         raise InvalidSubmission(problems)
@@ -376,6 +389,10 @@ def _check_llm(
     if "\0" in context:
         problems.append(Problem("context", "NUL characters are not allowed"))
         return None
+    not_text = lone_surrogate_message(context)
+    if not_text is not None:
+        problems.append(Problem("context", not_text))
+        return None
     return context
 
 
@@ -388,11 +405,19 @@ def _check_template(
     if len(value) > max_chars:
         problems.append(Problem(name, f"longer than {max_chars} characters"))
         return False
-    if "\0" in value:
-        problems.append(Problem(name, "NUL characters are not allowed"))
-        return False
     if single_line and ("\r" in value or "\n" in value):
         problems.append(Problem(name, "must be a single line"))
+        return False
+    # A single line is a subject: it goes into a header (a tab may stay). Any other template
+    # only has to be storable text.
+    if single_line:
+        not_allowed = unsafe_message(value, allow_tab=True)
+    elif "\0" in value:
+        not_allowed = "NUL characters are not allowed"
+    else:
+        not_allowed = lone_surrogate_message(value)
+    if not_allowed is not None:
+        problems.append(Problem(name, not_allowed))
         return False
     try:
         fields_used(value)
@@ -437,7 +462,48 @@ def _dry_run(
                 break
 
 
-def _recipient(entry: _Entry, problems: list[Problem]) -> NewRecipient | None:
+def _check_rendered_subjects(
+    subject: str,
+    subject_fields: set[str],
+    recipients: list[NewRecipient],
+    entries: list[_Entry],
+    problems: list[Problem],
+) -> None:
+    """Render the subject for every recipient and refuse one that cannot go into a header.
+
+    The recipients' own text was checked already; this catches what the template makes of
+    values (``{{ '%c' % n }}``, an escape in a string literal, a filter). The subject differs
+    only as the fields it reads differ, so it is rendered once per distinct set of their
+    values. A template that fails to render is :func:`_dry_run`'s to report.
+    """
+    seen: dict[tuple[tuple[Any, ...], ...], str | None] = {}
+    for index, recipient in enumerate(recipients):
+        values = template_values(recipient.fields, recipient.email)
+        key = tuple(
+            (name, type(values.get(name)), values.get(name)) if name in values else (name,)
+            for name in sorted(subject_fields)
+        )
+        if key not in seen:
+            try:
+                seen[key] = unsafe_message(render(subject, values), allow_tab=True)
+            except TemplateProblem:
+                seen[key] = None
+        not_allowed = seen[key]
+        if not_allowed is not None:
+            entry = entries[index]
+            problems.append(
+                Problem(
+                    entry.source,
+                    f"{recipient.email}: the rendered subject: {not_allowed}",
+                    position=entry.position,
+                    line=entry.line,
+                )
+            )
+
+
+def _recipient(
+    entry: _Entry, problems: list[Problem], subject_fields: set[str]
+) -> NewRecipient | None:
     def problem(message: str) -> None:
         problems.append(Problem(entry.source, message, position=entry.position, line=entry.line))
 
@@ -456,14 +522,17 @@ def _recipient(entry: _Entry, problems: list[Problem]) -> NewRecipient | None:
     except InvalidAddress as exc:
         problem(f"{_shown(address)}: {exc}")
         return None
-    bad_fields = _field_problems(fields)
+    bad_fields = _field_problems(fields, subject_fields)
     if bad_fields:
         problem(f"{email}: {bad_fields}")
         return None
     return NewRecipient(email=email, fields=fields)
 
 
-def _field_problems(fields: dict[str, Any]) -> str | None:
+def _field_problems(fields: dict[str, Any], subject_fields: set[str]) -> str | None:
+    """What is wrong with a recipient's fields, if anything. A field the subject template reads
+    goes into a header and is held to :mod:`shared.headers`' rule (a tab may stay); any other
+    field only reaches the body or the model, and only has to be storable text."""
     if len(fields) > MAX_FIELDS_PER_RECIPIENT:
         return f"more than {MAX_FIELDS_PER_RECIPIENT} fields"
     for name, value in fields.items():
@@ -473,8 +542,16 @@ def _field_problems(fields: dict[str, Any]) -> str | None:
             return f"field {name!r} must be a string, number, boolean or null"
         if isinstance(value, str) and len(value) > MAX_FIELD_VALUE_CHARS:
             return f"field {name!r} longer than {MAX_FIELD_VALUE_CHARS} characters"
-        if isinstance(value, str) and "\0" in value:
+        if not isinstance(value, str):
+            continue
+        not_allowed = unsafe_message(value, allow_tab=True) if name in subject_fields else None
+        if not_allowed is not None:
+            return f"field {name!r}: {not_allowed} (the subject uses this field)"
+        if "\0" in value:
             return f"field {name!r} contains a NUL character"
+        not_text = lone_surrogate_message(value)
+        if not_text is not None:
+            return f"field {name!r}: {not_text}"
     return None
 
 

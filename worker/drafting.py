@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from shared.db import RecipientForSend
+from shared.headers import unsafe_message
 from shared.templating import TemplateProblem, render, template_values
 from worker.failures import PermanentFailure
 
@@ -30,10 +31,14 @@ class Drafter(Protocol):
 
 
 def checked_subject(text: str) -> str:
-    """A subject that can go into a header: one line, not empty, not too long."""
+    """A subject that can go into a header: one line without control characters
+    (:mod:`shared.headers`), not empty, not too long."""
     subject = text.strip()
     if "\r" in subject or "\n" in subject:
         raise PermanentFailure("drafted subject contains a line break")
+    not_allowed = unsafe_message(subject, allow_tab=True)
+    if not_allowed is not None:
+        raise PermanentFailure(f"drafted subject: {not_allowed}")
     if not subject:
         raise PermanentFailure("drafted subject is empty")
     if len(subject) > MAX_SUBJECT_CHARS:

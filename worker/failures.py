@@ -21,6 +21,8 @@ class DeliveryFailure(Exception):
     """A failed attempt; ``message`` is safe to store and show (no secrets, no body)."""
 
     permanent = False
+    # So a traceback in the log keeps this message (shared.logging withholds the others').
+    message_is_loggable = True
 
     def __init__(
         self, message: str, *, smtp_code: int | None = None, retry_after_s: float | None = None

@@ -22,6 +22,7 @@ from groq.types.chat import ChatCompletionMessageParam
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from shared.db import RecipientForSend
+from shared.headers import unsafe_message
 from shared.metrics import LLM_REQUEST, LLM_TOKENS
 from shared.settings import Settings
 from worker.drafting import Draft
@@ -60,6 +61,11 @@ class LlmDraft(BaseModel):
     def _one_line(cls, value: str) -> str:
         if "\r" in value or "\n" in value:
             raise ValueError("the subject must be a single line")
+        # Any other character that cannot go into a header is a bad reply too: the repair
+        # round tells the model which one and where.
+        not_allowed = unsafe_message(value, allow_tab=True)
+        if not_allowed is not None:
+            raise ValueError(not_allowed)
         return value.strip()
 
 

@@ -24,6 +24,7 @@ from typing import Protocol
 import aiosmtplib
 import structlog
 
+from shared.headers import header_pattern
 from shared.metrics import SMTP_CONCURRENCY_LIMIT, SMTP_SEND, SMTP_THROTTLED
 from shared.settings import Settings, SmtpSecurity
 from shared.templating import UNSUBSCRIBE_MARKER
@@ -50,13 +51,11 @@ PACE_MAX_S = 2.0
 # RFC 5322: a line is at most 998 characters and should be at most 78.
 _MAX_LINE = 998
 _FOLD_AT = 78
-# What no header value may carry: line breaks of any kind (CR, LF, VT, FF, the file, group and
-# record separators, NEL, U+2028/U+2029: str.splitlines() breaks at all of them, and so may
-# something down the line), every other C0 and C1 control, DEL, and lone surrogates (not
-# encodable). A tab is legal whitespace in an unstructured header (the subject) and nowhere
-# else Mailroom writes.
-_UNSAFE_IN_TEXT = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
-_UNSAFE_IN_TOKEN = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+# What no header value may carry (shared.headers, the same rule every boundary applies): line
+# breaks of any kind, every other C0 and C1 control, DEL, and lone surrogates. A tab is legal
+# whitespace in an unstructured header (the subject) and nowhere else Mailroom writes.
+_UNSAFE_IN_TEXT = header_pattern(allow_tab=True)
+_UNSAFE_IN_TOKEN = header_pattern(allow_tab=False)
 _OVERLONG_QP_LINE = re.compile(rb"^(.{74,75})(=09|=20)$", re.MULTILINE)
 _PART_HEADERS = (
     b'Content-Type: text/%s; charset="utf-8"\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\n'

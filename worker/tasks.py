@@ -347,8 +347,13 @@ async def _attempt(deps: WorkerDeps, recipient: RecipientForSend, *, in_chunk: b
     except Exception as exc:
         # A bug, not the far side: make it a dead letter an operator can see and redrive,
         # rather than a recipient stuck in "sending" forever.
+        # The exception's text can hold the address, the subject or a field: the failure's
+        # message (stored, shown and logged at INFO) names only its type. The traceback is
+        # logged without messages above DEBUG (shared.logging).
         log.exception("send_email_crashed", recipient_id=recipient.id)
-        raise PermanentFailure(f"internal error: {type(exc).__name__}: {exc}"[:500]) from exc
+        raise PermanentFailure(
+            f"internal error: {type(exc).__name__} (see send_email_crashed in the worker log)"
+        ) from exc
 
 
 async def _record_failure(
