@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from shared.metrics import QueueCollector, render
 from shared.schema import pending_migrations
 from shared.settings import Settings
 from web import api, dead_letters, openapi, pages, suppressions
-from web.auth import Authenticator, LoginLimiter
+from web.auth import Authenticator, LoginLimiter, secret_equal
 from web.keys import AUTH, CAPTURE, DB, LOGIN_LIMITER, METRICS_REGISTRY, SETTINGS
 from web.middlewares import (
     auth_middleware,
@@ -51,7 +50,7 @@ async def metrics(request: web.Request) -> web.Response:
     token = request.app[SETTINGS].metrics_token
     if token is not None:
         given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-        if not hmac.compare_digest(given.encode(), token.get_secret_value().encode()):
+        if not secret_equal(given, token.get_secret_value().encode()):
             return web.Response(status=401, text="metrics need MAILROOM_METRICS_TOKEN\n")
     body = await asyncio.to_thread(render, request.app[METRICS_REGISTRY])
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -27,7 +27,17 @@ class Session:
 
     def csrf_matches(self, candidate: str) -> bool:
         """Whether ``candidate`` is this session's CSRF token (constant time, any text)."""
-        return hmac.compare_digest(candidate.encode(), self.csrf_token.encode())
+        return secret_equal(candidate, self.csrf_token.encode())
+
+
+def secret_equal(candidate: str, secret: bytes) -> bool:
+    """Whether ``candidate`` is ``secret``, in constant time, for any text a client can send.
+
+    aiohttp decodes header bytes as UTF-8 with ``surrogateescape``, so a header can hold lone
+    surrogates that ``str.encode()`` refuses; ``surrogatepass`` encodes every string (as bytes
+    no real token has) instead of raising.
+    """
+    return hmac.compare_digest(candidate.encode("utf-8", "surrogatepass"), secret)
 
 
 class Authenticator:
@@ -38,7 +48,7 @@ class Authenticator:
         self._key = hashlib.sha256(b"mailroom-session\0" + secret_key.encode()).digest()
 
     def token_matches(self, candidate: str) -> bool:
-        return hmac.compare_digest(candidate.encode(), self._api_token)
+        return secret_equal(candidate, self._api_token)
 
     def bearer_ok(self, request: web.Request) -> bool:
         header = request.headers.get("Authorization", "")
@@ -56,8 +66,10 @@ class Authenticator:
 
     def read_session(self, request: web.Request) -> Session | None:
         cookie = request.cookies.get(SESSION_COOKIE, "")
+        if not cookie.isascii():  # we only ever issue ASCII; anything else is forged
+            return None
         body, _, signature = cookie.partition(".")
-        if not body or not hmac.compare_digest(signature, self._sign(body)):
+        if not body or not hmac.compare_digest(signature.encode(), self._sign(body).encode()):
             return None
         try:
             data = json.loads(base64.urlsafe_b64decode(body))

@@ -8,7 +8,9 @@ from typing import Any
 
 import aiohttp_jinja2
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_request import FileField
+from multidict import MultiDictProxy
 
 from shared.db import MAX_ID, RECIPIENT_STATUSES, SUPPRESSION_REASONS, Selection
 from shared.ratelimits import sender_limits
@@ -35,6 +37,20 @@ def render(
     return response
 
 
+async def read_form(request: web.Request) -> MultiDictProxy[str | bytes | bytearray | FileField]:
+    """The posted form, or a 400 if it cannot be read as UTF-8 form data.
+
+    aiohttp raises on undecodable fields, unknown charsets and broken multipart framing; each
+    of those is the client's mistake, never a reason for a 500.
+    """
+    try:
+        return await request.post()
+    except (ValueError, LookupError, HttpProcessingError):
+        raise web.HTTPBadRequest(
+            text="The form could not be read: send it as UTF-8 form data."
+        ) from None
+
+
 def _check_csrf(request: web.Request, form: Any) -> None:
     session = request.get(SESSION)
     if session is None:
@@ -58,7 +74,7 @@ async def login_form(request: web.Request) -> web.Response:
 
 @routes.post("/login")
 async def login(request: web.Request) -> web.StreamResponse:
-    form = await request.post()
+    form = await read_form(request)
     target = _safe_next(str(form.get("next", "/")))
     auth, limiter = request.app[AUTH], request.app[LOGIN_LIMITER]
     client = request.remote or "unknown"
@@ -100,7 +116,7 @@ def is_https(request: web.Request) -> bool:
 
 @routes.post("/logout")
 async def logout(request: web.Request) -> web.StreamResponse:
-    _check_csrf(request, await request.post())
+    _check_csrf(request, await read_form(request))
     response = web.HTTPSeeOther(location="/login")
     response.del_cookie(SESSION_COOKIE, path="/")
     raise response
@@ -123,7 +139,7 @@ async def index(request: web.Request) -> web.Response:
 
 @routes.post("/batches")
 async def submit_batch(request: web.Request) -> web.StreamResponse:
-    form = await request.post()
+    form = await read_form(request)
     _check_csrf(request, form)
     names = ("recipients", "subject", "body", "drafter", "context", "review", "send_at")
     fields = {k: str(form.get(k, "")) for k in names}
@@ -206,7 +222,7 @@ async def dead_letters_page(request: web.Request) -> web.Response:
 
 @routes.post("/dead-letters")
 async def dead_letters_action(request: web.Request) -> web.StreamResponse:
-    form = await request.post()
+    form = await read_form(request)
     _check_csrf(request, form)
     action = form.get("action")
     if action not in {"redrive", "discard"}:
@@ -243,7 +259,7 @@ async def _suppressions(
 @routes.post("/suppressions")
 async def suppressions_action(request: web.Request) -> web.StreamResponse:
     """Add pasted or uploaded addresses, or remove one, then show the list again."""
-    form = await request.post()
+    form = await read_form(request)
     _check_csrf(request, form)
     db = request.app[DB]
     if form.get("action") == "remove":
@@ -285,7 +301,7 @@ async def captured_message(request: web.Request) -> web.Response:
 
 @routes.post("/batches/{batch_id}/send")
 async def send_reviewed_page(request: web.Request) -> web.StreamResponse:
-    _check_csrf(request, await request.post())
+    _check_csrf(request, await read_form(request))
     batch_id = batch_id_of(request)
     await request.app[DB].approve(batch_id)
     raise web.HTTPSeeOther(location=f"/batches/{batch_id}")
@@ -300,7 +316,7 @@ async def edit_draft_page(request: web.Request) -> web.Response:
 
 @routes.post("/batches/{batch_id}/recipients/{recipient_id}/edit")
 async def save_draft_page(request: web.Request) -> web.StreamResponse:
-    form = await request.post()
+    form = await read_form(request)
     _check_csrf(request, form)
     batch_id = batch_id_of(request)
     draft = await _draft(request, batch_id)
@@ -334,7 +350,7 @@ async def _draft(request: web.Request, batch_id: uuid.UUID) -> dict[str, Any]:
 
 @routes.post("/batches/{batch_id}/cancel")
 async def cancel_batch_page(request: web.Request) -> web.StreamResponse:
-    _check_csrf(request, await request.post())
+    _check_csrf(request, await read_form(request))
     batch_id = batch_id_of(request)
     await request.app[DB].cancel(batch_id)
     raise web.HTTPSeeOther(location=f"/batches/{batch_id}")
@@ -342,7 +358,7 @@ async def cancel_batch_page(request: web.Request) -> web.StreamResponse:
 
 @routes.post("/batches/{batch_id}/redrive")
 async def redrive_batch_page(request: web.Request) -> web.StreamResponse:
-    _check_csrf(request, await request.post())
+    _check_csrf(request, await read_form(request))
     batch_id = batch_id_of(request)
     await request.app[DB].redrive(Selection(batch_id=batch_id))
     raise web.HTTPSeeOther(location=f"/batches/{batch_id}")

@@ -1,0 +1,139 @@
+"""No input makes the web tier answer 5xx: every hostile request gets a clear 4xx.
+
+Each 5xx counts toward the web-5xx alert and pages someone, so bytes a client chose must never
+produce one. Raw non-ASCII header bytes need :mod:`tests.raw_http` (aiohttp's client refuses to
+send them); aiohttp's server decodes header bytes as UTF-8 with ``surrogateescape``, so
+``\\xff`` arrives as the lone surrogate ``\\udcff``, which ``str.encode()`` refuses.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+from pydantic import SecretStr
+
+from shared.db import Database
+from shared.settings import Settings
+from tests import raw_http
+from tests.conftest import API_TOKEN
+from web.app import create_app
+
+BEARER = b"Bearer " + API_TOKEN.encode()
+
+
+async def raw(
+    client: TestClient,
+    method: str,
+    target: bytes,
+    headers: list[tuple[bytes, bytes]] | None = None,
+    body: bytes = b"",
+) -> raw_http.RawResponse:
+    server = client.server
+    assert server.port is not None
+    return await raw_http.request(str(server.host), server.port, method, target, headers, body)
+
+
+def error_of(response: raw_http.RawResponse) -> dict[str, Any]:
+    """The API's error shape, checked: ``{"error": {"code", "message", "details"}}``."""
+    error = json.loads(response.body)["error"]
+    assert set(error) == {"code", "message", "details"}, error
+    assert isinstance(error["code"], str) and isinstance(error["message"], str)
+    return error  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize(
+    "value",
+    [b"Bearer \xff", b"Bearer \xc3\xa9", b"\xff\xfe", b"Bearer " + API_TOKEN.encode() + b"\xff"],
+)
+async def test_a_non_ascii_bearer_token_is_401(client: TestClient, value: bytes) -> None:
+    response = await raw(client, "GET", b"/api/batches", [(b"Authorization", value)])
+    assert response.status == 401, response.body
+    assert error_of(response)["code"] == "unauthorized"
+
+
+async def test_a_non_ascii_csrf_header_is_403(client: TestClient) -> None:
+    # A Bearer token needs no CSRF token; a session does, so log in and send junk bytes.
+    login = await client.post("/login", data={"token": API_TOKEN}, allow_redirects=False)
+    cookie = login.cookies["mailroom_session"].value.encode()
+    response = await raw(
+        client,
+        "POST",
+        b"/api/batches/00000000-0000-0000-0000-000000000000/cancel",
+        [(b"Cookie", b"mailroom_session=" + cookie), (b"X-CSRF-Token", b"\xff\xfe")],
+    )
+    assert response.status == 403, response.body
+    assert error_of(response)["code"] == "csrf_failed"
+
+
+@pytest.mark.parametrize(
+    "cookie",
+    [b"\xc3\xa9.\xc3\xa9", b"\xff.\xff", b"abc.\xff", b"\xff", "é.é".encode(), b"e30.\xc3\xa9"],
+)
+async def test_a_non_ascii_session_cookie_is_no_session(client: TestClient, cookie: bytes) -> None:
+    headers = [(b"Cookie", b"mailroom_session=" + cookie)]
+    page = await raw(client, "GET", b"/", headers)
+    assert page.status == 303, page.body
+    assert (page.header("Location") or "").startswith("/login")
+    api = await raw(client, "GET", b"/api/batches", headers)
+    assert api.status == 401, api.body
+    assert error_of(api)["code"] == "unauthorized"
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body"),
+    [
+        (b"application/x-www-form-urlencoded", b"token=\xff\xfe&next=/"),
+        (b"application/x-www-form-urlencoded; charset=utf-8", b"token=%FF&next=\xc3"),
+        (
+            b"multipart/form-data; boundary=X",
+            b'--X\r\nContent-Disposition: form-data; name="token"\r\n\r\n\xff\xfe\r\n--X--\r\n',
+        ),
+        (b"multipart/form-data; boundary=X", b"--X\r\n\xff\r\n\r\n"),
+        (b"multipart/form-data", b"no boundary"),
+        (b"application/x-www-form-urlencoded; charset=no-such-charset", b"token=x"),
+    ],
+)
+async def test_a_login_form_that_is_not_utf8_is_400(
+    client: TestClient, content_type: bytes, body: bytes
+) -> None:
+    response = await raw(client, "POST", b"/login", [(b"Content-Type", content_type)], body)
+    assert response.status == 400, response.body
+
+
+async def test_every_form_route_refuses_a_body_that_is_not_utf8(client: TestClient) -> None:
+    login = await client.post("/login", data={"token": API_TOKEN}, allow_redirects=False)
+    cookie = b"mailroom_session=" + login.cookies["mailroom_session"].value.encode()
+    batch = b"/batches/00000000-0000-0000-0000-000000000000"
+    for target in [
+        b"/logout",
+        b"/batches",
+        b"/dead-letters",
+        b"/suppressions",
+        batch + b"/send",
+        batch + b"/cancel",
+        batch + b"/redrive",
+        batch + b"/recipients/1/edit",
+    ]:
+        response = await raw(
+            client,
+            "POST",
+            target,
+            [(b"Cookie", cookie), (b"Content-Type", b"application/x-www-form-urlencoded")],
+            b"csrf_token=\xff",
+        )
+        assert response.status == 400, (target, response.status, response.body)
+
+
+@pytest.mark.parametrize("value", [b"Bearer \xff", b"Bearer sc\xc3\xa9", b"\xff"])
+async def test_metrics_with_a_non_ascii_token_is_401(
+    settings: Settings, db: Database, value: bytes
+) -> None:
+    app = create_app(settings.model_copy(update={"metrics_token": SecretStr("scrape-me")}), db=db)
+    async with TestClient(TestServer(app)) as c:
+        response = await raw(c, "GET", b"/metrics", [(b"Authorization", value)])
+        assert response.status == 401, response.body
+        ok = await raw(c, "GET", b"/metrics", [(b"Authorization", b"Bearer scrape-me")])
+        assert ok.status == 200
