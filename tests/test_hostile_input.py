@@ -9,6 +9,7 @@ send them); aiohttp's server decodes header bytes as UTF-8 with ``surrogateescap
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import pytest
@@ -18,7 +19,7 @@ from pydantic import SecretStr
 from shared.db import Database
 from shared.settings import Settings
 from tests import raw_http
-from tests.conftest import API_TOKEN
+from tests.conftest import API_TOKEN, AUTH, query
 from web.app import create_app
 
 BEARER = b"Bearer " + API_TOKEN.encode()
@@ -137,3 +138,196 @@ async def test_metrics_with_a_non_ascii_token_is_401(
         assert response.status == 401, response.body
         ok = await raw(c, "GET", b"/metrics", [(b"Authorization", b"Bearer scrape-me")])
         assert ok.status == 200
+
+
+# -- JSON bodies ------------------------------------------------------------------------------
+
+NO_BATCH = "00000000-0000-0000-0000-000000000000"
+JSON_ROUTES = [
+    ("POST", "/api/batches"),
+    ("POST", "/api/dead-letters/redrive"),
+    ("POST", "/api/dead-letters/discard"),
+    ("POST", "/api/suppressions"),
+    ("POST", "/api/suppressions/remove"),
+    ("PATCH", f"/api/batches/{NO_BATCH}/recipients/1"),
+]
+JSON = {**AUTH, "Content-Type": "application/json"}
+
+
+def _concrete(path: str) -> str:
+    return re.sub(r"\{[^}]+\}", lambda m: NO_BATCH if "batch" in m.group() else "1", path)
+
+
+async def test_every_body_taking_api_route_is_listed_here(client: TestClient) -> None:
+    """A new JSON route must join JSON_ROUTES, so every test below covers it."""
+    writes = {
+        (route.method, _concrete(route.resource.canonical))
+        for route in client.app.router.routes()
+        if route.resource is not None
+        and route.resource.canonical.startswith("/api/")
+        and route.method in {"POST", "PUT", "PATCH"}
+    }
+    bodyless = {
+        ("POST", f"/api/batches/{NO_BATCH}/send"),
+        ("POST", f"/api/batches/{NO_BATCH}/cancel"),
+    }
+    assert writes - bodyless == set(JSON_ROUTES)
+
+
+@pytest.mark.parametrize(("method", "path"), JSON_ROUTES)
+@pytest.mark.parametrize(
+    "body",
+    [b"[" * 1000 + b"]" * 1000, b'{"a":' * 1000 + b"1" + b"}" * 1000, b"[" * 100_000],
+    ids=["arrays", "objects", "unclosed"],
+)
+async def test_json_nested_a_thousand_deep_is_400_on_every_json_route(
+    client: TestClient, method: str, path: str, body: bytes
+) -> None:
+    response = await client.request(method, path, data=body, headers=JSON)
+    assert response.status == 400, await response.text()
+    error = (await response.json())["error"]
+    assert error["code"] == "json_too_deep", error
+    assert set(error) == {"code", "message", "details"}
+
+
+async def test_ordinary_nesting_is_still_accepted(client: TestClient) -> None:
+    # 28 levels inside a recipient field (31 in all) is refused for its type, not its depth.
+    deep_field = {"email": "a@example.org", "n": json.loads("[" * 28 + "]" * 28)}
+    payload = {"recipients": [deep_field], "subject": "S", "body": "B"}
+    response = await client.post("/api/batches", json=payload, headers=AUTH)
+    assert response.status == 422
+    assert "string, number" in (await response.text())
+    ok = {"recipients": [{"email": "a@example.org", "n": "[[{{\\"}], "subject": "S", "body": "B"}
+    assert (await client.post("/api/batches", json=ok, headers=AUTH)).status == 201
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "code", "field"),
+    [
+        (
+            "POST",
+            "/api/batches",
+            b'{"recipients": ["a@example.org"], "subject": "s\\ud800", "body": "b"}',
+            "invalid_batch",
+            "subject",
+        ),
+        (
+            "POST",
+            "/api/batches",
+            b'{"recipients": ["a@example.org"], "subject": "s", "body": "\\udfff b"}',
+            "invalid_batch",
+            "body",
+        ),
+        (
+            "POST",
+            "/api/batches",
+            b'{"recipients": ["a@example.org", {"email": "b@example.org", "name": "\\udc80"}],'
+            b' "subject": "s", "body": "b"}',
+            "invalid_batch",
+            "recipients",
+        ),
+        (
+            "POST",
+            "/api/batches",
+            b'{"recipients": [{"email": "b@example.org", "n\\ud800": "x"}],'
+            b' "subject": "s", "body": "b"}',
+            "invalid_batch",
+            "recipients",
+        ),
+        (
+            "PATCH",
+            f"/api/batches/{NO_BATCH}/recipients/1",
+            b'{"subject": "s\\ud800", "body": "b"}',
+            "invalid_draft",
+            "subject",
+        ),
+        (
+            "PATCH",
+            f"/api/batches/{NO_BATCH}/recipients/1",
+            b'{"subject": "s", "body": "\\ud800"}',
+            "invalid_draft",
+            "body",
+        ),
+        (
+            "POST",
+            "/api/suppressions",
+            b'{"addresses": ["a\\ud800@example.org"]}',
+            "invalid_suppression",
+            "addresses",
+        ),
+        (
+            "POST",
+            "/api/suppressions/remove",
+            b'{"addresses": ["a\\ud800@example.org"]}',
+            "invalid_suppression",
+            "addresses",
+        ),
+        (
+            "POST",
+            "/api/dead-letters/redrive",
+            b'{"batch_id": "\\ud800"}',
+            "invalid_selection",
+            "batch_id",
+        ),
+    ],
+)
+async def test_a_lone_surrogate_is_422_naming_the_field(
+    client: TestClient,
+    settings: Settings,
+    method: str,
+    path: str,
+    body: bytes,
+    code: str,
+    field: str,
+) -> None:
+    response = await client.request(method, path, data=body, headers=JSON)
+    assert response.status == 422, await response.text()
+    error = (await response.json())["error"]
+    assert error["code"] == code
+    assert "lone surrogate" in error["message"]
+    assert [p["field"] for p in error["details"]["problems"]] == [field]
+    rows = await query(
+        settings.database_url or "",
+        "SELECT (SELECT count(*) FROM batches) + (SELECT count(*) FROM suppressions)",
+    )
+    assert rows == [(0,)]
+
+
+async def test_a_complete_surrogate_pair_is_text(client: TestClient) -> None:
+    body = b'{"recipients": ["a@example.org"], "subject": "\\ud83d\\udce8 news", "body": "b"}'
+    response = await client.post("/api/batches", data=body, headers=JSON)
+    assert response.status == 201, await response.text()
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"recipients": [{"email": "a@example.org", "n": NaN}], "subject": "s", "body": "b"}',
+        b'{"recipients": [{"email": "a@example.org", "n": 1e400}], "subject": "s", "body": "b"}',
+        b'{"recipients": [{"email": "a@example.org", "n": -Infinity}], "subject": "s",'
+        b' "body": "b"}',
+        b'{"recipients": [{"email": "a@example.org", "n": ' + b"9" * 5000 + b'}], "subject": "s"}',
+        b"\xef\xbb\xbf{}",
+        b"",
+        b'{"subject": "\xed\xa0\x80"}',
+    ],
+    ids=["nan", "overflow", "infinity", "5000-digit", "bom", "empty", "utf8-surrogate"],
+)
+async def test_json_that_python_accepts_but_json_does_not_is_400(
+    client: TestClient, settings: Settings, body: bytes
+) -> None:
+    response = await client.post("/api/batches", data=body, headers=JSON)
+    assert response.status == 400, await response.text()
+    assert (await response.json())["error"]["code"] == "malformed_json"
+    assert await query(settings.database_url or "", "SELECT count(*) FROM batches") == [(0,)]
+
+
+@pytest.mark.parametrize(("method", "path"), JSON_ROUTES)
+async def test_every_json_route_wants_application_json(
+    client: TestClient, method: str, path: str
+) -> None:
+    response = await client.request(
+        method, path, data=b'{"all": true}', headers={**AUTH, "Content-Type": "text/plain"}
+    )
+    assert response.status == 415, await response.text()
+    assert (await response.json())["error"]["code"] == "unsupported_media_type"

@@ -36,6 +36,17 @@ def api_error(status: int, code: str, message: str, details: Any = None) -> web.
     )
 
 
+class ApiError(Exception):
+    """Raised by a handler (or a helper it calls) to answer with :func:`api_error`."""
+
+    def __init__(self, status: int, code: str, message: str, details: Any = None) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.details = status, code, message, details
+
+    def response(self) -> web.Response:
+        return api_error(self.status, self.code, self.message, self.details)
+
+
 def is_api(request: web.Request) -> bool:
     return request.path.startswith("/api/")
 
@@ -76,6 +87,8 @@ async def request_id_middleware(request: web.Request, handler: Handler) -> web.S
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
+    except ApiError as exc:
+        return exc.response()
     except web.HTTPException as exc:
         if not is_api(request) or exc.status < 400:
             raise
