@@ -9,13 +9,17 @@ send them); aiohttp's server decodes header bytes as UTF-8 with ``surrogateescap
 from __future__ import annotations
 
 import json
+import os
 import re
+from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from pydantic import SecretStr
 
+from shared.capture import MailCapture
 from shared.db import Database
 from shared.settings import Settings
 from tests import raw_http
@@ -331,3 +335,95 @@ async def test_every_json_route_wants_application_json(
     )
     assert response.status == 415, await response.text()
     assert (await response.json())["error"]["code"] == "unsupported_media_type"
+
+
+# -- the dev mail viewer ----------------------------------------------------------------------
+
+HOSTILE_MAIL = [
+    b"Message-ID: <@>\r\nTo: a@example.org\r\nSubject: empty id\r\n\r\nbody\r\n",
+    b'To: "\\\r\nMessage-ID: <\r\nSubject: =?utf-8?q?unterminated\r\n\r\n',
+    b'Message-ID: <\xff\xfe@x>\r\nTo: \xff@example.org, <@>, "open\r\nSubject: \xc3\x28\r\n\r\n',
+    b"Subject: =?x-no-such-charset?q?abc?= =?utf-8?b?7aCA?= =?utf-8?b?/w==?=\r\n\r\n",
+    b"Subject: =?utf-8?b?notbase64!!?=\r\nTo: =?utf-8?q?=FF?= <x@y>\r\n\r\n",
+    b"\x00\x01\x02\xff\xfe\xfd binary junk \x80\x81\r\n\r\n\x00",
+    b"",
+    b"Subject: " + b"x" * 200_000 + b"\r\n\r\n",
+    b"Message-ID: <a@b>\r\nMessage-ID: <c@d>\r\nTo:\r\nSubject:\r\n\r\n",
+    b"From nobody\nTo: mbox-style@example.org\nSubject: <script>alert(1)</script>\n\n",
+]
+
+
+@pytest.fixture
+async def hostile_dev_client(
+    settings: Settings, db: Database, tmp_path: Path
+) -> AsyncIterator[TestClient]:
+    capture = MailCapture(tmp_path / "mail")
+    new = tmp_path / "mail" / "new"
+    for number, content in enumerate(HOSTILE_MAIL):
+        (new / f"1700000000.M{number}P1Q1.host").write_bytes(content)
+    (new / "a-directory").mkdir()
+    os.symlink(new / "gone", new / "dangling")
+    (new / os.fsdecode(b"name-not-utf8-\xff")).write_bytes(b"Subject: odd name\r\n\r\n")
+    (tmp_path / "mail" / "cur" / "1700000001.M1P1Q1.host:2,S").write_bytes(HOSTILE_MAIL[0])
+    app = create_app(settings, db=db, capture=capture)
+    async with TestClient(TestServer(app)) as c:
+        await c.post("/login", data={"token": API_TOKEN})
+        yield c
+
+
+async def test_the_captured_mail_list_survives_any_captured_file(
+    hostile_dev_client: TestClient,
+) -> None:
+    client = hostile_dev_client
+    page = await client.get("/dev/mail")
+    assert page.status == 200, await page.text()
+    text = await page.text()
+    assert "empty id" in text and "&lt;@&gt;" in text
+    assert "<script>alert(1)</script>" not in text
+    links = re.findall(r'href="/dev/mail/([^"]+)"', text)
+    assert len(links) >= len(HOSTILE_MAIL)
+    for key in links:
+        raw = await client.get(f"/dev/mail/{key}")
+        assert raw.status == 200, (key, raw.status)
+        assert raw.content_type == "text/plain"
+    api = await client.get("/api/dev/messages", headers=AUTH)
+    assert api.status == 200, await api.text()
+    messages = (await api.json())["messages"]
+    assert len(messages) >= len(HOSTILE_MAIL)
+    assert {"<@>"} <= {m["message_id"] for m in messages}
+    assert any(m["subject"] == "empty id" and m["to"] == ["a@example.org"] for m in messages)
+    assert all(len(m["subject"]) <= 1000 for m in messages)
+
+
+@pytest.mark.parametrize(
+    "key", [b"a-directory", b"dangling", b"no-such-key", b"%FF", b"..", b"%2e%2e%2fcur", b"x%00y"]
+)
+async def test_a_captured_message_that_cannot_be_read_is_404(
+    hostile_dev_client: TestClient, key: bytes
+) -> None:
+    client = hostile_dev_client
+    cookie = client.session.cookie_jar.filter_cookies(client.make_url("/"))["mailroom_session"]
+    response = await raw(
+        client,
+        "GET",
+        b"/dev/mail/" + key,
+        [(b"Cookie", b"mailroom_session=" + cookie.value.encode())],
+    )
+    assert response.status == 404, (key, response.status, response.body)
+
+
+async def test_a_file_removed_while_the_list_is_read_is_skipped(
+    hostile_dev_client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = hostile_dev_client
+    real_stat = Path.stat
+
+    def vanishing(self: Path, **kwargs: Any) -> os.stat_result:
+        if self.name.startswith("1700000000.M0"):
+            raise FileNotFoundError(self)
+        return real_stat(self, **kwargs)
+
+    monkeypatch.setattr(Path, "stat", vanishing)
+    page = await client.get("/dev/mail")
+    assert page.status == 200
+    assert "empty id" in await page.text()  # the copy in cur/ is still there
