@@ -1,7 +1,19 @@
 """Who may use the web tier: a Bearer token for the API, a signed session cookie for pages.
 
-The session cookie holds only an expiry and a CSRF token, signed with ``MAILROOM_SECRET_KEY``
-(HMAC-SHA256); tokens are compared in constant time.
+The session cookie holds a random session id, an expiry, a CSRF token and a fingerprint of the
+API token it was issued under, signed with ``MAILROOM_SECRET_KEY`` (HMAC-SHA256). A cookie is a
+session only while all of these hold:
+
+- its signature verifies (changing ``MAILROOM_SECRET_KEY`` ends every session);
+- it has not expired (``SESSION_TTL_S``);
+- its fingerprint is the current token's (rotating ``MAILROOM_API_TOKEN`` ends every session:
+  whoever logged in with a token that leaked is logged out with it). The fingerprint is an
+  HMAC of the token under the session key, so a cookie reveals nothing to test guesses of the
+  token against;
+- the session's row is in ``web_sessions`` (checked by the middleware): logging out deletes it,
+  so a copied cookie stops working at once, in every web process.
+
+Tokens are compared in constant time.
 """
 
 from __future__ import annotations
@@ -22,8 +34,14 @@ SESSION_TTL_S = 12 * 3600
 
 @dataclass(frozen=True)
 class Session:
+    id: str
     expires_at: float
     csrf_token: str
+
+    @property
+    def id_hash(self) -> bytes:
+        """What ``web_sessions`` stores: the id's SHA-256, never the id itself."""
+        return hashlib.sha256(self.id.encode()).digest()
 
     def csrf_matches(self, candidate: str) -> bool:
         """Whether ``candidate`` is this session's CSRF token (constant time, any text)."""
@@ -46,6 +64,9 @@ class Authenticator:
     def __init__(self, api_token: str, secret_key: str) -> None:
         self._api_token = api_token.encode()
         self._key = hashlib.sha256(b"mailroom-session\0" + secret_key.encode()).digest()
+        self._token_fingerprint = hmac.new(
+            self._key, b"api-token\0" + self._api_token, hashlib.sha256
+        ).hexdigest()[:32]
 
     def token_matches(self, candidate: str) -> bool:
         return secret_equal(candidate, self._api_token)
@@ -56,15 +77,26 @@ class Authenticator:
         return scheme.lower() == "bearer" and bool(token) and self.token_matches(token.strip())
 
     def new_session(self) -> tuple[Session, str]:
+        """A new session and its cookie value; the caller records it (``start_session``)."""
         session = Session(
-            expires_at=time.time() + SESSION_TTL_S, csrf_token=secrets.token_urlsafe(24)
+            id=secrets.token_urlsafe(32),
+            expires_at=time.time() + SESSION_TTL_S,
+            csrf_token=secrets.token_urlsafe(24),
         )
-        body = base64.urlsafe_b64encode(
-            json.dumps({"exp": session.expires_at, "csrf": session.csrf_token}).encode()
-        ).decode()
+        claims = {
+            "sid": session.id,
+            "exp": session.expires_at,
+            "csrf": session.csrf_token,
+            "tok": self._token_fingerprint,
+        }
+        body = base64.urlsafe_b64encode(json.dumps(claims).encode()).decode()
         return session, f"{body}.{self._sign(body)}"
 
     def read_session(self, request: web.Request) -> Session | None:
+        """The session the cookie claims, if signed by us, unexpired and of the current token.
+
+        Whether it is still logged in is the database's to say (``session_active``).
+        """
         cookie = request.cookies.get(SESSION_COOKIE, "")
         if not cookie.isascii():  # we only ever issue ASCII; anything else is forged
             return None
@@ -73,8 +105,13 @@ class Authenticator:
             return None
         try:
             data = json.loads(base64.urlsafe_b64decode(body))
-            session = Session(expires_at=float(data["exp"]), csrf_token=str(data["csrf"]))
+            session = Session(
+                id=str(data["sid"]), expires_at=float(data["exp"]), csrf_token=str(data["csrf"])
+            )
+            fingerprint = str(data["tok"])
         except (ValueError, KeyError, TypeError):
+            return None
+        if not hmac.compare_digest(fingerprint.encode(), self._token_fingerprint.encode()):
             return None
         return session if session.expires_at > time.time() else None
 

@@ -12,7 +12,7 @@ import structlog
 from aiohttp import web
 
 from shared.metrics import HTTP_DURATION, HTTP_REQUESTS
-from web.keys import AUTH, AUTH_KIND, REQUEST_ID, SESSION
+from web.keys import AUTH, AUTH_KIND, DB, REQUEST_ID, SESSION
 
 log = structlog.get_logger(__name__)
 
@@ -131,7 +131,7 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         request[AUTH_KIND] = "token"
         return await handler(request)
     session = auth.read_session(request)
-    if session is not None:
+    if session is not None and await request.app[DB].session_active(session.id_hash):
         request[AUTH_KIND] = "session"
         request[SESSION] = session
         if request.method not in {"GET", "HEAD", "OPTIONS"} and is_api(request):

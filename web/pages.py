@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp_jinja2
@@ -92,7 +93,10 @@ async def login(request: web.Request) -> web.StreamResponse:
         return render(
             request, "login.html", {"next": target, "error": "That token is not right."}, status=401
         )
-    _, cookie = auth.new_session()
+    session, cookie = auth.new_session()
+    await request.app[DB].start_session(
+        session.id_hash, datetime.fromtimestamp(session.expires_at, tz=UTC)
+    )
     response = web.HTTPSeeOther(location=target)
     response.set_cookie(
         SESSION_COOKIE,
@@ -116,7 +120,9 @@ def is_https(request: web.Request) -> bool:
 
 @routes.post("/logout")
 async def logout(request: web.Request) -> web.StreamResponse:
+    """End the session for good: its row goes, so the cookie is refused even if kept."""
     _check_csrf(request, await read_form(request))
+    await request.app[DB].end_session(request[SESSION].id_hash)
     response = web.HTTPSeeOther(location="/login")
     response.del_cookie(SESSION_COOKIE, path="/")
     raise response
