@@ -1,4 +1,4 @@
-"""Sessions end when they should: at logout, on a token rotation, at expiry."""
+"""Sessions end when they should (logout, a token rotation, expiry); guessing is rate-limited."""
 
 from __future__ import annotations
 
@@ -6,12 +6,14 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import pytest
 from aiohttp.test_utils import TestClient, TestServer
+from multidict import CIMultiDict
 from pydantic import SecretStr
 
 from shared.db import Database
 from shared.settings import Settings
-from tests.conftest import API_TOKEN, query
+from tests.conftest import API_TOKEN, AUTH, query
 from tests.test_pages import login
 from web.app import create_app
 
@@ -99,3 +101,110 @@ async def test_expired_sessions_are_refused_and_forgotten(settings: Settings, db
             "SELECT count(*) FROM web_sessions WHERE expires_at < now()",
         )
         assert rows == [(0,)]
+
+
+# -- lockout after failed logins and wrong tokens ---------------------------------------------
+
+
+async def fail_logins(client: TestClient, times: int, **headers: str) -> None:
+    for _ in range(times):
+        response = await client.post("/login", data={"token": "guess"}, headers=headers)
+        assert response.status == 401
+
+
+async def log_in(client: TestClient, **headers: str) -> int:
+    response = await client.post(
+        "/login", data={"token": API_TOKEN}, headers=headers, allow_redirects=False
+    )
+    return response.status
+
+
+async def test_behind_a_trusted_proxy_each_client_has_its_own_lockout(
+    settings: Settings, db: Database
+) -> None:
+    async with browser(settings, db, trust_proxy=True) as client:
+        await fail_logins(
+            client, settings.login_attempts_per_minute, **forwarded_for("203.0.113.7")
+        )
+        assert await log_in(client, **forwarded_for("203.0.113.7")) == 429
+        # Another client behind the same proxy (the same peer address) is not locked out.
+        assert await log_in(client, **forwarded_for("203.0.113.8")) == 303
+
+
+async def test_the_client_is_the_right_most_hop_so_it_cannot_be_spoofed(
+    settings: Settings, db: Database
+) -> None:
+    """The proxy appends the address it saw; anything left of it is the client's to write."""
+    async with browser(settings, db, trust_proxy=True) as client:
+        for n in range(settings.login_attempts_per_minute):
+            await fail_logins(client, 1, **forwarded_for(f"198.51.100.{n}, 203.0.113.7"))
+        assert await log_in(client, **forwarded_for("192.0.2.1, 203.0.113.7")) == 429
+        assert await log_in(client, **forwarded_for("203.0.113.7")) == 429
+        assert await log_in(client, **forwarded_for("203.0.113.9")) == 303
+        # Several headers are one list, in order: the last one's last hop is the client.
+        two = CIMultiDict([("X-Forwarded-For", "203.0.113.9"), ("X-Forwarded-For", "203.0.113.7")])
+        response = await client.post(
+            "/login", data={"token": API_TOKEN}, headers=two, allow_redirects=False
+        )
+        assert response.status == 429
+
+
+async def test_an_ipv6_client_is_counted_by_its_slash_64(settings: Settings, db: Database) -> None:
+    async with browser(settings, db, trust_proxy=True) as client:
+        for n in range(settings.login_attempts_per_minute):
+            await fail_logins(client, 1, **forwarded_for(f"2001:db8:1:2::{n + 1:x}"))
+        assert await log_in(client, **forwarded_for("2001:db8:1:2:ffff::1")) == 429
+        assert await log_in(client, **forwarded_for("2001:db8:1:3::1")) == 303
+
+
+async def test_without_a_trusted_proxy_forwarded_for_is_ignored(
+    settings: Settings, db: Database
+) -> None:
+    async with browser(settings, db, trust_proxy=False) as client:
+        for n in range(settings.login_attempts_per_minute):
+            await fail_logins(client, 1, **forwarded_for(f"198.51.100.{n}"))
+        assert await log_in(client, **forwarded_for("192.0.2.1")) == 429
+
+
+@pytest.mark.parametrize("wrong", ["Bearer wrong", "Bearer", "Basic dXNlcjpwYXNz", "junk"])
+async def test_wrong_bearer_tokens_lock_the_client_out_of_the_api(
+    settings: Settings, db: Database, wrong: str
+) -> None:
+    async with browser(settings, db, trust_proxy=True) as client:
+        attacker = {**forwarded_for("203.0.113.66"), "Authorization": wrong}
+        for _ in range(settings.login_attempts_per_minute):
+            response = await client.get("/api/batches", headers=attacker)
+            assert response.status == 401
+        blocked = await client.get("/api/batches", headers=attacker)
+        assert blocked.status == 429
+        assert blocked.headers["Retry-After"] == "60"
+        error = (await blocked.json())["error"]
+        assert error["code"] == "too_many_attempts" and set(error) == {
+            "code",
+            "message",
+            "details",
+        }
+        # Even the right token, from that client, until the minute is over: otherwise the
+        # lockout would not slow a guesser down at all.
+        right = await client.get("/api/batches", headers={**AUTH, **forwarded_for("203.0.113.66")})
+        assert right.status == 429
+        # The same budget covers the login form, and other clients are not affected.
+        assert await log_in(client, **forwarded_for("203.0.113.66")) == 429
+        other = await client.get("/api/batches", headers={**AUTH, **forwarded_for("203.0.113.67")})
+        assert other.status == 200
+
+
+async def test_a_session_without_a_token_header_is_not_locked_out(
+    settings: Settings, db: Database
+) -> None:
+    async with browser(settings, db) as client:
+        await login(client)
+        for _ in range(settings.login_attempts_per_minute):
+            await client.get("/api/batches", headers={"Authorization": "Bearer wrong"})
+        # The browser's own requests carry no Authorization header: they still work.
+        assert (await client.get("/", allow_redirects=False)).status == 200
+        assert (await client.get("/api/batches")).status == 200
+
+
+def forwarded_for(value: str) -> dict[str, str]:
+    return {"X-Forwarded-For": value}

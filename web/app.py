@@ -94,7 +94,9 @@ def create_app(
     app[AUTH] = Authenticator(
         settings.api_token.get_secret_value(), settings.secret_key.get_secret_value()
     )
-    app[LOGIN_LIMITER] = LoginLimiter(settings.login_attempts_per_minute)
+    app[LOGIN_LIMITER] = LoginLimiter(
+        settings.login_attempts_per_minute, trust_proxy=settings.trust_proxy
+    )
     if capture is not None:
         app[CAPTURE] = capture
     registry = CollectorRegistry(auto_describe=True)

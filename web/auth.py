@@ -21,6 +21,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import ipaddress
 import json
 import secrets
 import time
@@ -120,23 +121,83 @@ class Authenticator:
 
 
 class LoginLimiter:
-    """At most ``per_minute`` failed logins per client address in any sliding minute."""
+    """At most ``per_minute`` failed attempts per client in any sliding minute, then a lock-out.
 
-    def __init__(self, per_minute: int) -> None:
+    A failed attempt is a wrong token at the login form or a wrong ``Authorization`` header on
+    any protected route: both guess the same secret, so they share one budget per client.
+
+    The client is the peer address, or with ``trust_proxy`` (``MAILROOM_TRUST_PROXY``) the
+    right-most ``X-Forwarded-For`` hop: the address the proxy in front of us saw and appended.
+    Everything left of it was written by the client and cannot be trusted, so a guesser cannot
+    pick a fresh counter by sending its own header. This trusts exactly one proxy hop; behind a
+    chain of proxies the right-most hop is the next proxy, and everyone behind it shares one
+    counter (safe, never spoofable). IPv6 clients are counted by their /64, which one host
+    usually holds whole.
+    """
+
+    MAX_CLIENTS = 10_000
+
+    def __init__(self, per_minute: int, *, trust_proxy: bool = False) -> None:
         self._per_minute = per_minute
+        self._trust_proxy = trust_proxy
         self._failures: dict[str, list[float]] = {}
+
+    def client_of(self, request: web.Request) -> str:
+        """The key a request's failed attempts are counted under (see the class docstring)."""
+        peer = request.remote or "unknown"
+        if self._trust_proxy:
+            hops = ",".join(request.headers.getall("X-Forwarded-For", [])).split(",")
+            hop = next((h.strip() for h in reversed(hops) if h.strip()), None)
+            if hop is not None:
+                return _address_key(hop)
+        return _address_key(peer)
 
     def blocked(self, client: str) -> bool:
         return len(self._recent(client)) >= self._per_minute
 
     def failed(self, client: str) -> None:
-        self._recent(client).append(time.monotonic())
-        if len(self._failures) > 10_000:  # forget the quiet ones rather than grow forever
-            for key in [k for k, v in self._failures.items() if not v][:5_000]:
-                del self._failures[key]
+        recent = self._recent(client)
+        recent.append(time.monotonic())
+        self._failures[client] = recent
+        if len(self._failures) > self.MAX_CLIENTS:
+            self._forget()
 
     def _recent(self, client: str) -> list[float]:
+        failures = self._failures.get(client)
+        if not failures:
+            return []
         cutoff = time.monotonic() - 60
-        recent = [t for t in self._failures.get(client, []) if t > cutoff]
-        self._failures[client] = recent
+        recent = [t for t in failures if t > cutoff]
+        if recent:
+            self._failures[client] = recent
+        else:
+            del self._failures[client]
         return recent
+
+    def _forget(self) -> None:
+        """Drop clients quiet for a minute, then (a flood of clients) the oldest half."""
+        cutoff = time.monotonic() - 60
+        for key in [k for k, v in self._failures.items() if v[-1] <= cutoff]:
+            del self._failures[key]
+        if len(self._failures) > self.MAX_CLIENTS:
+            by_age = sorted(self._failures, key=lambda k: self._failures[k][-1])
+            for key in by_age[: len(by_age) // 2]:
+                del self._failures[key]
+
+
+def _address_key(hop: str) -> str:
+    """An address as a counter key: canonical, IPv6 by its /64, a port dropped."""
+    text = hop.strip()[:100]
+    if text.startswith("[") and "]" in text:  # "[2001:db8::1]:443"
+        text = text[1 : text.index("]")]
+    elif text.count(":") == 1:  # "192.0.2.1:443"
+        text = text.split(":", 1)[0]
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return text  # an obfuscated identifier (RFC 7239) or "unknown": used as written
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return str(address)

@@ -12,7 +12,7 @@ import structlog
 from aiohttp import web
 
 from shared.metrics import HTTP_DURATION, HTTP_REQUESTS
-from web.keys import AUTH, AUTH_KIND, DB, REQUEST_ID, SESSION
+from web.keys import AUTH, AUTH_KIND, DB, LOGIN_LIMITER, REQUEST_ID, SESSION
 
 log = structlog.get_logger(__name__)
 
@@ -126,10 +126,16 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     # Unsubscribe links are public: their signed token is the authority (RFC 8058).
     if request.path in PUBLIC_PATHS or request.path.startswith(PUBLIC_PREFIXES):
         return await handler(request)
-    auth = request.app[AUTH]
-    if auth.bearer_ok(request):
-        request[AUTH_KIND] = "token"
-        return await handler(request)
+    auth, limiter = request.app[AUTH], request.app[LOGIN_LIMITER]
+    if "Authorization" in request.headers:
+        # A wrong token is a guess at MAILROOM_API_TOKEN: the login form's budget applies.
+        client = limiter.client_of(request)
+        if limiter.blocked(client):
+            return _too_many_attempts(request)
+        if auth.bearer_ok(request):
+            request[AUTH_KIND] = "token"
+            return await handler(request)
+        limiter.failed(client)
     session = auth.read_session(request)
     if session is not None and await request.app[DB].session_active(session.id_hash):
         request[AUTH_KIND] = "session"
@@ -145,3 +151,13 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     raise web.HTTPSeeOther(
         location=f"/login?next={request.path_qs}" if request.method == "GET" else "/login"
     )
+
+
+def _too_many_attempts(request: web.Request) -> web.Response:
+    message = "too many wrong tokens from this address; wait a minute and try again"
+    if is_api(request):
+        response = api_error(429, "too_many_attempts", message)
+    else:
+        response = web.Response(status=429, text=message + "\n")
+    response.headers["Retry-After"] = "60"
+    return response

@@ -40,7 +40,10 @@ def _errors(*statuses: int) -> dict[str, Any]:
         413: "Request too large",
         415: "Not application/json",
         422: "Invalid input; details list every problem",
+        429: "Too many wrong tokens from this client; see Retry-After",
     }
+    if 401 in statuses:  # wrong tokens count toward MAILROOM_LOGIN_ATTEMPTS_PER_MINUTE
+        statuses = (*statuses, 429)
     return {str(s): _json(_ERROR, text[s]) for s in statuses}
 
 

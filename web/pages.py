@@ -78,7 +78,7 @@ async def login(request: web.Request) -> web.StreamResponse:
     form = await read_form(request)
     target = _safe_next(str(form.get("next", "/")))
     auth, limiter = request.app[AUTH], request.app[LOGIN_LIMITER]
-    client = request.remote or "unknown"
+    client = limiter.client_of(request)
     if limiter.blocked(client):
         response = render(
             request,
