@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import html
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -10,6 +12,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from multidict import CIMultiDict
 from pydantic import SecretStr
+from yarl import URL
 
 from shared.db import Database
 from shared.settings import Settings
@@ -208,3 +211,54 @@ async def test_a_session_without_a_token_header_is_not_locked_out(
 
 def forwarded_for(value: str) -> dict[str, str]:
     return {"X-Forwarded-For": value}
+
+
+# -- where a login sends the browser ----------------------------------------------------------
+
+OFF_SITE = [
+    "/\t/evil.example",
+    "/\n/evil.example",
+    "/\r/evil.example",
+    "/\t\t/evil.example/x",
+    "\t//evil.example",
+    " //evil.example",
+    "//evil.example",
+    "///evil.example",
+    "/\\evil.example",
+    "\\\\evil.example",
+    "/\\/evil.example",
+    "/x/\\..\\..\\/evil.example",
+    "/ok//evil.example",
+    "https://evil.example/",
+    "https:/evil.example",
+    "javascript:alert(1)",
+    "evil.example",
+    "",
+    "/\x00/evil.example",
+    "/\x1f",
+    "/\x7f",
+    "/\x85/evil.example",
+    "/\u2028/evil.example",
+    "/\u3000/evil.example",
+    "/" + "a" * 3000,
+]
+ON_SITE = ["/", "/batches/abc?status=dead", "/dead-letters", "/%09/x", "/caf\u00e9"]
+
+
+@pytest.mark.parametrize("target", OFF_SITE + ON_SITE)
+async def test_login_redirects_only_to_a_same_origin_path(client: TestClient, target: str) -> None:
+    response = await client.post(
+        "/login", data={"token": API_TOKEN, "next": target}, allow_redirects=False
+    )
+    assert response.status == 303
+    location = response.headers["Location"]
+    if target in OFF_SITE:
+        assert location == "/", (target, location)
+    else:
+        assert location == str(URL(target)), (target, location)
+    assert location.startswith("/") and not location.startswith(("//", "/\\"))
+    # The form carries the same check: what it would post back is already safe.
+    page = await (await client.get("/login", params={"next": target})).text()
+    match = re.search(r'name="next" value="([^"]*)"', page)
+    assert match is not None
+    assert html.unescape(match.group(1)) == ("/" if target in OFF_SITE else target)

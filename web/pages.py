@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import unicodedata
 import uuid
 from datetime import UTC, datetime
 from typing import Any
@@ -12,6 +13,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_request import FileField
 from multidict import MultiDictProxy
+from yarl import URL
 
 from shared.db import MAX_ID, RECIPIENT_STATUSES, SUPPRESSION_REASONS, Selection
 from shared.ratelimits import sender_limits
@@ -60,23 +62,47 @@ def _check_csrf(request: web.Request, form: Any) -> None:
         raise web.HTTPForbidden(text="the form is stale or forged (CSRF token mismatch); reload it")
 
 
-def _safe_next(target: str) -> str:
-    # Only local paths: "//evil.example" (or "/\\evil.example", to browsers) is another host.
-    local = target.startswith("/") and not target.startswith(("//", "/\\"))
-    return target if local and "\r" not in target and "\n" not in target else "/"
+MAX_NEXT_CHARS = 2048
+
+
+def safe_next(target: str) -> str:
+    """``target`` if it is a path on this site, else ``/``: where a login may send the browser.
+
+    Only an absolute path qualifies: one leading ``/``, no ``//`` anywhere, no backslash, no
+    control or whitespace character. Browsers drop tabs and line breaks from URLs and read
+    ``\\`` as ``/``, and aiohttp drops them too when it writes ``Location``, so
+    ``/<TAB>/evil.example`` passes a prefix check and then leaves as ``//evil.example``.
+    Refusing those characters outright, then checking the URL aiohttp will actually send,
+    leaves nothing to be normalized after the check.
+    """
+    if (
+        len(target) > MAX_NEXT_CHARS
+        or not target.startswith("/")
+        or "//" in target
+        or "\\" in target
+        or any(c.isspace() or unicodedata.category(c) == "Cc" for c in target)
+    ):
+        return "/"
+    try:
+        sent = URL(target)
+    except ValueError:
+        return "/"
+    if sent.scheme or sent.host is not None or not str(sent).startswith("/") or "//" in str(sent):
+        return "/"
+    return target
 
 
 @routes.get("/login")
 async def login_form(request: web.Request) -> web.Response:
     return render(
-        request, "login.html", {"next": _safe_next(request.query.get("next", "/")), "error": None}
+        request, "login.html", {"next": safe_next(request.query.get("next", "/")), "error": None}
     )
 
 
 @routes.post("/login")
 async def login(request: web.Request) -> web.StreamResponse:
     form = await read_form(request)
-    target = _safe_next(str(form.get("next", "/")))
+    target = safe_next(str(form.get("next", "/")))
     auth, limiter = request.app[AUTH], request.app[LOGIN_LIMITER]
     client = limiter.client_of(request)
     if limiter.blocked(client):
