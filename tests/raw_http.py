@@ -8,6 +8,7 @@ request bytes exactly as given and reads the whole response (``Connection: close
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from dataclasses import dataclass
 
 
@@ -47,6 +48,8 @@ async def send(host: str, port: int, request: bytes) -> RawResponse:
             data = await reader.read()
     finally:
         writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
     head, _, body = data.partition(b"\r\n\r\n")
     status_line, *header_lines = head.decode("latin-1").split("\r\n")
     headers = [tuple(line.split(": ", 1)) for line in header_lines if ": " in line]
