@@ -140,6 +140,7 @@ async def test_metrics_with_a_non_ascii_token_is_401(
     async with TestClient(TestServer(app)) as c:
         response = await raw(c, "GET", b"/metrics", [(b"Authorization", value)])
         assert response.status == 401, response.body
+        assert error_of(response)["code"] == "unauthorized"
         ok = await raw(c, "GET", b"/metrics", [(b"Authorization", b"Bearer scrape-me")])
         assert ok.status == 200
 

@@ -22,6 +22,7 @@ from web import api, dead_letters, openapi, pages, suppressions
 from web.auth import Authenticator, LoginLimiter, secret_equal
 from web.keys import AUTH, CAPTURE, DB, LOGIN_LIMITER, METRICS_REGISTRY, SETTINGS
 from web.middlewares import (
+    api_error,
     auth_middleware,
     error_middleware,
     metrics_middleware,
@@ -51,7 +52,9 @@ async def metrics(request: web.Request) -> web.Response:
     if token is not None:
         given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
         if not secret_equal(given, token.get_secret_value().encode()):
-            return web.Response(status=401, text="metrics need MAILROOM_METRICS_TOKEN\n")
+            return api_error(
+                401, "unauthorized", "send 'Authorization: Bearer <MAILROOM_METRICS_TOKEN>'"
+            )
     body = await asyncio.to_thread(render, request.app[METRICS_REGISTRY])
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
