@@ -898,6 +898,30 @@ class Database:
             )
         return cursor.rowcount
 
+    # -- web sessions ------------------------------------------------------------------------
+
+    async def start_session(self, id_hash: bytes, expires_at: datetime) -> None:
+        """Record a login (by the hash of its session id); forget sessions that have expired."""
+        async with self.pool.connection() as conn:
+            await conn.execute(
+                "WITH expired AS (DELETE FROM web_sessions WHERE expires_at < now())"
+                " INSERT INTO web_sessions (id_hash, expires_at) VALUES (%s, %s)",
+                (id_hash, expires_at),
+            )
+
+    async def session_active(self, id_hash: bytes) -> bool:
+        """Whether the session is logged in: not logged out, not expired."""
+        async with self.pool.connection() as conn:
+            cursor = await conn.execute(
+                "SELECT 1 FROM web_sessions WHERE id_hash = %s AND expires_at > now()", (id_hash,)
+            )
+            return await cursor.fetchone() is not None
+
+    async def end_session(self, id_hash: bytes) -> None:
+        """Log the session out: its cookie is refused from now on, by every web process."""
+        async with self.pool.connection() as conn:
+            await conn.execute("DELETE FROM web_sessions WHERE id_hash = %s", (id_hash,))
+
     # -- suppressions ------------------------------------------------------------------------
 
     async def suppress(

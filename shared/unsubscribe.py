@@ -42,6 +42,13 @@ def read_token(token: str, *, secret: str) -> Unsubscription | None:
         payload, mac = _unb64(encoded_payload), _unb64(encoded_mac)
     except (binascii.Error, ValueError):
         return None
+    # Only the spelling make_token() writes: the decoder skips characters outside the alphabet
+    # and ignores spare low bits, so "ab!!!!cd", "abcd==" or a changed last character would
+    # otherwise name the same address. One token per link, so nothing else can be probed,
+    # logged or cached as a second valid URL. Links already sent are canonical and still work.
+    canonical = f"{_b64(payload)}.{_b64(mac)}"
+    if not hmac.compare_digest(canonical.encode("ascii"), token.encode("ascii")):
+        return None
     if not hmac.compare_digest(mac, _mac(payload, secret)):
         return None
     address, _, sender = payload.decode("utf-8", "replace").partition("\n")

@@ -15,6 +15,7 @@ from aiohttp import web
 from shared.db import MAX_ID, RECIPIENT_STATUSES, BatchSummary, KeyReused
 from shared.headers import lone_surrogate_message, unsafe_message
 from shared.metrics import BATCHES_CREATED, RECIPIENTS_ENQUEUED
+from web.json_body import read_json
 from web.keys import AUTH_KIND, CAPTURE, DB, REQUEST_ID, SETTINGS
 from web.middlewares import api_error
 from web.validation import InvalidSubmission, Limits, Submission, from_json
@@ -101,17 +102,12 @@ async def create_batch(
 
 @routes.post("/api/batches")
 async def post_batch(request: web.Request) -> web.Response:
-    if request.content_type != "application/json":
-        return api_error(415, "unsupported_media_type", "send the batch as application/json")
     key = request.headers.get("Idempotency-Key")
     if key is not None and not _IDEMPOTENCY_KEY.match(key):
         return api_error(
             400, "bad_idempotency_key", "Idempotency-Key must be 1-255 printable ASCII characters"
         )
-    try:
-        payload = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        return api_error(400, "malformed_json", f"the body is not valid JSON: {exc}")
+    payload = await read_json(request, invalid="invalid_batch")
     try:
         submission = from_json(payload, limits=limits(request))
     except InvalidSubmission as exc:
@@ -270,11 +266,11 @@ async def edit_draft(request: web.Request) -> web.Response:
     batch_id = batch_id_of(request)
     try:
         recipient_id = int(request.match_info["recipient_id"])
-        payload = await request.json()
     except ValueError:
-        return api_error(400, "malformed_request", "recipient id must be a number; body JSON")
+        return api_error(400, "malformed_request", "recipient id must be a number")
     if not 1 <= recipient_id <= MAX_ID:
         return api_error(404, "not_found", "no such recipient")
+    payload = await read_json(request, invalid="invalid_draft")
     try:
         subject, body = checked_edit(payload)
     except ValueError as exc:

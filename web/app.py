@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -20,9 +19,10 @@ from shared.metrics import QueueCollector, render
 from shared.schema import pending_migrations
 from shared.settings import Settings
 from web import api, dead_letters, openapi, pages, suppressions
-from web.auth import Authenticator, LoginLimiter
+from web.auth import Authenticator, LoginLimiter, secret_equal
 from web.keys import AUTH, CAPTURE, DB, LOGIN_LIMITER, METRICS_REGISTRY, SETTINGS
 from web.middlewares import (
+    api_error,
     auth_middleware,
     error_middleware,
     metrics_middleware,
@@ -51,8 +51,10 @@ async def metrics(request: web.Request) -> web.Response:
     token = request.app[SETTINGS].metrics_token
     if token is not None:
         given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-        if not hmac.compare_digest(given.encode(), token.get_secret_value().encode()):
-            return web.Response(status=401, text="metrics need MAILROOM_METRICS_TOKEN\n")
+        if not secret_equal(given, token.get_secret_value().encode()):
+            return api_error(
+                401, "unauthorized", "send 'Authorization: Bearer <MAILROOM_METRICS_TOKEN>'"
+            )
     body = await asyncio.to_thread(render, request.app[METRICS_REGISTRY])
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
@@ -95,7 +97,9 @@ def create_app(
     app[AUTH] = Authenticator(
         settings.api_token.get_secret_value(), settings.secret_key.get_secret_value()
     )
-    app[LOGIN_LIMITER] = LoginLimiter(settings.login_attempts_per_minute)
+    app[LOGIN_LIMITER] = LoginLimiter(
+        settings.login_attempts_per_minute, trust_proxy=settings.trust_proxy
+    )
     if capture is not None:
         app[CAPTURE] = capture
     registry = CollectorRegistry(auto_describe=True)

@@ -1,7 +1,19 @@
 """Who may use the web tier: a Bearer token for the API, a signed session cookie for pages.
 
-The session cookie holds only an expiry and a CSRF token, signed with ``MAILROOM_SECRET_KEY``
-(HMAC-SHA256); tokens are compared in constant time.
+The session cookie holds a random session id, an expiry, a CSRF token and a fingerprint of the
+API token it was issued under, signed with ``MAILROOM_SECRET_KEY`` (HMAC-SHA256). A cookie is a
+session only while all of these hold:
+
+- its signature verifies (changing ``MAILROOM_SECRET_KEY`` ends every session);
+- it has not expired (``SESSION_TTL_S``);
+- its fingerprint is the current token's (rotating ``MAILROOM_API_TOKEN`` ends every session:
+  whoever logged in with a token that leaked is logged out with it). The fingerprint is an
+  HMAC of the token under the session key, so a cookie reveals nothing to test guesses of the
+  token against;
+- the session's row is in ``web_sessions`` (checked by the middleware): logging out deletes it,
+  so a copied cookie stops working at once, in every web process.
+
+Tokens are compared in constant time.
 """
 
 from __future__ import annotations
@@ -9,6 +21,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import ipaddress
 import json
 import secrets
 import time
@@ -22,12 +35,28 @@ SESSION_TTL_S = 12 * 3600
 
 @dataclass(frozen=True)
 class Session:
+    id: str
     expires_at: float
     csrf_token: str
 
+    @property
+    def id_hash(self) -> bytes:
+        """What ``web_sessions`` stores: the id's SHA-256, never the id itself."""
+        return hashlib.sha256(self.id.encode()).digest()
+
     def csrf_matches(self, candidate: str) -> bool:
         """Whether ``candidate`` is this session's CSRF token (constant time, any text)."""
-        return hmac.compare_digest(candidate.encode(), self.csrf_token.encode())
+        return secret_equal(candidate, self.csrf_token.encode())
+
+
+def secret_equal(candidate: str, secret: bytes) -> bool:
+    """Whether ``candidate`` is ``secret``, in constant time, for any text a client can send.
+
+    aiohttp decodes header bytes as UTF-8 with ``surrogateescape``, so a header can hold lone
+    surrogates that ``str.encode()`` refuses; ``surrogatepass`` encodes every string (as bytes
+    no real token has) instead of raising.
+    """
+    return hmac.compare_digest(candidate.encode("utf-8", "surrogatepass"), secret)
 
 
 class Authenticator:
@@ -36,9 +65,12 @@ class Authenticator:
     def __init__(self, api_token: str, secret_key: str) -> None:
         self._api_token = api_token.encode()
         self._key = hashlib.sha256(b"mailroom-session\0" + secret_key.encode()).digest()
+        self._token_fingerprint = hmac.new(
+            self._key, b"api-token\0" + self._api_token, hashlib.sha256
+        ).hexdigest()[:32]
 
     def token_matches(self, candidate: str) -> bool:
-        return hmac.compare_digest(candidate.encode(), self._api_token)
+        return secret_equal(candidate, self._api_token)
 
     def bearer_ok(self, request: web.Request) -> bool:
         header = request.headers.get("Authorization", "")
@@ -46,23 +78,41 @@ class Authenticator:
         return scheme.lower() == "bearer" and bool(token) and self.token_matches(token.strip())
 
     def new_session(self) -> tuple[Session, str]:
+        """A new session and its cookie value; the caller records it (``start_session``)."""
         session = Session(
-            expires_at=time.time() + SESSION_TTL_S, csrf_token=secrets.token_urlsafe(24)
+            id=secrets.token_urlsafe(32),
+            expires_at=time.time() + SESSION_TTL_S,
+            csrf_token=secrets.token_urlsafe(24),
         )
-        body = base64.urlsafe_b64encode(
-            json.dumps({"exp": session.expires_at, "csrf": session.csrf_token}).encode()
-        ).decode()
+        claims = {
+            "sid": session.id,
+            "exp": session.expires_at,
+            "csrf": session.csrf_token,
+            "tok": self._token_fingerprint,
+        }
+        body = base64.urlsafe_b64encode(json.dumps(claims).encode()).decode()
         return session, f"{body}.{self._sign(body)}"
 
     def read_session(self, request: web.Request) -> Session | None:
+        """The session the cookie claims, if signed by us, unexpired and of the current token.
+
+        Whether it is still logged in is the database's to say (``session_active``).
+        """
         cookie = request.cookies.get(SESSION_COOKIE, "")
+        if not cookie.isascii():  # we only ever issue ASCII; anything else is forged
+            return None
         body, _, signature = cookie.partition(".")
-        if not body or not hmac.compare_digest(signature, self._sign(body)):
+        if not body or not hmac.compare_digest(signature.encode(), self._sign(body).encode()):
             return None
         try:
             data = json.loads(base64.urlsafe_b64decode(body))
-            session = Session(expires_at=float(data["exp"]), csrf_token=str(data["csrf"]))
+            session = Session(
+                id=str(data["sid"]), expires_at=float(data["exp"]), csrf_token=str(data["csrf"])
+            )
+            fingerprint = str(data["tok"])
         except (ValueError, KeyError, TypeError):
+            return None
+        if not hmac.compare_digest(fingerprint.encode(), self._token_fingerprint.encode()):
             return None
         return session if session.expires_at > time.time() else None
 
@@ -71,23 +121,83 @@ class Authenticator:
 
 
 class LoginLimiter:
-    """At most ``per_minute`` failed logins per client address in any sliding minute."""
+    """At most ``per_minute`` failed attempts per client in any sliding minute, then a lock-out.
 
-    def __init__(self, per_minute: int) -> None:
+    A failed attempt is a wrong token at the login form or a wrong ``Authorization`` header on
+    any protected route: both guess the same secret, so they share one budget per client.
+
+    The client is the peer address, or with ``trust_proxy`` (``MAILROOM_TRUST_PROXY``) the
+    right-most ``X-Forwarded-For`` hop: the address the proxy in front of us saw and appended.
+    Everything left of it was written by the client and cannot be trusted, so a guesser cannot
+    pick a fresh counter by sending its own header. This trusts exactly one proxy hop; behind a
+    chain of proxies the right-most hop is the next proxy, and everyone behind it shares one
+    counter (safe, never spoofable). IPv6 clients are counted by their /64, which one host
+    usually holds whole.
+    """
+
+    MAX_CLIENTS = 10_000
+
+    def __init__(self, per_minute: int, *, trust_proxy: bool = False) -> None:
         self._per_minute = per_minute
+        self._trust_proxy = trust_proxy
         self._failures: dict[str, list[float]] = {}
+
+    def client_of(self, request: web.Request) -> str:
+        """The key a request's failed attempts are counted under (see the class docstring)."""
+        peer = request.remote or "unknown"
+        if self._trust_proxy:
+            hops = ",".join(request.headers.getall("X-Forwarded-For", [])).split(",")
+            hop = next((h.strip() for h in reversed(hops) if h.strip()), None)
+            if hop is not None:
+                return _address_key(hop)
+        return _address_key(peer)
 
     def blocked(self, client: str) -> bool:
         return len(self._recent(client)) >= self._per_minute
 
     def failed(self, client: str) -> None:
-        self._recent(client).append(time.monotonic())
-        if len(self._failures) > 10_000:  # forget the quiet ones rather than grow forever
-            for key in [k for k, v in self._failures.items() if not v][:5_000]:
-                del self._failures[key]
+        recent = self._recent(client)
+        recent.append(time.monotonic())
+        self._failures[client] = recent
+        if len(self._failures) > self.MAX_CLIENTS:
+            self._forget()
 
     def _recent(self, client: str) -> list[float]:
+        failures = self._failures.get(client)
+        if not failures:
+            return []
         cutoff = time.monotonic() - 60
-        recent = [t for t in self._failures.get(client, []) if t > cutoff]
-        self._failures[client] = recent
+        recent = [t for t in failures if t > cutoff]
+        if recent:
+            self._failures[client] = recent
+        else:
+            del self._failures[client]
         return recent
+
+    def _forget(self) -> None:
+        """Drop clients quiet for a minute, then (a flood of clients) the oldest half."""
+        cutoff = time.monotonic() - 60
+        for key in [k for k, v in self._failures.items() if v[-1] <= cutoff]:
+            del self._failures[key]
+        if len(self._failures) > self.MAX_CLIENTS:
+            by_age = sorted(self._failures, key=lambda k: self._failures[k][-1])
+            for key in by_age[: len(by_age) // 2]:
+                del self._failures[key]
+
+
+def _address_key(hop: str) -> str:
+    """An address as a counter key: canonical, IPv6 by its /64, a port dropped."""
+    text = hop.strip()[:100]
+    if text.startswith("[") and "]" in text:  # "[2001:db8::1]:443"
+        text = text[1 : text.index("]")]
+    elif text.count(":") == 1:  # "192.0.2.1:443"
+        text = text.split(":", 1)[0]
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return text  # an obfuscated identifier (RFC 7239) or "unknown": used as written
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return str(address)

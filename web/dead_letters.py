@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import uuid
 from typing import Any
 
@@ -11,6 +10,7 @@ from aiohttp import web
 
 from shared.db import MAX_ID, Selection
 from web.api import InvalidQuery, page_json, page_of
+from web.json_body import read_json
 from web.keys import DB
 from web.middlewares import api_error
 
@@ -80,10 +80,7 @@ async def list_dead_letters(request: web.Request) -> web.Response:
 
 
 async def _selection(request: web.Request) -> Selection | web.Response:
-    try:
-        payload = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return api_error(400, "malformed_json", "the body is not valid JSON")
+    payload = await read_json(request, invalid="invalid_selection")
     try:
         return parse_selection(payload)
     except BadSelection as exc:

@@ -12,7 +12,7 @@ import structlog
 from aiohttp import web
 
 from shared.metrics import HTTP_DURATION, HTTP_REQUESTS
-from web.keys import AUTH, AUTH_KIND, REQUEST_ID, SESSION
+from web.keys import AUTH, AUTH_KIND, DB, LOGIN_LIMITER, REQUEST_ID, SESSION
 
 log = structlog.get_logger(__name__)
 
@@ -34,6 +34,17 @@ def api_error(status: int, code: str, message: str, details: Any = None) -> web.
     return web.json_response(
         {"error": {"code": code, "message": message, "details": details}}, status=status
     )
+
+
+class ApiError(Exception):
+    """Raised by a handler (or a helper it calls) to answer with :func:`api_error`."""
+
+    def __init__(self, status: int, code: str, message: str, details: Any = None) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.details = status, code, message, details
+
+    def response(self) -> web.Response:
+        return api_error(self.status, self.code, self.message, self.details)
 
 
 def is_api(request: web.Request) -> bool:
@@ -76,6 +87,8 @@ async def request_id_middleware(request: web.Request, handler: Handler) -> web.S
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
+    except ApiError as exc:
+        return exc.response()
     except web.HTTPException as exc:
         if not is_api(request) or exc.status < 400:
             raise
@@ -113,12 +126,18 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     # Unsubscribe links are public: their signed token is the authority (RFC 8058).
     if request.path in PUBLIC_PATHS or request.path.startswith(PUBLIC_PREFIXES):
         return await handler(request)
-    auth = request.app[AUTH]
-    if auth.bearer_ok(request):
-        request[AUTH_KIND] = "token"
-        return await handler(request)
+    auth, limiter = request.app[AUTH], request.app[LOGIN_LIMITER]
+    if "Authorization" in request.headers:
+        # A wrong token is a guess at MAILROOM_API_TOKEN: the login form's budget applies.
+        client = limiter.client_of(request)
+        if limiter.blocked(client):
+            return _too_many_attempts(request)
+        if auth.bearer_ok(request):
+            request[AUTH_KIND] = "token"
+            return await handler(request)
+        limiter.failed(client)
     session = auth.read_session(request)
-    if session is not None:
+    if session is not None and await request.app[DB].session_active(session.id_hash):
         request[AUTH_KIND] = "session"
         request[SESSION] = session
         if request.method not in {"GET", "HEAD", "OPTIONS"} and is_api(request):
@@ -132,3 +151,13 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     raise web.HTTPSeeOther(
         location=f"/login?next={request.path_qs}" if request.method == "GET" else "/login"
     )
+
+
+def _too_many_attempts(request: web.Request) -> web.Response:
+    message = "too many wrong tokens from this address; wait a minute and try again"
+    if is_api(request):
+        response = api_error(429, "too_many_attempts", message)
+    else:
+        response = web.Response(status=429, text=message + "\n")
+    response.headers["Retry-After"] = "60"
+    return response

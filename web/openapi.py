@@ -32,15 +32,18 @@ def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
 
 def _errors(*statuses: int) -> dict[str, Any]:
     text = {
-        400: "Malformed request",
+        400: "Malformed request (bad JSON, not UTF-8, nested too deep)",
         401: "Missing or wrong Bearer token",
         403: "Forbidden (CSRF)",
         404: "Not found",
         409: "Conflict",
         413: "Request too large",
-        415: "Not JSON",
+        415: "Not application/json",
         422: "Invalid input; details list every problem",
+        429: "Too many wrong tokens from this client; see Retry-After",
     }
+    if 401 in statuses:  # wrong tokens count toward MAILROOM_LOGIN_ATTEMPTS_PER_MINUTE
+        statuses = (*statuses, 429)
     return {str(s): _json(_ERROR, text[s]) for s in statuses}
 
 
@@ -224,7 +227,7 @@ SPEC: dict[str, Any] = {
                         },
                         "Saved",
                     ),
-                    **_errors(400, 401, 404, 409, 422),
+                    **_errors(400, 401, 404, 409, 413, 415, 422),
                 },
             }
         },
@@ -311,7 +314,7 @@ SPEC: dict[str, Any] = {
                         },
                         "Requeued",
                     ),
-                    **_errors(400, 401, 422),
+                    **_errors(400, 401, 413, 415, 422),
                 },
             }
         },
@@ -331,7 +334,7 @@ SPEC: dict[str, Any] = {
                         },
                         "Discarded",
                     ),
-                    **_errors(400, 401, 422),
+                    **_errors(400, 401, 413, 415, 422),
                 },
             }
         },
@@ -391,7 +394,7 @@ SPEC: dict[str, Any] = {
                         },
                         "Suppressed",
                     ),
-                    **_errors(400, 401, 415, 422),
+                    **_errors(400, 401, 413, 415, 422),
                 },
             },
         },
@@ -420,7 +423,7 @@ SPEC: dict[str, Any] = {
                         },
                         "Removed",
                     ),
-                    **_errors(400, 401, 415, 422),
+                    **_errors(400, 401, 413, 415, 422),
                 },
             }
         },

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import unicodedata
 import uuid
+from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp_jinja2
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_request import FileField
+from multidict import MultiDictProxy
+from yarl import URL
 
 from shared.db import MAX_ID, RECIPIENT_STATUSES, SUPPRESSION_REASONS, Selection
 from shared.ratelimits import sender_limits
@@ -35,6 +40,20 @@ def render(
     return response
 
 
+async def read_form(request: web.Request) -> MultiDictProxy[str | bytes | bytearray | FileField]:
+    """The posted form, or a 400 if it cannot be read as UTF-8 form data.
+
+    aiohttp raises on undecodable fields, unknown charsets and broken multipart framing; each
+    of those is the client's mistake, never a reason for a 500.
+    """
+    try:
+        return await request.post()
+    except (ValueError, LookupError, HttpProcessingError):
+        raise web.HTTPBadRequest(
+            text="The form could not be read: send it as UTF-8 form data."
+        ) from None
+
+
 def _check_csrf(request: web.Request, form: Any) -> None:
     session = request.get(SESSION)
     if session is None:
@@ -43,25 +62,49 @@ def _check_csrf(request: web.Request, form: Any) -> None:
         raise web.HTTPForbidden(text="the form is stale or forged (CSRF token mismatch); reload it")
 
 
-def _safe_next(target: str) -> str:
-    # Only local paths: "//evil.example" (or "/\\evil.example", to browsers) is another host.
-    local = target.startswith("/") and not target.startswith(("//", "/\\"))
-    return target if local and "\r" not in target and "\n" not in target else "/"
+MAX_NEXT_CHARS = 2048
+
+
+def safe_next(target: str) -> str:
+    """``target`` if it is a path on this site, else ``/``: where a login may send the browser.
+
+    Only an absolute path qualifies: one leading ``/``, no ``//`` anywhere, no backslash, no
+    control or whitespace character. Browsers drop tabs and line breaks from URLs and read
+    ``\\`` as ``/``, and aiohttp drops them too when it writes ``Location``, so
+    ``/<TAB>/evil.example`` passes a prefix check and then leaves as ``//evil.example``.
+    Refusing those characters outright, then checking the URL aiohttp will actually send,
+    leaves nothing to be normalized after the check.
+    """
+    if (
+        len(target) > MAX_NEXT_CHARS
+        or not target.startswith("/")
+        or "//" in target
+        or "\\" in target
+        or any(c.isspace() or unicodedata.category(c) == "Cc" for c in target)
+    ):
+        return "/"
+    try:
+        sent = URL(target)
+    except ValueError:
+        return "/"
+    if sent.scheme or sent.host is not None or not str(sent).startswith("/") or "//" in str(sent):
+        return "/"
+    return target
 
 
 @routes.get("/login")
 async def login_form(request: web.Request) -> web.Response:
     return render(
-        request, "login.html", {"next": _safe_next(request.query.get("next", "/")), "error": None}
+        request, "login.html", {"next": safe_next(request.query.get("next", "/")), "error": None}
     )
 
 
 @routes.post("/login")
 async def login(request: web.Request) -> web.StreamResponse:
-    form = await request.post()
-    target = _safe_next(str(form.get("next", "/")))
+    form = await read_form(request)
+    target = safe_next(str(form.get("next", "/")))
     auth, limiter = request.app[AUTH], request.app[LOGIN_LIMITER]
-    client = request.remote or "unknown"
+    client = limiter.client_of(request)
     if limiter.blocked(client):
         response = render(
             request,
@@ -76,7 +119,10 @@ async def login(request: web.Request) -> web.StreamResponse:
         return render(
             request, "login.html", {"next": target, "error": "That token is not right."}, status=401
         )
-    _, cookie = auth.new_session()
+    session, cookie = auth.new_session()
+    await request.app[DB].start_session(
+        session.id_hash, datetime.fromtimestamp(session.expires_at, tz=UTC)
+    )
     response = web.HTTPSeeOther(location=target)
     response.set_cookie(
         SESSION_COOKIE,
@@ -100,7 +146,9 @@ def is_https(request: web.Request) -> bool:
 
 @routes.post("/logout")
 async def logout(request: web.Request) -> web.StreamResponse:
-    _check_csrf(request, await request.post())
+    """End the session for good: its row goes, so the cookie is refused even if kept."""
+    _check_csrf(request, await read_form(request))
+    await request.app[DB].end_session(request[SESSION].id_hash)
     response = web.HTTPSeeOther(location="/login")
     response.del_cookie(SESSION_COOKIE, path="/")
     raise response
@@ -123,7 +171,7 @@ async def index(request: web.Request) -> web.Response:
 
 @routes.post("/batches")
 async def submit_batch(request: web.Request) -> web.StreamResponse:
-    form = await request.post()
+    form = await read_form(request)
     _check_csrf(request, form)
     names = ("recipients", "subject", "body", "drafter", "context", "review", "send_at")
     fields = {k: str(form.get(k, "")) for k in names}
@@ -206,7 +254,7 @@ async def dead_letters_page(request: web.Request) -> web.Response:
 
 @routes.post("/dead-letters")
 async def dead_letters_action(request: web.Request) -> web.StreamResponse:
-    form = await request.post()
+    form = await read_form(request)
     _check_csrf(request, form)
     action = form.get("action")
     if action not in {"redrive", "discard"}:
@@ -243,7 +291,7 @@ async def _suppressions(
 @routes.post("/suppressions")
 async def suppressions_action(request: web.Request) -> web.StreamResponse:
     """Add pasted or uploaded addresses, or remove one, then show the list again."""
-    form = await request.post()
+    form = await read_form(request)
     _check_csrf(request, form)
     db = request.app[DB]
     if form.get("action") == "remove":
@@ -285,7 +333,7 @@ async def captured_message(request: web.Request) -> web.Response:
 
 @routes.post("/batches/{batch_id}/send")
 async def send_reviewed_page(request: web.Request) -> web.StreamResponse:
-    _check_csrf(request, await request.post())
+    _check_csrf(request, await read_form(request))
     batch_id = batch_id_of(request)
     await request.app[DB].approve(batch_id)
     raise web.HTTPSeeOther(location=f"/batches/{batch_id}")
@@ -300,7 +348,7 @@ async def edit_draft_page(request: web.Request) -> web.Response:
 
 @routes.post("/batches/{batch_id}/recipients/{recipient_id}/edit")
 async def save_draft_page(request: web.Request) -> web.StreamResponse:
-    form = await request.post()
+    form = await read_form(request)
     _check_csrf(request, form)
     batch_id = batch_id_of(request)
     draft = await _draft(request, batch_id)
@@ -334,7 +382,7 @@ async def _draft(request: web.Request, batch_id: uuid.UUID) -> dict[str, Any]:
 
 @routes.post("/batches/{batch_id}/cancel")
 async def cancel_batch_page(request: web.Request) -> web.StreamResponse:
-    _check_csrf(request, await request.post())
+    _check_csrf(request, await read_form(request))
     batch_id = batch_id_of(request)
     await request.app[DB].cancel(batch_id)
     raise web.HTTPSeeOther(location=f"/batches/{batch_id}")
@@ -342,7 +390,7 @@ async def cancel_batch_page(request: web.Request) -> web.StreamResponse:
 
 @routes.post("/batches/{batch_id}/redrive")
 async def redrive_batch_page(request: web.Request) -> web.StreamResponse:
-    _check_csrf(request, await request.post())
+    _check_csrf(request, await read_form(request))
     batch_id = batch_id_of(request)
     await request.app[DB].redrive(Selection(batch_id=batch_id))
     raise web.HTTPSeeOther(location=f"/batches/{batch_id}")

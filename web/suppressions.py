@@ -10,7 +10,6 @@ Operators list, add and remove suppressions through ``/api/suppressions``.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import aiohttp_jinja2
@@ -21,6 +20,7 @@ from shared.db import SUPPRESSION_REASONS
 from shared.metrics import UNSUBSCRIBES
 from shared.unsubscribe import Unsubscription, read_token
 from web.api import InvalidQuery, page_json, page_of
+from web.json_body import read_json
 from web.keys import DB, SETTINGS
 from web.middlewares import api_error
 from web.validation import InvalidSubmission, addresses_from_list
@@ -85,9 +85,7 @@ async def list_suppressions(request: web.Request) -> web.Response:
 @routes.post("/api/suppressions")
 async def add_suppressions(request: web.Request) -> web.Response:
     """``{"addresses": [...], "reason": "manual"}``: never send to these addresses again."""
-    payload = await _json(request)
-    if isinstance(payload, web.Response):
-        return payload
+    payload = await read_json(request, invalid="invalid_suppression")
     reason = payload.get("reason", "manual") if isinstance(payload, dict) else None
     if reason not in SUPPRESSION_REASONS:
         return api_error(
@@ -105,24 +103,13 @@ async def add_suppressions(request: web.Request) -> web.Response:
 @routes.post("/api/suppressions/remove")
 async def remove_suppressions(request: web.Request) -> web.Response:
     """``{"addresses": [...]}``: these addresses may be sent to again."""
-    payload = await _json(request)
-    if isinstance(payload, web.Response):
-        return payload
+    payload = await read_json(request, invalid="invalid_suppression")
     addresses = _addresses(payload)
     if isinstance(addresses, web.Response):
         return addresses
     removed = await request.app[DB].unsuppress(addresses)
     log.info("suppressions_removed", removed=removed)
     return web.json_response({"removed": removed})
-
-
-async def _json(request: web.Request) -> Any:
-    if request.content_type != "application/json":
-        return api_error(415, "unsupported_media_type", "send application/json")
-    try:
-        return await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        return api_error(400, "malformed_json", f"the body is not valid JSON: {exc}")
 
 
 def _addresses(payload: Any) -> list[str] | web.Response:
