@@ -95,7 +95,9 @@ def test_the_definition_is_every_control_del_the_line_separators_and_surrogates(
 # -- the API --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("char", [*GARBAGE, "\ud800"])
+# A lone surrogate never gets this far from JSON: the body reader refuses it, naming the field
+# (tests/test_hostile_input.py::test_a_lone_surrogate_is_422_naming_the_field).
+@pytest.mark.parametrize("char", GARBAGE)
 async def test_a_recipient_field_the_subject_reads_is_refused_by_position(
     client: TestClient, settings: Settings, char: str
 ) -> None:
@@ -121,7 +123,9 @@ async def test_a_recipient_field_the_subject_reads_is_refused_by_position(
     await _nothing_written(settings)
 
 
-@pytest.mark.parametrize("char", [*GARBAGE, "\ud800"])
+# A lone surrogate never gets this far from JSON: the body reader refuses it, naming the field
+# (tests/test_hostile_input.py::test_a_lone_surrogate_is_422_naming_the_field).
+@pytest.mark.parametrize("char", GARBAGE)
 async def test_a_subject_template_with_such_a_character_is_refused(
     client: TestClient, settings: Settings, char: str
 ) -> None:
@@ -294,7 +298,9 @@ async def _drafted(client: TestClient, settings: Settings) -> tuple[str, int]:
     return batch_id, rows[0][0]
 
 
-@pytest.mark.parametrize("char", [*GARBAGE, "\ud800"])
+# A lone surrogate never gets this far from JSON: the body reader refuses it, naming the field
+# (tests/test_hostile_input.py::test_a_lone_surrogate_is_422_naming_the_field).
+@pytest.mark.parametrize("char", GARBAGE)
 async def test_an_edited_subject_with_such_a_character_is_refused(
     client: TestClient, settings: Settings, smtp: RecordingSMTPServer, char: str
 ) -> None:
@@ -328,7 +334,9 @@ async def test_an_edited_body_that_is_not_valid_unicode_is_refused(
     )
     assert response.status == 422
     message = (await response.json())["error"]["message"]
-    assert message.startswith("body: character U+DC00 (lone surrogate) at position 14")
+    assert message.startswith("body: contains a lone surrogate")
+    draft = await query(settings.database_url or "", "SELECT subject, body FROM recipients")
+    assert draft == [("Original", "B")]
 
 
 @pytest.mark.parametrize("char", GARBAGE)
