@@ -14,6 +14,7 @@ from aiohttp import web
 
 from shared.db import MAX_ID, RECIPIENT_STATUSES, BatchSummary, KeyReused
 from shared.metrics import BATCHES_CREATED, RECIPIENTS_ENQUEUED
+from shared.templating import in_render_thread
 from web.keys import AUTH_KIND, CAPTURE, DB, REQUEST_ID, SETTINGS
 from web.middlewares import api_error
 from web.validation import InvalidSubmission, Limits, Submission, from_json
@@ -112,7 +113,8 @@ async def post_batch(request: web.Request) -> web.Response:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         return api_error(400, "malformed_json", f"the body is not valid JSON: {exc}")
     try:
-        submission = from_json(payload, limits=limits(request))
+        # Validation dry-runs the templates, which must not hold up the event loop.
+        submission = await in_render_thread(from_json, payload, limits=limits(request))
     except InvalidSubmission as exc:
         return invalid_response(exc)
     idempotency = (key, _request_hash(payload)) if key else None

@@ -10,13 +10,20 @@ from __future__ import annotations
 import csv
 import io
 import re
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from shared.addresses import InvalidAddress, dedupe_key, normalize_address
 from shared.db import NewBatch, NewRecipient
-from shared.templating import TemplateProblem, fields_used, render, template_values
+from shared.templating import (
+    TemplateProblem,
+    TemplateTooExpensive,
+    fields_used,
+    render,
+    template_values,
+)
 
 DRAFTERS = ("template", "llm")
 MAX_CONTEXT_CHARS = 20_000
@@ -28,6 +35,9 @@ MAX_PROBLEMS_LISTED = 1_000
 _FIELD_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 _API_KEYS = {"recipients", "subject", "body", "drafter", "context", "send", "send_at"}
 MAX_SCHEDULE_AHEAD = timedelta(days=365)
+# The dry run renders each distinct set of recipient fields (each render on the templates'
+# own budget, shared.templating.RENDER_SECONDS); all of them together get this long.
+DRY_RUN_SECONDS = 2.0
 
 
 @dataclass(frozen=True)
@@ -396,6 +406,9 @@ def _check_template(
         return False
     try:
         fields_used(value)
+    except TemplateTooExpensive as exc:
+        problems.append(Problem(name, str(exc)))
+        return False
     except TemplateProblem as exc:
         problems.append(Problem(name, f"template error: {exc}"))
         return False
@@ -413,7 +426,12 @@ def _dry_run(
 
     Recipients with the same fields fail the same way (a field the template needs and does not
     default), so one render per shape catches them all without rendering every recipient.
+
+    Each render runs on the templates' budget, and the whole dry run must end within
+    ``DRY_RUN_SECONDS``: a template too expensive to render is refused on its own field, and
+    the dry run stops there (callers run it off the event loop).
     """
+    deadline = time.monotonic() + DRY_RUN_SECONDS
     shapes: dict[frozenset[str], list[int]] = {}
     for index, recipient in enumerate(recipients):
         shapes.setdefault(frozenset(recipient.fields), []).append(index)
@@ -422,7 +440,17 @@ def _dry_run(
         values = template_values(sample.fields, sample.email)
         for name, source in (("subject", subject), ("body", body)):
             try:
-                render(source, values)
+                render(source, values, deadline=deadline)
+            except TemplateTooExpensive as exc:
+                if time.monotonic() >= deadline:
+                    reason = (
+                        f"rendering it for {len(shapes)} different sets of recipient fields "
+                        f"took longer than {DRY_RUN_SECONDS:g} s"
+                    )
+                    problems.append(Problem(name, str(TemplateTooExpensive(reason))))
+                else:
+                    problems.append(Problem(name, f"{exc} (with the fields of {sample.email})"))
+                return
             except TemplateProblem as exc:
                 for index in members:
                     entry = entries[index]
