@@ -1,7 +1,10 @@
-"""A hostile template costs its own request, and nobody else anything.
+"""A hostile template costs its own request or its own recipient, and nobody else anything.
 
 While the web tier dry-runs a hostile template it keeps answering ``/healthz`` at once, stays
-small, and refuses the batch with a 422 that says the template is too expensive.
+small, and refuses the batch with a 422 that says the template is too expensive. A template
+that only one recipient's fields make expensive gets past validation (which renders one
+sample of each set of fields), and that recipient becomes a dead letter while the rest of the
+batch is sent.
 """
 
 from __future__ import annotations
@@ -13,8 +16,10 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
-from tests.conftest import AUTH
+from shared.settings import Settings
+from tests.conftest import AUTH, drain, query
 from tests.memory import peak_rss
+from tests.smtp_server import RecordingSMTPServer
 
 EXPENSIVE = "template too expensive"
 HOSTILE_BODIES = {
@@ -142,3 +147,68 @@ async def test_the_dry_run_of_a_whole_batch_is_bounded(client: TestClient) -> No
     ]
     assert elapsed < 4, elapsed
     assert max(health.latencies) < 0.1, sorted(health.latencies)[-5:]
+
+
+# A template cheap for a short name and expensive for a long one: validation renders the
+# first recipient's fields (Ada's), the worker renders everyone's.
+LOOPS_OVER_THE_NAME = (
+    "{% for a in name %}{% for b in name %}{% for c in name %}{% endfor %}{% endfor %}"
+    "{% endfor %}Hi {{ name }}"
+)
+SLOW_STEPS_OVER_THE_NAME = (
+    "{% for c in name %}{% for d in name %}{% set n = name|unique|list|length %}"
+    "{% endfor %}{% endfor %}Hi {{ name[:10] }}"
+)
+
+
+async def _send(client: TestClient, body: str, long_name: str) -> None:
+    recipients = [
+        {"email": "ada@example.org", "name": "Ada"},
+        {"email": "long@example.org", "name": long_name},
+        {"email": "bob@example.org", "name": "Bob"},
+    ]
+    payload = {"recipients": recipients, "subject": "Hello {{ name[:10] }}", "body": body}
+    response = await client.post("/api/batches", json=payload, headers=AUTH)
+    assert response.status == 201, await response.text()
+
+
+async def _outcomes(settings: Settings) -> dict[str, tuple[str, int, str | None]]:
+    rows = await query(
+        settings.database_url or "", "SELECT email, status, attempts, last_error FROM recipients"
+    )
+    return {email: (status, attempts, error) for email, status, attempts, error in rows}
+
+
+async def test_a_template_too_expensive_for_one_recipient_makes_only_it_a_dead_letter(
+    client: TestClient, settings: Settings, smtp: RecordingSMTPServer
+) -> None:
+    await _send(client, LOOPS_OVER_THE_NAME, "x" * 2000)
+    await drain(settings)
+    outcomes = await _outcomes(settings)
+    assert outcomes["ada@example.org"][:2] == ("sent", 1)
+    assert outcomes["bob@example.org"][:2] == ("sent", 1)
+    status, attempts, error = outcomes["long@example.org"]
+    assert (status, attempts) == ("dead", 1)
+    assert error == (
+        "template: template too expensive: more than 100000 loop iterations, calls and filters"
+    )
+    assert sorted(smtp.to_addresses()) == ["ada@example.org", "bob@example.org"]
+
+
+async def test_the_job_time_limit_stops_a_render(
+    client: TestClient, settings: Settings, smtp: RecordingSMTPServer
+) -> None:
+    # Each step of this render is slow, so it is its time that runs out: half the attempt's
+    # limit, so the render stops (a dead letter, the cause named) before the attempt times out.
+    await _send(client, SLOW_STEPS_OVER_THE_NAME, "ab " * 600)
+    started = time.perf_counter()
+    await drain(settings.model_copy(update={"job_timeout_seconds": 1.0}))
+    elapsed = time.perf_counter() - started
+    outcomes = await _outcomes(settings)
+    assert outcomes["long@example.org"] == (
+        "dead",
+        1,
+        "template: template too expensive: rendering took longer than 0.5 s",
+    )
+    assert outcomes["ada@example.org"][0] == outcomes["bob@example.org"][0] == "sent"
+    assert elapsed < 10, elapsed
