@@ -180,6 +180,7 @@ _SEQUENCES = (str, bytes, bytearray, list, tuple)
 _SIZED = (str, bytes, bytearray, list, tuple, dict, set, frozenset)
 _COLLECTIONS = (list, tuple, set, frozenset, types.MappingProxyType)
 _NUMBERS = (int, float)
+_METHODS = (types.BuiltinMethodType, types.MethodType)
 _FLOATISH = (bool, float)
 _SCALARS = (str, int, float, bool, type(None), Markup)
 
@@ -187,6 +188,8 @@ _SCALARS = (str, int, float, bool, type(None), Markup)
 def _text_size(value: Any, limit: int = MAX_VALUE_CHARS) -> int:
     """About ``len(str(value))`` without building it (containers show their items' reprs);
     stops counting once past ``limit``."""
+    if isinstance(value, str):
+        return len(value)
     total = 0
     stack = [value]
     while stack and total <= limit:
@@ -276,11 +279,29 @@ def _check_percent(fmt: str | bytes | bytearray, args: Any) -> None:
 def _check_repeat(seq: Any, count: Any) -> None:
     if not isinstance(count, int) or count <= 0:
         return
-    size = len(seq) if isinstance(seq, _TEXT) else _text_size(seq)
-    if size * count > MAX_VALUE_CHARS:
-        _too_expensive(
-            f"a repetition that long is not allowed ({count} times {size} > {MAX_VALUE_CHARS})"
-        )
+    if isinstance(seq, _TEXT):
+        size, limit = len(seq), MAX_VALUE_CHARS
+    else:
+        size, limit = _text_size(seq, MAX_PRODUCED), MAX_PRODUCED
+        _check_list_size(len(seq) * count)
+    if size * count > limit:
+        _too_expensive(f"a repetition that long is not allowed ({count} times {size} > {limit})")
+
+
+def _check_list_size(items: int) -> None:
+    if items > MAX_VALUE_CHARS:
+        _too_expensive(f"a list of {items} items (at most {MAX_VALUE_CHARS})")
+
+
+def _check_lists_added(
+    left: list[Any] | tuple[Any, ...], right: list[Any] | tuple[Any, ...]
+) -> None:
+    # A list holds references: what it costs is its length, and what its items would come to
+    # as text (printed, compared) is kept within what a render may build in all.
+    _check_list_size(len(left) + len(right))
+    text = _text_size(left, MAX_PRODUCED) + _text_size(right, MAX_PRODUCED)
+    if text > MAX_PRODUCED:
+        _too_expensive(f"a list whose items come to over {MAX_PRODUCED} characters")
 
 
 def _int_bits(value: Any) -> int:
@@ -299,7 +320,7 @@ def _check_binop(op: str, left: Any, right: Any) -> None:
         if isinstance(left, _TEXT) and isinstance(right, _TEXT):
             _check_length(len(left) + len(right), "'+'")
         elif isinstance(left, _LISTS) and isinstance(right, _LISTS):
-            _check_length(_text_size(left) + _text_size(right), "'+'")
+            _check_lists_added(left, right)
     elif op == "%":
         if isinstance(left, _TEXT):
             _check_percent(left, right)
@@ -311,9 +332,10 @@ def _check_binop(op: str, left: Any, right: Any) -> None:
 
 
 def _check_method(method: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
-    """Calls of the ``str`` and ``bytes`` methods whose result grows with an argument."""
+    """Calls of the ``str`` and ``bytes`` methods whose result grows with an argument (and of
+    ``Markup``'s, which wrap them in Python)."""
     owner = getattr(method, "__self__", None)
-    if not isinstance(method, types.BuiltinMethodType) or not isinstance(owner, _TEXT):
+    if not isinstance(method, _METHODS) or not isinstance(owner, _TEXT):
         return args
     name = method.__name__
     if name in {"center", "ljust", "rjust", "zfill"} and args:

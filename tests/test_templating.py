@@ -26,6 +26,7 @@ HOSTILE = {
     ),
     "center 10**9": '{{ ("a"|center(10**9))|length }}',
     "ljust method": '{{ "a".ljust(10**9)|length }}',
+    "Markup's center method": '{{ ("a"|safe).center(10**9)|length }}',
     "long string repeat": '{{ "a" * 10000 * 10000 }}',
     "recursive macro": "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}",
     "fan-out macro": (
@@ -197,6 +198,7 @@ LEGIT = {
     "{{ 'a\tb'.expandtabs(4) }} {{ name.replace('A', 'Z') }}": "a   b Zda",
     "{{ lipsum(2, false)|wordcount > 10 }}": "True",
     "{% for i in range(10000) %}{% endfor %}{{ 'x' * 100000 }}": "x" * 100_000,
+    "{{ ('x' * 99000)|join }}{{ (['y' * 1000] * 100)|length }}": "x" * 99_000 + "100",
 }
 
 
