@@ -29,11 +29,13 @@ toward ``MAX_PRODUCED`` — so memory stays near a few megabytes however the tem
 the deadline is checked again within microseconds to milliseconds. Loops over long strings or
 lists from a recipient's fields are covered the same way: each item is a step.
 
-What is not covered: a single C-level operation between checkpoints on values that are already
-bounded (sorting or comparing lists of a few thousand long strings, a regex filter over a
-100,000-character string) runs to its end, which is milliseconds, rarely tens of them. Parsing
-and compiling a template is not interruptible either; it is bounded by ``MAX_TEMPLATE_TAGS`` and
-``MAX_TEMPLATE_NODES`` and done once per template (cached).
+What is not covered: one operation between two checkpoints runs to its end. On values that are
+already bounded that is microseconds to milliseconds, at worst a few tens of them (sorting or
+comparing lists of many long strings, ``textwrap`` or a regex over a 100,000-character string);
+the pure-Python ones let the event loop's thread in meanwhile, a C-level one holds the GIL until
+it returns. Parsing and compiling a template is not interruptible either: it is bounded by
+``MAX_TEMPLATE_TAGS`` and ``MAX_TEMPLATE_NODES`` (Python's ``compile()`` of the largest
+template allowed holds the GIL for about 50 ms) and done once per template (cached).
 
 Renders that may be expensive run off the event loop (:func:`in_render_thread`), so a render
 that uses its whole budget costs its own request or job that time, not everyone's.
@@ -77,8 +79,8 @@ MAX_RANGE = 10_000
 MAX_CALL_DEPTH = 50
 MAX_EXPONENT = 100
 MAX_INT_BITS = 16_384  # about 4,900 digits: Python refuses to print more than 4,300 anyway
-MAX_TEMPLATE_TAGS = 2_000  # ``{{ … }}`` and ``{% … %}``
-MAX_TEMPLATE_NODES = 5_000
+MAX_TEMPLATE_TAGS = 1_000  # ``{{ … }}`` and ``{% … %}``
+MAX_TEMPLATE_NODES = 3_000  # Python compiles the code for that many in ~50 ms (holding the GIL)
 # Wall-clock time for one render, by default. Callers that render several templates against
 # one clock (a batch's dry run, a recipient's subject and body) pass their own.
 RENDER_SECONDS = 1.0
