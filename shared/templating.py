@@ -12,7 +12,7 @@ code generator and the sandbox put a checkpoint
 - on every item of every ``{% for %}`` loop (the iterable is wrapped; recursive loops'
   ``loop(...)`` calls too), which counts toward ``MAX_STEPS`` and checks the deadline;
 - on every call (macros, ``caller()``, methods, ``range``, ``lipsum``, ``dict``, ``namespace``
-  …), which also counts toward ``MAX_STEPS`` and bounds how deep calls nest
+  …), which also counts toward ``MAX_STEPS`` and ``MAX_CALLS`` and bounds how deep calls nest
   (``MAX_CALL_DEPTH``: a recursive macro);
 - on every filter application (also inside ``map``/``select``), and on every output chunk the
   render streams out (``Template.generate``: the output cap is enforced as the text comes, not
@@ -46,6 +46,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
+import math
 import re
 import threading
 import time
@@ -75,6 +76,9 @@ MAX_VALUE_CHARS = MAX_RENDERED_CHARS
 MAX_PRODUCED = 20 * MAX_RENDERED_CHARS
 # Loop iterations, calls and filter applications in one render.
 MAX_STEPS = 100_000
+# Calls among them (macros, methods, globals): the costliest steps, several microseconds and a
+# handful of objects each, so a runaway recursion stops within a tenth of a second.
+MAX_CALLS = 10_000
 MAX_RANGE = 10_000
 MAX_CALL_DEPTH = 50
 MAX_EXPONENT = 100
@@ -124,23 +128,38 @@ class _OverBudget(BaseException):
 _monotonic = time.monotonic
 
 
-class _Budget:
-    __slots__ = ("deadline", "depth", "produced", "steps", "time_limit_s")
+# A render in a render thread hands the GIL over this often: a thread waiting for it (the
+# event loop's) would otherwise wait up to sys.getswitchinterval() (5 ms) for every turn.
+_GIVE_WAY_EVERY_S = 0.001
 
-    def __init__(self, time_limit_s: float, deadline: float | None = None) -> None:
+
+class _Budget:
+    __slots__ = ("calls", "deadline", "depth", "give_way_at", "produced", "steps", "time_limit_s")
+
+    def __init__(
+        self, time_limit_s: float, deadline: float | None = None, *, give_way: bool = False
+    ) -> None:
         self.time_limit_s = time_limit_s
-        own = _monotonic() + time_limit_s
-        self.deadline = own if deadline is None else min(own, deadline)
+        now = _monotonic()
+        self.deadline = (
+            now + time_limit_s if deadline is None else min(now + time_limit_s, deadline)
+        )
+        self.give_way_at = now + _GIVE_WAY_EVERY_S if give_way else math.inf
         self.steps = 0
+        self.calls = 0
         self.produced = 0
         self.depth = 0
 
     def step(self) -> None:
         self.steps += 1
-        if self.steps > MAX_STEPS or _monotonic() > self.deadline:
+        now = _monotonic()
+        if self.steps > MAX_STEPS or now > self.deadline:
             if self.steps > MAX_STEPS:
                 raise _OverBudget(f"more than {MAX_STEPS} loop iterations, calls and filters")
             self.check_time()
+        if now > self.give_way_at:
+            time.sleep(0)  # releases the GIL: whoever waits for it runs now
+            self.give_way_at = now + _GIVE_WAY_EVERY_S
 
     def check_time(self) -> None:
         if _monotonic() > self.deadline:
@@ -665,6 +684,9 @@ class _Sandbox(ImmutableSandboxedEnvironment):
     ) -> Any:
         budget = _current()
         budget.step()
+        budget.calls += 1
+        if budget.calls > MAX_CALLS:
+            _too_expensive(f"more than {MAX_CALLS} calls")
         if isinstance(__obj, LoopContext) and args:  # loop(children) in a recursive loop
             args = (__self.budget_iter(args[0]), *args[1:])
         else:
@@ -827,7 +849,7 @@ def render(
     (``time.monotonic()``) if one is given.
     """
     compiled = _compiled(source)
-    budget = _Budget(time_limit_s, deadline)
+    budget = _Budget(time_limit_s, deadline, give_way=_render_thread.active)
     token = _BUDGET.set(budget)
     chunks: list[str] = []
     size = 0
@@ -877,6 +899,18 @@ def _short(message: str) -> str:
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
 
+
+class _RenderThread(threading.local):
+    active = False  # True in the render threads
+
+
+_render_thread = _RenderThread()
+
+
+def _start_render_thread() -> None:
+    _render_thread.active = True
+
+
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
 
@@ -891,7 +925,11 @@ async def in_render_thread(func: Callable[_P, _T], *args: _P.args, **kwargs: _P.
     global _pool
     with _pool_lock:
         if _pool is None:
-            _pool = ThreadPoolExecutor(RENDER_THREADS, thread_name_prefix="mailroom-render")
+            _pool = ThreadPoolExecutor(
+                RENDER_THREADS,
+                thread_name_prefix="mailroom-render",
+                initializer=_start_render_thread,
+            )
         pool = _pool
     context = contextvars.copy_context()  # log bindings follow the work into the thread
     call = functools.partial(context.run, func, *args, **kwargs)
