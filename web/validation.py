@@ -432,6 +432,7 @@ def _dry_run(
     the dry run stops there (callers run it off the event loop).
     """
     deadline = time.monotonic() + DRY_RUN_SECONDS
+    spent = {"subject": 0.0, "body": 0.0}  # which template the dry run's time goes to
     shapes: dict[frozenset[str], list[int]] = {}
     for index, recipient in enumerate(recipients):
         shapes.setdefault(frozenset(recipient.fields), []).append(index)
@@ -439,25 +440,32 @@ def _dry_run(
         sample = recipients[members[0]]
         values = template_values(sample.fields, sample.email)
         for name, source in (("subject", subject), ("body", body)):
+            started = time.monotonic()
+            failure: TemplateProblem | None = None
             try:
                 render(source, values, deadline=deadline)
-            except TemplateTooExpensive as exc:
+            except TemplateProblem as exc:
+                failure = exc
+            spent[name] += time.monotonic() - started
+            if isinstance(failure, TemplateTooExpensive):
                 if time.monotonic() >= deadline:
                     reason = (
                         f"rendering it for {len(shapes)} different sets of recipient fields "
                         f"took longer than {DRY_RUN_SECONDS:g} s"
                     )
-                    problems.append(Problem(name, str(TemplateTooExpensive(reason))))
+                    slowest = max(spent, key=lambda n: spent[n])
+                    problems.append(Problem(slowest, str(TemplateTooExpensive(reason))))
                 else:
-                    problems.append(Problem(name, f"{exc} (with the fields of {sample.email})"))
+                    message = f"{failure} (with the fields of {sample.email})"
+                    problems.append(Problem(name, message))
                 return
-            except TemplateProblem as exc:
+            if failure is not None:
                 for index in members:
                     entry = entries[index]
                     problems.append(
                         Problem(
                             entry.source,
-                            f"{recipients[index].email}: the {name} template fails: {exc}",
+                            f"{recipients[index].email}: the {name} template fails: {failure}",
                             position=entry.position,
                             line=entry.line,
                         )
