@@ -15,6 +15,7 @@ from aiohttp import web
 from shared.db import MAX_ID, RECIPIENT_STATUSES, BatchSummary, KeyReused
 from shared.headers import lone_surrogate_message, unsafe_message
 from shared.metrics import BATCHES_CREATED, RECIPIENTS_ENQUEUED
+from shared.templating import in_render_thread
 from web.json_body import read_json
 from web.keys import AUTH_KIND, CAPTURE, DB, REQUEST_ID, SETTINGS
 from web.middlewares import api_error
@@ -109,7 +110,8 @@ async def post_batch(request: web.Request) -> web.Response:
         )
     payload = await read_json(request, invalid="invalid_batch")
     try:
-        submission = from_json(payload, limits=limits(request))
+        # Validation dry-runs the templates, which must not hold up the event loop.
+        submission = await in_render_thread(from_json, payload, limits=limits(request))
     except InvalidSubmission as exc:
         return invalid_response(exc)
     idempotency = (key, _request_hash(payload)) if key else None

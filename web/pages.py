@@ -17,6 +17,7 @@ from yarl import URL
 
 from shared.db import MAX_ID, RECIPIENT_STATUSES, SUPPRESSION_REASONS, Selection
 from shared.ratelimits import sender_limits
+from shared.templating import in_render_thread
 from web.api import batch_id_of, batch_json, checked_edit, create_batch, limits
 from web.auth import SESSION_COOKIE, SESSION_TTL_S
 from web.keys import AUTH, CAPTURE, DB, LOGIN_LIMITER, SESSION, SETTINGS
@@ -178,7 +179,10 @@ async def submit_batch(request: web.Request) -> web.StreamResponse:
     settings = request.app[SETTINGS]
     csv_text = _uploaded_csv(form.get("csv"), settings.max_upload_bytes)
     try:
-        submission = from_form(fields, limits=limits(request), csv_text=csv_text)
+        # Validation dry-runs the templates, which must not hold up the event loop.
+        submission = await in_render_thread(
+            from_form, fields, limits=limits(request), csv_text=csv_text
+        )
     except InvalidSubmission as exc:
         batches = await request.app[DB].recent_batches(limit=20)
         return render(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import re
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -17,7 +18,13 @@ from typing import Any
 from shared.addresses import InvalidAddress, dedupe_key, normalize_address
 from shared.db import NewBatch, NewRecipient
 from shared.headers import lone_surrogate_message, unsafe_message
-from shared.templating import TemplateProblem, fields_used, render, template_values
+from shared.templating import (
+    TemplateProblem,
+    TemplateTooExpensive,
+    fields_used,
+    render,
+    template_values,
+)
 
 DRAFTERS = ("template", "llm")
 MAX_CONTEXT_CHARS = 20_000
@@ -30,6 +37,9 @@ _FIELD_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
 _API_KEYS = {"recipients", "subject", "body", "drafter", "context", "send", "send_at"}
 MAX_SCHEDULE_AHEAD = timedelta(days=365)
+# The dry run renders each distinct set of recipient fields (each render on the templates'
+# own budget, shared.templating.RENDER_SECONDS); all of them together get this long.
+DRY_RUN_SECONDS = 2.0
 
 
 @dataclass(frozen=True)
@@ -319,8 +329,10 @@ def _validate(
         recipients.append(recipient)
         kept.append(entry)
     if templates_ok:
+        before = len(problems)
         _dry_run(str(subject), str(body), recipients, kept, problems)
-        _check_rendered_subjects(str(subject), subject_fields, recipients, kept, problems)
+        if len(problems) == before:  # the templates render: check what each subject becomes
+            _check_rendered_subjects(str(subject), subject_fields, recipients, kept, problems)
 
     if problems:
         raise InvalidSubmission(problems)
@@ -421,6 +433,9 @@ def _check_template(
         return False
     try:
         fields_used(value)
+    except TemplateTooExpensive as exc:
+        problems.append(Problem(name, str(exc)))
+        return False
     except TemplateProblem as exc:
         problems.append(Problem(name, f"template error: {exc}"))
         return False
@@ -438,7 +453,13 @@ def _dry_run(
 
     Recipients with the same fields fail the same way (a field the template needs and does not
     default), so one render per shape catches them all without rendering every recipient.
+
+    Each render runs on the templates' budget, and the whole dry run must end within
+    ``DRY_RUN_SECONDS``: a template too expensive to render is refused on its own field, and
+    the dry run stops there (callers run it off the event loop).
     """
+    deadline = time.monotonic() + DRY_RUN_SECONDS
+    spent = {"subject": 0.0, "body": 0.0}  # which template the dry run's time goes to
     shapes: dict[frozenset[str], list[int]] = {}
     for index, recipient in enumerate(recipients):
         shapes.setdefault(frozenset(recipient.fields), []).append(index)
@@ -446,15 +467,32 @@ def _dry_run(
         sample = recipients[members[0]]
         values = template_values(sample.fields, sample.email)
         for name, source in (("subject", subject), ("body", body)):
+            started = time.monotonic()
+            failure: TemplateProblem | None = None
             try:
-                render(source, values)
+                render(source, values, deadline=deadline)
             except TemplateProblem as exc:
+                failure = exc
+            spent[name] += time.monotonic() - started
+            if isinstance(failure, TemplateTooExpensive):
+                if time.monotonic() >= deadline:
+                    reason = (
+                        f"rendering it for {len(shapes)} different sets of recipient fields "
+                        f"took longer than {DRY_RUN_SECONDS:g} s"
+                    )
+                    slowest = max(spent, key=lambda n: spent[n])
+                    problems.append(Problem(slowest, str(TemplateTooExpensive(reason))))
+                else:
+                    message = f"{failure} (with the fields of {sample.email})"
+                    problems.append(Problem(name, message))
+                return
+            if failure is not None:
                 for index in members:
                     entry = entries[index]
                     problems.append(
                         Problem(
                             entry.source,
-                            f"{recipients[index].email}: the {name} template fails: {exc}",
+                            f"{recipients[index].email}: the {name} template fails: {failure}",
                             position=entry.position,
                             line=entry.line,
                         )
@@ -474,8 +512,11 @@ def _check_rendered_subjects(
     The recipients' own text was checked already; this catches what the template makes of
     values (``{{ '%c' % n }}``, an escape in a string literal, a filter). The subject differs
     only as the fields it reads differ, so it is rendered once per distinct set of their
-    values. A template that fails to render is :func:`_dry_run`'s to report.
+    values. A template that fails to render is :func:`_dry_run`'s to report. All the renders
+    together get ``DRY_RUN_SECONDS`` too, so a subject whose cost grows with each recipient's
+    values (a loop over a field) cannot hold a request for the size of the batch.
     """
+    deadline = time.monotonic() + DRY_RUN_SECONDS
     seen: dict[tuple[tuple[Any, ...], ...], str | None] = {}
     for index, recipient in enumerate(recipients):
         values = template_values(recipient.fields, recipient.email)
@@ -485,7 +526,18 @@ def _check_rendered_subjects(
         )
         if key not in seen:
             try:
-                seen[key] = unsafe_message(render(subject, values), allow_tab=True)
+                seen[key] = unsafe_message(
+                    render(subject, values, deadline=deadline), allow_tab=True
+                )
+            except TemplateTooExpensive:
+                if time.monotonic() >= deadline:
+                    reason = (
+                        f"rendering it for each of {len(recipients)} recipients took longer"
+                        f" than {DRY_RUN_SECONDS:g} s"
+                    )
+                    problems.append(Problem("subject", str(TemplateTooExpensive(reason))))
+                    return
+                seen[key] = None  # this recipient's own render: the worker makes it a dead letter
             except TemplateProblem:
                 seen[key] = None
         not_allowed = seen[key]

@@ -7,15 +7,26 @@ the batch's templates in the sandbox; a drafter that cannot produce a usable ema
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from shared.db import RecipientForSend
 from shared.headers import unsafe_message
-from shared.templating import TemplateProblem, render, template_values
+from shared.templating import (
+    TemplateProblem,
+    in_render_thread,
+    is_simple,
+    render,
+    template_values,
+)
 from worker.failures import PermanentFailure
 
 MAX_SUBJECT_CHARS = 255
+# How long a recipient's subject and body may take to render together, at most: a template
+# that loops over a recipient's long field is stopped by this (and becomes a dead letter), well
+# inside the attempt's own time limit.
+DRAFT_SECONDS = 2.0
 
 
 @dataclass(frozen=True)
@@ -58,17 +69,40 @@ def storable(draft: Draft) -> Draft:
 
 
 class TemplateDrafter:
-    """Renders the batch's subject and body templates with the recipient's fields (offline)."""
+    """Renders the batch's subject and body templates with the recipient's fields (offline).
+
+    Both renders share one budget of ``time_limit_s`` (``DRAFT_SECONDS``, or half the job's
+    time limit if that is less, so the render stops before the attempt's timeout would give
+    up on it). A template with loops, calls or costly filters renders in a render thread, off
+    the event loop; a simple one (``Hello {{ name }}``) renders in place, where it costs a few
+    microseconds and no thread hop.
+    """
 
     # Rendering costs nothing and gives the same draft every time, so the worker stores it
     # with the attempt's outcome rather than in a round trip of its own before the send.
     store_before_send = False
 
+    def __init__(self, *, job_timeout_s: float | None = None) -> None:
+        limit = DRAFT_SECONDS if job_timeout_s is None else min(DRAFT_SECONDS, job_timeout_s / 2)
+        self.time_limit_s = limit
+
     async def draft(self, recipient: RecipientForSend) -> Draft:
         values = template_values(recipient.fields, recipient.email)
+        templates = (recipient.subject_template, recipient.body_template)
         try:
-            subject = render(recipient.subject_template, values)
-            body = render(recipient.body_template, values)
+            if all(map(is_simple, templates)):
+                subject, body = self._render(templates, values)
+            else:
+                subject, body = await in_render_thread(self._render, templates, values)
         except TemplateProblem as exc:
             raise PermanentFailure(f"template: {exc}") from None
         return Draft(subject=checked_subject(subject), body=body)
+
+    def _render(self, templates: tuple[str, str], values: dict[str, Any]) -> tuple[str, str]:
+        # The clock starts when rendering does, not while the render waits for a thread.
+        deadline = time.monotonic() + self.time_limit_s
+        subject_template, body_template = templates
+        limit = self.time_limit_s
+        subject = render(subject_template, values, time_limit_s=limit, deadline=deadline)
+        body = render(body_template, values, time_limit_s=limit, deadline=deadline)
+        return subject, body

@@ -68,10 +68,11 @@ async def worker_runtime(
     register_tasks(app, settings, retry)
     # Only the default drafters need a Groq client; a caller's own drafters never use one.
     llm = LlmDrafter(settings) if settings.groq_api_key and drafters is None else None
+    template = TemplateDrafter(job_timeout_s=settings.job_timeout_seconds)
     deps = WorkerDeps(
         settings=settings,
         db=Database(pool, chunk_size=settings.chunk_size),
-        drafters=drafters or {"template": TemplateDrafter(), **({"llm": llm} if llm else {})},
+        drafters=drafters or {"template": template, **({"llm": llm} if llm else {})},
         mailer=mailer
         or SmtpMailer(
             settings,
