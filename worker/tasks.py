@@ -223,7 +223,8 @@ async def _send_chunk(
     if errors:
         # An outcome that could not be recorded leaves its recipient to this chunk: run the
         # chunk again later (recipients recorded meanwhile are skipped then).
-        log.warning("chunk_incomplete", unrecorded=len(errors), error=_describe(errors[0]))
+        # The error's type only: a database error's text can quote the row it failed on.
+        log.warning("chunk_incomplete", unrecorded=len(errors), error=type(errors[0]).__name__)
         raise _database_failure(errors[0])
     summary = " ".join(f"{name}={n}" for name, n in sorted(outcomes.items()))
     if unfinished:
@@ -403,10 +404,6 @@ def _database_failure(exc: BaseException) -> InfrastructureFailure:
     # is safe. If even the retry cannot be recorded, the job stays "doing" and the stalled-job
     # sweep requeues it once this worker's heartbeat goes stale.
     return InfrastructureFailure(f"database unavailable: {type(exc).__name__}")
-
-
-def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"[:300]
 
 
 async def _draft_once(deps: WorkerDeps, recipient: RecipientForSend) -> tuple[Draft, bool]:
