@@ -263,7 +263,7 @@ cardinality(procrastinate_defer_jobs_v1(ARRAY(
     SELECT ROW(%(queue)s, %(email_task)s, %(priority)s, NULL, NULL,
                jsonb_build_object('recipient_id', id), %(retry_at)s::timestamptz
            )::procrastinate_job_to_defer_v1
-      FROM failed WHERE %(retry_at)s::timestamptz IS NOT NULL
+      FROM failed WHERE %(retry_at)s::timestamptz IS NOT NULL AND status <> 'cancelled'
 )))
 """
 
@@ -487,10 +487,15 @@ class Database:
         Queued, retrying, drafted and sending recipients become ``cancelled`` and their
         waiting jobs are cancelled in the same transaction: a recipient's own job, and a chunk
         job once none of its recipients is still open. Sends already in flight finish; a chunk
-        that is running skips its cancelled recipients.
+        that is running skips its cancelled recipients, and a send in flight that fails
+        transiently is cancelled rather than retried (the batch records when it was cancelled).
         """
         async with self.pool.connection() as conn, conn.transaction():
-            cursor = await conn.execute("SELECT 1 FROM batches WHERE id = %s", (batch_id,))
+            cursor = await conn.execute(
+                "UPDATE batches SET cancelled_at = coalesce(cancelled_at, now())"
+                " WHERE id = %s RETURNING 1",
+                (batch_id,),
+            )
             if await cursor.fetchone() is None:
                 return None
             # One snapshot: ``recipients`` below still shows the rows ``cancelled`` changes, so
@@ -664,7 +669,7 @@ class Database:
                 " attempts = greatest(attempts - 1, 0),"
                 " last_error = coalesce(%(note)s, last_error),"
                 " own_job = own_job OR %(retry_at)s::timestamptz IS NOT NULL, updated_at = now()"
-                " WHERE id = ANY(%(ids)s::bigint[]) AND status = 'sending' RETURNING id)"
+                " WHERE id = ANY(%(ids)s::bigint[]) AND status = 'sending' RETURNING id, status)"
                 " SELECT " + _DEFER_OWN_JOB,
                 {
                     "note": note,
@@ -801,29 +806,36 @@ class Database:
         suppress: bool = False,
         retry_at: datetime | None = None,
         draft: tuple[str, str] | None = None,
-    ) -> None:
-        """Record a failed attempt as ``retrying`` or ``dead`` (never over a final state).
+    ) -> str | None:
+        """Record a failed attempt as ``retrying`` or ``dead`` (never over a final state);
+        return the status recorded (``None`` if the recipient was final already).
 
         ``suppress`` also adds the address to the suppressions as a hard bounce, in the same
         statement (the server said the mailbox does not exist). ``retry_at``: the recipient
         leaves its chunk for a job of its own at that time, deferred in the same statement.
-        ``draft`` (subject, body) is stored unless one already is.
+        ``draft`` (subject, body) is stored unless one already is. A recipient of a batch
+        cancelled while its send was in flight becomes ``cancelled`` instead of ``retrying``.
         """
         subject, body = draft or (None, None)
         async with self.pool.connection() as conn:
-            await conn.execute(
+            cursor = await conn.execute(
                 "WITH failed AS ("
-                "  UPDATE recipients SET status = %(status)s, last_error = %(error)s,"
-                "   own_job = own_job OR %(retry_at)s::timestamptz IS NOT NULL,"
-                "   subject = coalesce(subject, %(subject)s), body = coalesce(body, %(body)s),"
+                "  UPDATE recipients r SET status = CASE"
+                "    WHEN %(status)s = 'retrying' AND b.cancelled_at IS NOT NULL THEN 'cancelled'"
+                "    ELSE %(status)s END,"
+                "   last_error = %(error)s,"
+                "   own_job = r.own_job OR %(retry_at)s::timestamptz IS NOT NULL,"
+                "   subject = coalesce(r.subject, %(subject)s), body = coalesce(r.body, %(body)s),"
                 "   updated_at = now()"
-                "  WHERE id = %(id)s AND status IN ('queued', 'sending', 'retrying')"
-                "  RETURNING id, email),"
+                "  FROM batches b"
+                "  WHERE r.id = %(id)s AND b.id = r.batch_id"
+                "  AND r.status IN ('queued', 'sending', 'retrying')"
+                "  RETURNING r.id, r.email, r.status),"
                 " suppressed AS ("
                 "  INSERT INTO suppressions (address_key, address, reason, detail)"
                 "  SELECT lower(email), email, 'hard_bounce', %(error)s FROM failed"
                 "  WHERE %(suppress)s ON CONFLICT (address_key) DO NOTHING)"
-                " SELECT " + _DEFER_OWN_JOB,
+                " SELECT (SELECT status FROM failed), " + _DEFER_OWN_JOB,
                 {
                     "status": status,
                     "error": error[:2000],
@@ -834,6 +846,8 @@ class Database:
                     **self._own_job_params(retry_at, priority=RETRY_PRIORITY),
                 },
             )
+            row = await cursor.fetchone()
+        return str(row[0]) if row and row[0] is not None else None
 
     # -- sending-rate limits -----------------------------------------------------------------
 

@@ -209,3 +209,25 @@ async def test_a_job_queued_by_the_version_before_chunks_still_sends(
     await drain(settings)
     assert smtp.to_addresses() == {"old@example.org": 1}
     assert await query(url, "SELECT status, attempts FROM recipients") == [("sent", 1)]
+
+
+async def test_a_send_in_flight_when_its_batch_is_cancelled_is_not_retried_after_a_4xx(
+    db: Database, settings: Settings, smtp: RecordingSMTPServer
+) -> None:
+    url = settings.database_url or ""
+    slow = Rule("451 4.3.0 try again later", times=1, delay_s=1.0)
+    smtp.rules["slow@example.org"] = slow
+    batch_id = await _batch(db, ["slow@example.org"])
+    worker = asyncio.create_task(drain(settings))
+    # The server has the RCPT (so the claim holds the row) when the operator cancels.
+    await wait_until(lambda: _seen(slow), 10, "the send to be in flight")
+    assert await db.cancel(batch_id) == 0  # nothing cancellable: the one send is in flight
+    await worker
+    assert await _recipients(url) == [("slow@example.org", "cancelled", 1, True)]
+    assert await query(url, "SELECT status::text FROM procrastinate_jobs") == []
+    await drain(settings)
+    assert smtp.received == []
+
+
+async def _seen(rule: Rule) -> bool:
+    return rule.seen > 0

@@ -362,30 +362,33 @@ async def _record_failure(
 ) -> str:
     """Record a failed attempt: a dead letter, or a retry (in a job of its own if ``own_job``).
 
-    Returns ``dead`` or ``retrying``. Raises psycopg.Error if it cannot be recorded.
+    Returns ``dead``, ``retrying``, or ``cancelled`` (its batch was cancelled while the send
+    was in flight). Raises psycopg.Error if it cannot be recorded.
     """
     failure.attempt = recipient.attempts
     final = deps.retry.gives_up(failure)
     EMAIL_FAILURES.labels(kind="permanent" if failure.permanent else "transient").inc()
-    (DEAD_LETTERS if final else JOB_RETRIES).inc()
     outcome = "dead" if final else "retrying"
+    retry_at = None
+    if own_job and not final:
+        delay = deps.retry.delay_s(recipient.attempts, failure.retry_after_s)
+        retry_at = datetime.now(UTC) + timedelta(seconds=delay)
+    recorded = await deps.db.mark_failed(
+        recipient.id,
+        status=outcome,
+        error=failure.message,
+        suppress=failure.mailbox_unknown,
+        retry_at=retry_at,
+    )
+    outcome = recorded or outcome
+    if outcome != "cancelled":
+        (DEAD_LETTERS if final else JOB_RETRIES).inc()
     log.info(
         "email_attempt_failed",
         attempt=recipient.attempts,
         error=failure.message,
         smtp_code=failure.smtp_code,
         outcome=outcome,
-    )
-    retry_at = None
-    if own_job and not final:
-        delay = deps.retry.delay_s(recipient.attempts, failure.retry_after_s)
-        retry_at = datetime.now(UTC) + timedelta(seconds=delay)
-    await deps.db.mark_failed(
-        recipient.id,
-        status=outcome,
-        error=failure.message,
-        suppress=failure.mailbox_unknown,
-        retry_at=retry_at,
     )
     return outcome
 
