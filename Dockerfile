@@ -15,6 +15,7 @@ WORKDIR /src
 # Dependencies first, so code changes do not reinstall them.
 COPY pyproject.toml README.md ./
 RUN uv sync --no-dev --no-install-project
+COPY mailroom ./mailroom
 COPY shared ./shared
 COPY web ./web
 COPY worker ./worker

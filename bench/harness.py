@@ -23,7 +23,7 @@ from multiprocessing.sharedctypes import Synchronized
 from pathlib import Path
 from typing import Any
 
-from shared.embedded import EmbeddedPostgres, ensure_database
+from mailroom.embedded import EmbeddedPostgres, ensure_database
 from shared.schema import migrate
 from shared.settings import Settings
 from tests.processes import environment, free_port
@@ -100,7 +100,7 @@ async def start_mailroom(
     return await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "shared.cli",
+        "mailroom",
         *args,
         env=environment(settings, **extra_env),
         cwd=ROOT,

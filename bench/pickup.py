@@ -30,8 +30,8 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from procrastinate.worker import Worker
 
 from bench import harness
+from mailroom.embedded import EmbeddedPostgres, ensure_database
 from shared.db import Database, NewBatch, NewRecipient, make_pool
-from shared.embedded import EmbeddedPostgres, ensure_database
 from shared.schema import migrate
 from shared.settings import Settings
 from worker.main import worker_options, worker_runtime

@@ -20,8 +20,8 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from psycopg import sql
 
+from mailroom.embedded import EmbeddedPostgres, database_uri
 from shared.db import Database, make_pool
-from shared.embedded import EmbeddedPostgres, database_uri
 from shared.logging import configure_logging
 from shared.schema import migrate
 from shared.settings import LogFormat, Settings

@@ -63,7 +63,7 @@ async def start(
         return await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "shared.cli",
+            "mailroom",
             *args,
             env=environment(settings),
             cwd=ROOT,

@@ -137,7 +137,7 @@ def _mailroom(*args: str, database_url: str) -> subprocess.CompletedProcess[str]
     env = {k: v for k, v in os.environ.items() if not k.startswith("MAILROOM_")}
     env["MAILROOM_DATABASE_URL"] = database_url
     return subprocess.run(
-        [sys.executable, "-m", "shared.cli", *args],
+        [sys.executable, "-m", "mailroom", *args],
         env=env,
         capture_output=True,
         text=True,

@@ -16,7 +16,7 @@ def mailroom(
 ) -> subprocess.CompletedProcess[str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("MAILROOM_")}
     return subprocess.run(
-        [sys.executable, "-m", "shared.cli", *args],
+        [sys.executable, "-m", "mailroom", *args],
         env={**clean, **(env or {})},
         capture_output=True,
         text=True,

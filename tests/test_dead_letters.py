@@ -226,7 +226,7 @@ def _cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MAILROOM_")}
     env["MAILROOM_DATABASE_URL"] = settings.database_url or ""
     return subprocess.run(
-        [sys.executable, "-m", "shared.cli", "dead-letters", *args],
+        [sys.executable, "-m", "mailroom", "dead-letters", *args],
         env=env,
         capture_output=True,
         text=True,

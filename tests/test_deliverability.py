@@ -546,7 +546,7 @@ def test_mailroom_check_verifies_the_key_offline_and_prints_the_record(dkim_key:
         "MAILROOM_DKIM_SELECTOR": "mr",
     }
     result = subprocess.run(
-        [sys.executable, "-m", "shared.cli", "check", "--offline"],
+        [sys.executable, "-m", "mailroom", "check", "--offline"],
         env=env,
         capture_output=True,
         text=True,
@@ -557,7 +557,7 @@ def test_mailroom_check_verifies_the_key_offline_and_prints_the_record(dkim_key:
     assert 'mr._domainkey.example.org TXT "v=DKIM1; k=rsa; p=MIIB' in result.stdout
     broken = {**env, "MAILROOM_DKIM_PRIVATE_KEY_PATH": str(dkim_key.parent / "missing.pem")}
     result = subprocess.run(
-        [sys.executable, "-m", "shared.cli", "check", "--offline"],
+        [sys.executable, "-m", "mailroom", "check", "--offline"],
         env=broken,
         capture_output=True,
         text=True,

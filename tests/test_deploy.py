@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -234,6 +235,15 @@ def test_the_image_is_multi_stage_non_root_and_healthchecked() -> None:
     assert "--no-dev" in text  # no test dependencies in the image
 
 
+def test_the_image_copies_every_package_the_project_ships() -> None:
+    text = (ROOT / "Dockerfile").read_text()
+    shipped = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["hatch"]["build"][
+        "targets"
+    ]["wheel"]["packages"]
+    copied = set(re.findall(r"^COPY (\w+) \./\1$", text, flags=re.MULTILINE))
+    assert copied == set(shipped)
+
+
 # -- the processes the units start ---------------------------------------------------------------
 
 
@@ -241,14 +251,14 @@ def exec_start(name: str, instance: str = "") -> list[str]:
     line = unit(name)["ExecStart"][0].replace("%i", instance)
     argv = shlex.split(line)
     assert argv[0] == UNIT_BINARY
-    return [sys.executable, "-m", "shared.cli", *argv[1:]]
+    return [sys.executable, "-m", "mailroom", *argv[1:]]
 
 
 @pytest.mark.slow
 async def test_migrate_web_and_three_workers_as_the_units_start_them_deliver_a_batch_once(
     pg_admin_uri: str, smtp: RecordingSMTPServer, tmp_path: Path
 ) -> None:
-    from shared.embedded import ensure_database
+    from mailroom.embedded import ensure_database
     from tests.conftest import _drop_database, make_settings
 
     database = f"deploy_{os.getpid()}_{int(time.time())}"

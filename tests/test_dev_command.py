@@ -39,7 +39,7 @@ async def running_dev(data_dir: Path) -> AsyncIterator[tuple[asyncio.subprocess.
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "shared.cli",
+        "mailroom",
         "dev",
         "--port",
         str(port),

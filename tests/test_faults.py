@@ -298,8 +298,8 @@ async def test_a_postgresql_restart_mid_run_loses_nothing(
     smtp: RecordingSMTPServer, tmp_path: Path
 ) -> None:
     # A server of the test's own, so it can be taken down without disturbing other tests.
+    from mailroom.embedded import EmbeddedPostgres, ensure_database
     from shared.db import make_pool
-    from shared.embedded import EmbeddedPostgres, ensure_database
     from shared.schema import migrate
     from tests.conftest import make_settings
 

@@ -19,12 +19,12 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from pydantic import SecretStr
 
-from shared.capture import MailCapture
 from shared.db import Database
 from shared.settings import Settings
 from tests import raw_http
 from tests.conftest import API_TOKEN, AUTH, query
 from web.app import create_app
+from web.captured_mail import CapturedMail
 
 BEARER = b"Bearer " + API_TOKEN.encode()
 
@@ -358,7 +358,7 @@ HOSTILE_MAIL = [
 async def hostile_dev_client(
     settings: Settings, db: Database, tmp_path: Path
 ) -> AsyncIterator[TestClient]:
-    capture = MailCapture(tmp_path / "mail")
+    captured_mail = CapturedMail(tmp_path / "mail")
     new = tmp_path / "mail" / "new"
     for number, content in enumerate(HOSTILE_MAIL):
         (new / f"1700000000.M{number}P1Q1.host").write_bytes(content)
@@ -366,7 +366,7 @@ async def hostile_dev_client(
     os.symlink(new / "gone", new / "dangling")
     (new / os.fsdecode(b"name-not-utf8-\xff")).write_bytes(b"Subject: odd name\r\n\r\n")
     (tmp_path / "mail" / "cur" / "1700000001.M1P1Q1.host:2,S").write_bytes(HOSTILE_MAIL[0])
-    app = create_app(settings, db=db, capture=capture)
+    app = create_app(settings, db=db, captured_mail=captured_mail)
     async with TestClient(TestServer(app)) as c:
         await c.post("/login", data={"token": API_TOKEN})
         yield c

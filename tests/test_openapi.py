@@ -51,7 +51,7 @@ CHECKS = [
 def web_base_url(pg_admin_uri: str, template_db: str) -> Iterator[str]:
     from psycopg import connect, sql
 
-    from shared.embedded import database_uri
+    from mailroom.embedded import database_uri
 
     name = f"mailroom_openapi_{os.getpid()}"
     with connect(pg_admin_uri, autocommit=True) as conn:
@@ -65,7 +65,7 @@ def web_base_url(pg_admin_uri: str, template_db: str) -> Iterator[str]:
         port = sock.getsockname()[1]
     env = environment(make_settings(database_uri(pg_admin_uri, name), 25, web_port=port))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "shared.cli", "web"],
+        [sys.executable, "-m", "mailroom", "web"],
         env={
             **env,
             "MAILROOM_LOG_LEVEL": "WARNING",

@@ -9,11 +9,12 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from shared.capture import MailCapture
+from mailroom.capture import MailCapture
 from shared.db import Database
 from shared.settings import Settings
 from tests.conftest import API_TOKEN, AUTH, drain, query
 from web.app import create_app
+from web.captured_mail import CapturedMail
 
 
 async def login(client: TestClient) -> str:
@@ -154,7 +155,7 @@ async def dev_client(settings: Settings, db: Database, tmp_path) -> AsyncIterato
     capture = MailCapture(tmp_path / "mail")
     port = await capture.start("127.0.0.1", 0)
     dev_settings = settings.model_copy(update={"smtp_port": port})
-    app = create_app(dev_settings, db=db, capture=capture)
+    app = create_app(dev_settings, db=db, captured_mail=CapturedMail(capture.directory))
     async with TestClient(TestServer(app)) as test_client:
         test_client.app_settings = dev_settings  # type: ignore[attr-defined]
         yield test_client

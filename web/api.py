@@ -17,7 +17,7 @@ from shared.headers import lone_surrogate_message, unsafe_message
 from shared.metrics import BATCHES_CREATED, RECIPIENTS_ENQUEUED
 from shared.templating import in_render_thread
 from web.json_body import read_json
-from web.keys import AUTH_KIND, CAPTURE, DB, REQUEST_ID, SETTINGS
+from web.keys import AUTH_KIND, CAPTURED_MAIL, DB, REQUEST_ID, SETTINGS
 from web.middlewares import api_error
 from web.validation import InvalidSubmission, Limits, Submission, from_json
 
@@ -214,7 +214,7 @@ async def get_recipients(request: web.Request) -> web.Response:
 
 @routes.get("/api/dev/messages")
 async def get_dev_messages(request: web.Request) -> web.Response:
-    capture = request.app.get(CAPTURE)
+    capture = request.app.get(CAPTURED_MAIL)
     if capture is None:
         return api_error(404, "not_found", "the mail capture exists only in `mailroom dev`")
     messages = await asyncio.to_thread(capture.messages)

@@ -13,14 +13,14 @@ import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 
-from shared.capture import MailCapture
 from shared.db import Database, make_pool
 from shared.metrics import QueueCollector, render
 from shared.schema import pending_migrations
 from shared.settings import Settings
 from web import api, dead_letters, openapi, pages, suppressions
 from web.auth import Authenticator, LoginLimiter, secret_equal
-from web.keys import AUTH, CAPTURE, DB, LOGIN_LIMITER, METRICS_REGISTRY, SETTINGS
+from web.captured_mail import CapturedMail
+from web.keys import AUTH, CAPTURED_MAIL, DB, LOGIN_LIMITER, METRICS_REGISTRY, SETTINGS
 from web.middlewares import (
     api_error,
     auth_middleware,
@@ -78,7 +78,7 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 def create_app(
-    settings: Settings, *, db: Database | None = None, capture: MailCapture | None = None
+    settings: Settings, *, db: Database | None = None, captured_mail: CapturedMail | None = None
 ) -> web.Application:
     """Build the web application; without ``db`` it opens its own pool from the settings."""
     settings.require("api_token", "secret_key")
@@ -100,8 +100,8 @@ def create_app(
     app[LOGIN_LIMITER] = LoginLimiter(
         settings.login_attempts_per_minute, trust_proxy=settings.trust_proxy
     )
-    if capture is not None:
-        app[CAPTURE] = capture
+    if captured_mail is not None:
+        app[CAPTURED_MAIL] = captured_mail
     registry = CollectorRegistry(auto_describe=True)
     if settings.database_url:
         collector = QueueCollector(

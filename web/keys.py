@@ -5,16 +5,16 @@ from __future__ import annotations
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from shared.capture import MailCapture
 from shared.db import Database
 from shared.settings import Settings
 from web.auth import Authenticator, LoginLimiter, Session
+from web.captured_mail import CapturedMail
 
 SETTINGS = web.AppKey("settings", Settings)
 DB = web.AppKey("db", Database)
 AUTH = web.AppKey("auth", Authenticator)
 LOGIN_LIMITER = web.AppKey("login_limiter", LoginLimiter)
-CAPTURE = web.AppKey("capture", MailCapture)
+CAPTURED_MAIL = web.AppKey("captured_mail", CapturedMail)
 METRICS_REGISTRY = web.AppKey("metrics_registry", CollectorRegistry)
 
 # Per request, set by the middlewares.

@@ -20,7 +20,7 @@ from shared.ratelimits import sender_limits
 from shared.templating import in_render_thread
 from web.api import batch_id_of, batch_json, checked_edit, create_batch, limits
 from web.auth import SESSION_COOKIE, SESSION_TTL_S
-from web.keys import AUTH, CAPTURE, DB, LOGIN_LIMITER, SESSION, SETTINGS
+from web.keys import AUTH, CAPTURED_MAIL, DB, LOGIN_LIMITER, SESSION, SETTINGS
 from web.validation import InvalidSubmission, addresses_from_form, from_form
 
 routes = web.RouteTableDef()
@@ -33,7 +33,7 @@ def render(
     session = request.get(SESSION)
     context = {
         "csrf_token": session.csrf_token if session else "",
-        "dev_mode": CAPTURE in request.app,
+        "dev_mode": CAPTURED_MAIL in request.app,
         **values,
     }
     response = aiohttp_jinja2.render_template(template, request, context)
@@ -318,7 +318,7 @@ async def suppressions_action(request: web.Request) -> web.StreamResponse:
 
 @routes.get("/dev/mail")
 async def captured_mail(request: web.Request) -> web.Response:
-    capture = request.app.get(CAPTURE)
+    capture = request.app.get(CAPTURED_MAIL)
     if capture is None:
         raise web.HTTPNotFound(text="the mail capture exists only in `mailroom dev`")
     messages = await asyncio.to_thread(capture.messages)
@@ -327,7 +327,7 @@ async def captured_mail(request: web.Request) -> web.Response:
 
 @routes.get("/dev/mail/{key}")
 async def captured_message(request: web.Request) -> web.Response:
-    capture = request.app.get(CAPTURE)
+    capture = request.app.get(CAPTURED_MAIL)
     raw = await asyncio.to_thread(capture.raw, request.match_info["key"]) if capture else None
     if raw is None:
         raise web.HTTPNotFound(text="no such message")

@@ -1,12 +1,12 @@
-"""The development SMTP capture: an aiosmtpd server that keeps every message in a Maildir.
+"""Reading a Maildir of captured mail: what the dev mail pages and ``/api/dev/messages`` show.
 
-``mailroom dev`` points the worker at it, so nothing leaves the machine; the web tier lists
-what arrived (``GET /api/dev/messages``) and any mail client can open the Maildir too.
+The web tier only reads; whatever fills the Maildir (``mailroom dev``'s SMTP capture, or any
+other delivery agent) is not its concern. Everything here treats a message as a sender's text:
+nothing in it may raise, and nothing shown from it is trusted.
 """
 
 from __future__ import annotations
 
-import asyncio
 import email.policy
 import mailbox
 import re
@@ -17,10 +17,6 @@ from email.parser import BytesHeaderParser
 from email.utils import getaddresses
 from pathlib import Path
 from typing import Any
-
-from aiosmtpd.smtp import SMTP, Envelope, Session
-
-MAX_MESSAGE_BYTES = 10 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -40,34 +36,12 @@ class CapturedMessage:
         }
 
 
-class MailCapture:
-    """Accepts every message on a loopback port and files it in ``directory`` (a Maildir)."""
+class CapturedMail:
+    """The messages in the Maildir at ``directory``, newest first."""
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         self._maildir = mailbox.Maildir(directory, create=True)
-        self._server: asyncio.AbstractServer | None = None
-
-    async def start(self, host: str, port: int) -> int:
-        """Listen on ``host:port`` (port 0 picks one); return the port."""
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            lambda: SMTP(self, hostname="mailroom-capture", data_size_limit=MAX_MESSAGE_BYTES),
-            host=host,
-            port=port,
-        )
-        return int(self._server.sockets[0].getsockname()[1])
-
-    async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-            self._server = None
-
-    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
-        content = envelope.original_content or b""
-        await asyncio.to_thread(self._maildir.add, content)
-        return "250 Message accepted for delivery"
 
     def messages(self, limit: int = 500) -> list[CapturedMessage]:
         """The newest ``limit`` messages, newest first (headers only).

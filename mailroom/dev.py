@@ -24,13 +24,14 @@ import structlog
 from aiohttp import web
 from pydantic import SecretStr
 
-from shared.capture import MailCapture
+from mailroom.capture import MailCapture
+from mailroom.embedded import EmbeddedPostgres, ensure_database
 from shared.db import Database, make_pool
-from shared.embedded import EmbeddedPostgres, ensure_database
 from shared.schema import migrate
 from shared.settings import Settings, SmtpSecurity
 from shared.stopping import StopRequests
 from web.app import create_app
+from web.captured_mail import CapturedMail
 from worker.main import worker_options, worker_runtime
 
 log = structlog.get_logger(__name__)
@@ -127,7 +128,9 @@ async def _serve(
     )
     await pool.open(wait=True, timeout=30)
     db = Database(pool, chunk_size=settings.chunk_size)
-    runner = web.AppRunner(create_app(settings, db=db, capture=capture), access_log=None)
+    runner = web.AppRunner(
+        create_app(settings, db=db, captured_mail=CapturedMail(capture.directory)), access_log=None
+    )
     await runner.setup()
     try:
         site = web.TCPSite(runner, options.host, options.port)

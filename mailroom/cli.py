@@ -201,7 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _dev(settings: Settings, args: argparse.Namespace) -> int:
-    from shared.dev import DevOptions, run_dev
+    from mailroom.dev import DevOptions, run_dev
 
     options = DevOptions(
         host=args.host, port=args.port, smtp_port=args.smtp_port, data_dir=args.data_dir
