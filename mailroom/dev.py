@@ -80,7 +80,7 @@ async def run_dev(base: Settings, options: DevOptions) -> int:
         admin_uri = await asyncio.to_thread(postgres.start)
         database_url = await asyncio.to_thread(ensure_database, admin_uri, "mailroom")
         await migrate(database_url)
-        capture = MailCapture(data_dir / "mail")
+        capture = MailCapture(data_dir / "mail", slow_reply_seconds=base.smtp_timeout_seconds + 5)
         try:
             smtp_port = await capture.start("127.0.0.1", options.smtp_port)
         except OSError as exc:
