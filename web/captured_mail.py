@@ -10,13 +10,19 @@ from __future__ import annotations
 import email.policy
 import mailbox
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.header import decode_header, make_header
-from email.parser import BytesHeaderParser
+from email.message import EmailMessage, Message
+from email.parser import BytesHeaderParser, BytesParser
 from email.utils import getaddresses
+from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
+
+# Searching reads the headers of every message it looks at: it looks at the newest ones only.
+MAX_SEARCHED = 20_000
+MAX_LINKS = 200
 
 
 @dataclass(frozen=True)
@@ -36,6 +42,28 @@ class CapturedMessage:
         }
 
 
+@dataclass(frozen=True)
+class MailPage:
+    """One page of the messages that match a search, newest first."""
+
+    messages: list[CapturedMessage]
+    total: int  # messages that match (among the newest MAX_SEARCHED when searching)
+    offset: int
+    limit: int
+
+
+@dataclass(frozen=True)
+class MessageView:
+    """A captured message taken apart for reading: decoded, never trusted."""
+
+    summary: CapturedMessage
+    headers: list[tuple[str, str]]
+    text: str | None
+    html: str | None
+    links: list[str] = field(default_factory=list)
+    attachments: list[str] = field(default_factory=list)
+
+
 class CapturedMail:
     """The messages in the Maildir at ``directory``, newest first."""
 
@@ -44,11 +72,65 @@ class CapturedMail:
         self._maildir = mailbox.Maildir(directory, create=True)
 
     def messages(self, limit: int = 500) -> list[CapturedMessage]:
-        """The newest ``limit`` messages, newest first (headers only).
+        """The newest ``limit`` messages, newest first (headers only)."""
+        return self.page(limit=limit).messages
+
+    def page(self, query: str = "", *, offset: int = 0, limit: int = 50) -> MailPage:
+        """The messages whose recipients or subject contain ``query`` (any case), paged.
 
         Any file in the Maildir is listed, whatever it holds: a capture keeps what a sender
         wrote, and one malformed message must not hide the others.
         """
+        offset, limit = max(0, offset), max(1, limit)
+        files = self._files()
+        needle = query.strip().casefold()
+        if not needle:
+            chosen = files[offset : offset + limit]
+            found = [self._summary(key, path, mtime) for mtime, key, path in chosen]
+            return MailPage([m for m in found if m is not None], len(files), offset, limit)
+        matches = []
+        for mtime, key, path in files[:MAX_SEARCHED]:
+            summary = self._summary(key, path, mtime)
+            if summary is not None and _matches(summary, needle):
+                matches.append(summary)
+        return MailPage(matches[offset : offset + limit], len(matches), offset, limit)
+
+    def view(self, key: str) -> MessageView | None:
+        """The message under ``key`` decoded for reading, or ``None`` if there is none."""
+        if not _LINKABLE_KEY.match(key):
+            return None
+        raw = self.raw(key)
+        summary = self._summary_of(key)
+        if raw is None or summary is None:
+            return None
+        try:
+            message = BytesParser(policy=email.policy.default).parsebytes(raw)
+        except Exception:  # the parser is lenient; this is a sender's text all the same
+            return MessageView(summary, [], _decoded(raw), None)
+        headers = [
+            (display_text(name), display_text(str(value))) for name, value in _raw_items(message)
+        ]
+        text = _part_text(message, "plain")
+        html = _part_text(message, "html")
+        attachments = [
+            display_text(part.get_filename() or "(unnamed)")
+            for part in message.walk()
+            if part.get_content_disposition() == "attachment"
+        ]
+        return MessageView(summary, headers, text, html, _links(text, html), attachments)
+
+    def delete_all(self) -> int:
+        """Remove every captured message; return how many there were."""
+        removed = 0
+        for _, _, path in self._files():
+            try:
+                path.unlink()
+                removed += 1
+            except OSError:  # removed meanwhile
+                continue
+        return removed
+
+    def _files(self) -> list[tuple[float, str, Path]]:
         found = []
         for folder in ("new", "cur"):
             try:
@@ -67,8 +149,7 @@ class CapturedMail:
                 # A Maildir key is the file name up to its ":2,FLAGS" info part.
                 found.append((mtime, path.name.split(":", 1)[0], path))
         found.sort(reverse=True)
-        summaries = (self._summary(key, path, mtime) for mtime, key, path in found[:limit])
-        return [summary for summary in summaries if summary is not None]
+        return found
 
     def raw(self, key: str) -> bytes | None:
         """The whole message as received, or ``None`` if there is no such (readable) key."""
@@ -76,6 +157,22 @@ class CapturedMail:
             return self._maildir.get_bytes(key)
         except (KeyError, OSError):
             return None
+
+    def _summary_of(self, key: str) -> CapturedMessage | None:
+        new = self.directory / "new" / key
+        candidates = [new] if new.is_file() else []
+        try:
+            candidates += [
+                p for p in (self.directory / "cur").iterdir() if p.name.split(":", 1)[0] == key
+            ]
+        except OSError:
+            pass
+        for path in candidates:
+            try:
+                return self._summary(key, path, path.stat().st_mtime)
+            except OSError:
+                continue
+        return None
 
     @staticmethod
     def _summary(key: str, path: Path, mtime: float) -> CapturedMessage | None:
@@ -134,3 +231,69 @@ def _addresses(values: list[str]) -> list[str]:
     except Exception:  # the address parser is lenient, but this is a sender's text
         found = []
     return found or [v for v in values if v]
+
+
+def _matches(summary: CapturedMessage, needle: str) -> bool:
+    return needle in summary.subject.casefold() or any(
+        needle in address.casefold() for address in summary.to
+    )
+
+
+def _raw_items(message: Message) -> list[tuple[str, str]]:
+    # The header's text as written: the default policy's parsed values can raise on access.
+    try:
+        return [(name, str(value)) for name, value in message.raw_items()]  # type: ignore[attr-defined]
+    except Exception:
+        return []
+
+
+def _part_text(message: EmailMessage, subtype: str) -> str | None:
+    """The decoded text of the message's ``text/<subtype>`` body part, if it has one."""
+    try:
+        part = message.get_body(preferencelist=(subtype,))
+    except Exception:
+        return None
+    if part is None or part.get_content_subtype() != subtype:
+        return None
+    try:
+        content = part.get_content()
+    except Exception:  # an unknown charset or a broken transfer encoding: show what decodes
+        payload = part.get_payload(decode=True)
+        return _decoded(payload) if isinstance(payload, bytes) else None
+    return _SURROGATES.sub("\ufffd", content) if isinstance(content, str) else None
+
+
+def _decoded(payload: bytes) -> str:
+    return payload.decode("utf-8", "replace")
+
+
+_URL = re.compile(r"https?://[^\s<>\"'()]+", re.IGNORECASE)
+
+
+class _Hrefs(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.found: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == "a":
+            self.found.extend(value for name, value in attrs if name == "href" and value)
+
+
+def _links(text: str | None, html: str | None) -> list[str]:
+    """The http(s) links in the text and HTML parts, each once, in order, made safe to show.
+
+    Only http and https links are kept: a ``javascript:`` or ``data:`` href is never shown as
+    a link, whatever the message says.
+    """
+    found = _URL.findall(text or "")
+    if html:
+        hrefs = _Hrefs()
+        try:
+            hrefs.feed(html)
+            hrefs.close()
+        except Exception:
+            pass
+        found += [h.strip() for h in hrefs.found if _URL.fullmatch(h.strip())]
+    unique = list(dict.fromkeys(link.rstrip(".,;:!?") for link in found))
+    return [display_text(link) for link in unique[:MAX_LINKS]]
