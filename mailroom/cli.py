@@ -24,6 +24,9 @@ if TYPE_CHECKING:
     from worker.bounces import Finding
 
 EXIT_CONFIG = 2
+# Commands an operator runs by hand: with no MAILROOM_DATABASE_URL they use a running
+# `mailroom dev` in this directory. The long-running roles never guess their database.
+OPERATOR_COMMANDS = frozenset({"dead-letters", "bounces", "check"})
 
 DESCRIPTION = """\
 Mailroom sends a batch of emails from a web form through your own SMTP server, durably:
@@ -192,12 +195,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = load_settings()
         configure_logging(settings.log_level, settings.log_format)
+        if args.command in OPERATOR_COMMANDS:
+            settings = _with_running_dev(settings)
         return handlers[args.command](settings, args)
     except ConfigError as exc:
         print(f"mailroom: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     except KeyboardInterrupt:
         return 130
+
+
+def _with_running_dev(settings: Settings) -> Settings:
+    from mailroom.instance import DEFAULT_DATA_DIR, find_running
+
+    if settings.database_url is not None:
+        return settings
+    instance = find_running(DEFAULT_DATA_DIR)
+    if instance is None:
+        return settings
+    print(
+        f"mailroom: using the database of `mailroom dev` (pid {instance.pid}) in"
+        f" {DEFAULT_DATA_DIR.resolve()}",
+        file=sys.stderr,
+    )
+    # Built again, not copied: the file's values are checked like any other setting.
+    return load_settings(
+        database_url=instance.database_url,
+        from_address=settings.from_address or instance.from_address,
+    )
 
 
 def _dev(settings: Settings, args: argparse.Namespace) -> int:

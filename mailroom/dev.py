@@ -26,6 +26,7 @@ from pydantic import SecretStr
 
 from mailroom.capture import MailCapture
 from mailroom.embedded import EmbeddedPostgres, ensure_database
+from mailroom.instance import DevInstance, remove_instance, write_instance
 from shared.db import Database, make_pool
 from shared.schema import migrate
 from shared.settings import Settings, SmtpSecurity
@@ -151,7 +152,19 @@ async def _serve(
                 name="worker",
             )
             _banner(settings, options, capture)
-            await _wait_for(stop, worker)
+            write_instance(
+                options.data_dir.resolve(),
+                DevInstance(
+                    pid=os.getpid(),
+                    database_url=settings.database_url,
+                    from_address=settings.from_address or DEV_FROM_ADDRESS,
+                    web_url=f"http://{options.host}:{options.port}/",
+                ),
+            )
+            try:
+                await _wait_for(stop, worker)
+            finally:
+                remove_instance(options.data_dir.resolve())
             deps.stopping.set()  # chunks start no new send
             worker.cancel()
             done, _ = await asyncio.wait(
@@ -183,6 +196,9 @@ def _banner(settings: Settings, options: DevOptions, capture: MailCapture) -> No
         f"  Mail is captured by      SMTP on 127.0.0.1:{settings.smtp_port}; see {url}dev/mail\n"
         f"                           (Maildir: {capture.directory})\n"
         f"  Data lives in            {options.data_dir.resolve()}\n"
+        f"  Database                 {settings.database_url}\n"
+        "                           (mailroom dead-letters, bounces and check run in this\n"
+        "                           directory use it while dev runs)\n"
         "  Press Ctrl-C to stop.\n",
         flush=True,
     )

@@ -32,7 +32,9 @@ def postgres_processes(data_dir: Path) -> list[psutil.Process]:
 
 
 @asynccontextmanager
-async def running_dev(data_dir: Path) -> AsyncIterator[tuple[asyncio.subprocess.Process, str, str]]:
+async def running_dev(
+    data_dir: Path, cwd: Path = ROOT
+) -> AsyncIterator[tuple[asyncio.subprocess.Process, str, str]]:
     """Start ``mailroom dev``; yield (process, base URL, token) once it says it is running."""
     port, smtp_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MAILROOM_")}
@@ -49,7 +51,7 @@ async def running_dev(data_dir: Path) -> AsyncIterator[tuple[asyncio.subprocess.
         str(data_dir),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
-        cwd=ROOT,
+        cwd=cwd,
         env=env,
     )
     assert proc.stdout is not None
@@ -114,3 +116,56 @@ async def test_dev_delivers_a_batch_to_its_capture_and_stops_cleanly_on_sigterm(
         async with asyncio.timeout(30):
             assert await proc.wait() == 0
     assert postgres_processes(data_dir) == []
+
+
+async def _operator(cwd: Path, *args: str) -> tuple[int, str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MAILROOM_")}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "mailroom",
+        *args,
+        cwd=cwd,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_operator_commands_find_a_running_dev_in_their_directory(tmp_path: Path) -> None:
+    data_dir = tmp_path / ".mailroom"
+    async with running_dev(data_dir, cwd=tmp_path) as (proc, base, token):
+        async with aiohttp.ClientSession(base) as http:
+            created = await http.post(
+                "/api/batches",
+                json={
+                    "recipients": ["ok@example.org", "gone+bounce@example.org"],
+                    "subject": "S",
+                    "body": "B",
+                },
+                headers={"Authorization": f"Bearer {token}"},
+            )
+            assert created.status == 201
+        async with asyncio.timeout(30):
+            while True:
+                status, out, err = await _operator(tmp_path, "dead-letters", "list")
+                if "gone+bounce@example.org" in out:
+                    break
+                assert status == 0, err
+                await asyncio.sleep(0.3)
+        assert "using the database of `mailroom dev`" in err
+        status, out, err = await _operator(tmp_path, "check", "--offline")
+        assert status == 0, out + err  # the dev sender stands in for MAILROOM_FROM_ADDRESS
+        proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(30):
+            assert await proc.wait() == 0
+
+    # Stopped, it is not found: the command asks for a database again.
+    assert not (data_dir / "instance.json").exists()
+    status, _, err = await _operator(tmp_path, "dead-letters", "list")
+    assert status == 2 and "MAILROOM_DATABASE_URL" in err
+    status, _, err = await _operator(tmp_path, "check", "--offline")
+    assert status == 2 and "MAILROOM_FROM_ADDRESS" in err
