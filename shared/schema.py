@@ -19,7 +19,9 @@ for a rolling upgrade; a plain :func:`migrate` applies them all.
 
 from __future__ import annotations
 
+import functools
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import metadata, resources
 from pathlib import Path
@@ -95,17 +97,19 @@ def parse_procrastinate_migration(name: str, sql: str) -> ProcrastinateMigration
     )
 
 
-def procrastinate_migrations() -> list[ProcrastinateMigration]:
-    """The migration files the installed procrastinate ships, in the order they apply.
+@functools.cache
+def procrastinate_migrations() -> tuple[ProcrastinateMigration, ...]:
+    """The migration files the installed procrastinate ships, in the order they apply (read
+    once per process: ``/readyz`` asks on every probe).
 
     Their names sort in that order: zero-padded version, then serial (pre files are numbered
     from 01, post files from 50).
     """
     folder = Path(SchemaManager.get_migrations_path())
-    return [
+    return tuple(
         parse_procrastinate_migration(path.stem, path.read_text("utf-8"))
         for path in sorted(folder.glob("*.sql"), key=lambda p: p.name)
-    ]
+    )
 
 
 def mailroom_migrations() -> list[Migration]:
@@ -188,7 +192,7 @@ async def pending_migrations(
 
 
 async def _apply_baseline(
-    conn: psycopg.AsyncConnection, shipped: list[ProcrastinateMigration]
+    conn: psycopg.AsyncConnection, shipped: Sequence[ProcrastinateMigration]
 ) -> None:
     # schema.sql is what every migration file shipped with it adds up to: record them all.
     async with conn.transaction():
@@ -200,7 +204,7 @@ async def _apply_baseline(
 
 
 async def _record_legacy_baseline(
-    conn: psycopg.AsyncConnection, shipped: list[ProcrastinateMigration]
+    conn: psycopg.AsyncConnection, shipped: Sequence[ProcrastinateMigration]
 ) -> None:
     covered = [m.step for m in shipped if m.version <= LEGACY_BASELINE_VERSION]
     async with conn.transaction():
@@ -212,12 +216,12 @@ async def _record_legacy_baseline(
     )
 
 
-def _refuse_unknown(done: set[str], shipped: list[ProcrastinateMigration]) -> None:
+def _refuse_unknown(done: set[str], shipped: Sequence[ProcrastinateMigration]) -> None:
     unknown = sorted(_recorded_procrastinate(done) - {m.step for m in shipped})
     if unknown:
         newest = unknown[-1].removeprefix(PROCRASTINATE_PREFIX)
         raise SchemaNewerThanCode(
-            f"the database has procrastinate migration {newest} (and {len(unknown)} in all)"
+            f"the database has {len(unknown)} procrastinate migration(s), up to {newest},"
             f" that procrastinate {procrastinate_version()} does not ship: it was migrated by a"
             " newer Mailroom. Run that version (or newer), not this one."
         )
