@@ -132,11 +132,18 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument(
         "--offline", action="store_true", help="skip the DNS lookups (no network here)"
     )
-    commands.add_parser(
+    migrate = commands.add_parser(
         "migrate",
         help="create or update the database schema (safe to run repeatedly)",
-        description="Apply procrastinate's schema and Mailroom's migrations to "
+        description="Apply procrastinate's schema, the procrastinate migrations its installed "
+        "version ships that the database has not had, and Mailroom's migrations to "
         "MAILROOM_DATABASE_URL. Running it again is a no-op.",
+    )
+    migrate.add_argument(
+        "--pre",
+        action="store_true",
+        help="stop before procrastinate's first post-migration: for a rolling upgrade, run "
+        "this before the new version starts and a plain migrate once the old one is gone",
     )
     return parser
 
@@ -354,21 +361,36 @@ async def _run_dead_letters(settings: Settings, args: argparse.Namespace) -> int
 
 
 def _migrate(settings: Settings, args: argparse.Namespace) -> int:
-    from shared.schema import migrate
+    from shared.schema import SchemaNewerThanCode, migrate
 
     settings.require("database_url")
     assert settings.database_url is not None
     try:
-        applied = asyncio.run(migrate(settings.database_url))
+        applied = asyncio.run(migrate(settings.database_url, pre_only=args.pre))
+        left = asyncio.run(_pending_post(settings.database_url)) if args.pre else []
     except psycopg.OperationalError as exc:
         print(f"mailroom migrate: cannot reach the database: {exc}", file=sys.stderr)
+        return 1
+    except SchemaNewerThanCode as exc:
+        print(f"mailroom migrate: {exc}", file=sys.stderr)
         return 1
     print(
         f"applied {len(applied)} migration(s): {', '.join(applied)}"
         if applied
         else "schema is up to date"
     )
+    if left:
+        print(
+            f"left for a plain 'mailroom migrate' once the old version is gone: {', '.join(left)}"
+        )
     return 0
+
+
+async def _pending_post(conninfo: str) -> list[str]:
+    from shared.schema import pending_migrations
+
+    async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as conn:
+        return await pending_migrations(conn, include_post=True)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Database access: the connection pool and every query Mailroom runs on its own tables.
 
 :class:`Database` is the only class that talks SQL (procrastinate runs its own queries through
-the same pool in the worker). Pool connections are in autocommit; code that needs a
+the same pool in the worker). What it says to procrastinate's tables and functions is in
+:mod:`shared.procrastinate_sql`. Pool connections are in autocommit; code that needs a
 transaction opens one explicitly, so no statement pays for an implicit BEGIN/COMMIT.
 """
 
@@ -23,6 +24,15 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
+from shared.procrastinate_sql import (
+    CANCEL_WAITING_JOBS,
+    DEFER_CHUNKS_OF_ROWS,
+    DEFER_OWN_JOB,
+    JOBS_PLANNED_COLUMNS,
+    JOBS_TABLE,
+    PRUNE_FINISHED_JOBS,
+    WORKER_HEARTBEAT_AGE,
+)
 from shared.queue import (
     DEFAULT_CHUNK_SIZE,
     EMAIL_QUEUE,
@@ -233,39 +243,9 @@ class DeliveryClaim:
         )
 
 
-# Defers one send_chunk job per chunk of at most %(chunk_size)s rows of the CTE named ``rows``
-# (which must expose ``id`` and ``batch_id``), a chunk never spanning two batches, in the
-# caller's statement and so in the caller's transaction. procrastinate's own SQL function does
-# the insert (checked against procrastinate 3.10); we only skip its Python-side job objects.
-# Evaluates to the number of jobs deferred (NULL for none).
-_DEFER_CHUNKS_OF_ROWS = """
-cardinality(procrastinate_defer_jobs_v1(ARRAY(
-    SELECT ROW(%(queue)s, %(chunk_task)s, 0, NULL, NULL,
-               jsonb_build_object('batch_id', batch_id, 'recipient_ids', jsonb_agg(id ORDER BY id)),
-               %(scheduled_at)s::timestamptz
-           )::procrastinate_job_to_defer_v1
-      FROM (SELECT id, batch_id,
-                   (row_number() OVER (PARTITION BY batch_id ORDER BY id) - 1) / %(chunk_size)s
-                       AS chunk
-              FROM rows) c
-     GROUP BY batch_id, chunk
-     ORDER BY min(id)
-)))
-"""
 # The recipients of ``rows`` and the chunk jobs deferred for them.
-_COUNT_AND_DEFER_CHUNKS = "SELECT (SELECT count(*) FROM rows), " + _DEFER_CHUNKS_OF_ROWS
+_COUNT_AND_DEFER_CHUNKS = "SELECT (SELECT count(*) FROM rows), " + DEFER_CHUNKS_OF_ROWS
 _DEFER_PARAMS = {"queue": EMAIL_QUEUE, "chunk_task": SEND_CHUNK_TASK, "scheduled_at": None}
-
-# A job of its own for each row of the CTE named ``failed`` (exposing ``id``) when
-# %(retry_at)s is set: the recipient tries again alone, at that time, behind fresh emails.
-_DEFER_OWN_JOB = """
-cardinality(procrastinate_defer_jobs_v1(ARRAY(
-    SELECT ROW(%(queue)s, %(email_task)s, %(priority)s, NULL, NULL,
-               jsonb_build_object('recipient_id', id), %(retry_at)s::timestamptz
-           )::procrastinate_job_to_defer_v1
-      FROM failed WHERE %(retry_at)s::timestamptz IS NOT NULL AND status <> 'cancelled'
-)))
-"""
 
 
 @dataclass(frozen=True)
@@ -311,7 +291,7 @@ ANALYZE_INTERVAL_S = 10.0
 # fraction of a whole row's statistics (recipients carry their fields and drafts): 30 instead
 # of 160 ms for 100,000 recipients. Any other table is analyzed whole.
 PLANNED_COLUMNS = {
-    "procrastinate_jobs": ("id", "status", "queue_name", "priority", "lock", "scheduled_at"),
+    JOBS_TABLE: JOBS_PLANNED_COLUMNS,
     "recipients": ("id", "batch_id", "status"),
 }
 _last_analyzed: dict[tuple[str, ...], float] = {}
@@ -462,7 +442,7 @@ class Database:
         # The jobs table grows by a chunk's worth fewer rows than recipients, but its fetch
         # plan goes wrong the same way, and analyzing a small table costs little.
         async with self.pool.connection() as conn:
-            await analyze_grown_tables(conn, {"procrastinate_jobs": queued, "recipients": queued})
+            await analyze_grown_tables(conn, {JOBS_TABLE: queued, "recipients": queued})
 
     @staticmethod
     async def _claim_key(
@@ -511,18 +491,7 @@ class Database:
                 " cancelled AS ("
                 "  UPDATE recipients r SET status = 'cancelled', updated_at = now()"
                 "   FROM targets t WHERE r.id = t.id RETURNING r.id),"
-                " jobs AS ("
-                "  UPDATE procrastinate_jobs j SET status = 'cancelled'"
-                "   WHERE j.status = 'todo' AND j.queue_name = %(queue)s AND ("
-                "     (j.args ->> 'recipient_id')::bigint IN (SELECT id FROM cancelled)"
-                "     OR (j.task_name = %(chunk_task)s"
-                "       AND j.args ->> 'batch_id' = %(batch_id)s::text"
-                "       AND NOT EXISTS (SELECT 1 FROM recipients r"
-                "         WHERE r.id IN (SELECT jsonb_array_elements_text("
-                "           j.args -> 'recipient_ids')::bigint)"
-                "         AND r.status IN ('queued', 'sending') AND NOT r.own_job"
-                "         AND r.id NOT IN (SELECT id FROM cancelled))))"
-                "  RETURNING j.id)"
+                " jobs AS (" + CANCEL_WAITING_JOBS + ")"
                 " SELECT (SELECT count(*) FROM cancelled), (SELECT count(*) FROM jobs)",
                 {"batch_id": batch_id, "queue": EMAIL_QUEUE, "chunk_task": SEND_CHUNK_TASK},
             )
@@ -670,7 +639,7 @@ class Database:
                 " last_error = coalesce(%(note)s, last_error),"
                 " own_job = own_job OR %(retry_at)s::timestamptz IS NOT NULL, updated_at = now()"
                 " WHERE id = ANY(%(ids)s::bigint[]) AND status = 'sending' RETURNING id, status)"
-                " SELECT " + _DEFER_OWN_JOB,
+                " SELECT " + DEFER_OWN_JOB,
                 {
                     "note": note,
                     "ids": ids,
@@ -835,7 +804,7 @@ class Database:
                 "  INSERT INTO suppressions (address_key, address, reason, detail)"
                 "  SELECT lower(email), email, 'hard_bounce', %(error)s FROM failed"
                 "  WHERE %(suppress)s ON CONFLICT (address_key) DO NOTHING)"
-                " SELECT (SELECT status FROM failed), " + _DEFER_OWN_JOB,
+                " SELECT (SELECT status FROM failed), " + DEFER_OWN_JOB,
                 {
                     "status": status,
                     "error": error[:2000],
@@ -985,11 +954,7 @@ class Database:
     async def heartbeat_age_s(self, worker_id: int) -> float | None:
         """Seconds since procrastinate last saw worker ``worker_id`` (None: not registered)."""
         async with self.pool.connection() as conn:
-            cursor = await conn.execute(
-                "SELECT extract(epoch FROM now() - last_heartbeat)::float8"
-                " FROM procrastinate_workers WHERE id = %s",
-                (worker_id,),
-            )
+            cursor = await conn.execute(WORKER_HEARTBEAT_AGE, (worker_id,))
             row = await cursor.fetchone()
         return float(row[0]) if row else None
 
@@ -1053,13 +1018,5 @@ class Database:
         evidence). The evidence of a failure is kept for ``retention_days``.
         """
         async with self.pool.connection() as conn:
-            cursor = await conn.execute(
-                "DELETE FROM procrastinate_jobs WHERE id IN ("
-                " SELECT j.id FROM procrastinate_jobs j"
-                " WHERE j.queue_name = %s AND j.status IN ('failed', 'cancelled', 'aborted')"
-                " AND NOT EXISTS (SELECT 1 FROM procrastinate_events e WHERE e.job_id = j.id"
-                "   AND e.at > now() - make_interval(days => %s))"
-                " LIMIT %s)",
-                (EMAIL_QUEUE, retention_days, limit),
-            )
+            cursor = await conn.execute(PRUNE_FINISHED_JOBS, (EMAIL_QUEUE, retention_days, limit))
         return cursor.rowcount

@@ -29,6 +29,8 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from shared.procrastinate_sql import LIVE_WORKERS, QUEUE_DEPTH
+
 log = structlog.get_logger(__name__)
 
 # The *_created series double every counter for no use on a dashboard.
@@ -117,37 +119,10 @@ for _kind in ("prompt", "completion"):
 QUEUE_STATUSES = ("todo_ready", "todo_scheduled", "doing")
 OPEN_RECIPIENT_STATUSES = ("queued", "sending", "drafted", "retrying", "dead")
 
-# One pass over todo/doing rows (the partial indexes cover them). The oldest ready job is the
-# older of: the fresh job with the lowest id (ids only grow; its "deferred" event has the
-# time), and the retry that has been due the longest.
-_QUEUE_SQL = """
-WITH groups AS (
-    SELECT queue_name,
-           CASE WHEN status = 'doing' THEN 'doing'
-                WHEN scheduled_at > now() THEN 'todo_scheduled'
-                ELSE 'todo_ready' END AS state,
-           count(*) AS n,
-           min(id) FILTER (WHERE status = 'todo' AND scheduled_at IS NULL) AS oldest_fresh_id,
-           min(scheduled_at) FILTER (WHERE status = 'todo' AND scheduled_at <= now()) AS oldest_due
-      FROM procrastinate_jobs
-     WHERE status IN ('todo', 'doing')
-     GROUP BY 1, 2
-)
-SELECT queue_name, state, n,
-       extract(epoch FROM now() - least(
-           (SELECT min(at) FROM procrastinate_events
-             WHERE job_id = oldest_fresh_id AND type = 'deferred'),
-           oldest_due))::float8 AS oldest_ready_s
-  FROM groups
-"""
 _RECIPIENTS_SQL = (
     "SELECT status, count(*) FROM recipients"
     " WHERE status IN ('queued', 'sending', 'drafted', 'retrying', 'dead')"
     " GROUP BY status"
-)
-_WORKERS_SQL = (
-    "SELECT count(*) FROM procrastinate_workers"
-    " WHERE last_heartbeat > now() - make_interval(secs => %s)"
 )
 
 
@@ -230,9 +205,9 @@ class QueueCollector(Collector):
                 options=f"-c statement_timeout={self._timeout_ms}",
             )
         conn = self._conn
-        queue_rows = conn.execute(_QUEUE_SQL).fetchall()
+        queue_rows = conn.execute(QUEUE_DEPTH).fetchall()
         recipient_rows = conn.execute(_RECIPIENTS_SQL).fetchall()
-        alive_row = conn.execute(_WORKERS_SQL, (self._stalled_after_s,)).fetchone()
+        alive_row = conn.execute(LIVE_WORKERS, (self._stalled_after_s,)).fetchone()
         return queue_rows, recipient_rows, int(alive_row[0] if alive_row else 0)
 
     def _reset(self) -> None:
