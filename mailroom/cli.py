@@ -76,6 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="port of the local SMTP capture (default: %(default)s)",
     )
     dev.add_argument(
+        "--metrics-port",
+        type=_port,
+        default=9100,
+        help="port of the worker's /metrics and /healthz; 0 picks a free one "
+        "(default: %(default)s)",
+    )
+    dev.add_argument(
         "--data-dir",
         type=Path,
         default=Path(".mailroom"),
@@ -236,7 +243,11 @@ def _dev(settings: Settings, args: argparse.Namespace) -> int:
     from mailroom.dev import DevOptions, run_dev
 
     options = DevOptions(
-        host=args.host, port=args.port, smtp_port=args.smtp_port, data_dir=args.data_dir
+        host=args.host,
+        port=args.port,
+        smtp_port=args.smtp_port,
+        metrics_port=args.metrics_port,
+        data_dir=args.data_dir,
     )
     return asyncio.run(run_dev(settings, options))
 

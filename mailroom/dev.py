@@ -5,7 +5,9 @@ both; only the command line imports it.
 
 An embedded PostgreSQL (data under ``--data-dir``, so batches survive a restart), the
 migrations, a local SMTP capture on loopback, the web tier and one worker, all on one event
-loop. SIGTERM or Ctrl-C stops the worker gracefully, then the web tier, the capture and the
+loop. Each tier is observable as in production: the web tier's ``/metrics`` on ``--port``, the
+worker's ``/metrics`` and ``/healthz`` on ``--metrics-port``, each with only its own series.
+SIGTERM or Ctrl-C stops the worker gracefully, then the web tier, the capture and the
 database server; a second signal skips the wait for in-flight jobs.
 """
 
@@ -22,6 +24,7 @@ from pathlib import Path
 
 import structlog
 from aiohttp import web
+from procrastinate.worker import Worker
 from pydantic import SecretStr
 
 from mailroom.capture import MailCapture
@@ -33,7 +36,8 @@ from shared.settings import Settings, SmtpSecurity
 from shared.stopping import StopRequests
 from web.app import create_app
 from web.captured_mail import CapturedMail
-from worker.main import worker_options, worker_runtime
+from worker.health import bound_port, serve_health
+from worker.main import run_reporting_up, worker_options, worker_runtime
 
 log = structlog.get_logger(__name__)
 
@@ -45,6 +49,7 @@ class DevOptions:
     host: str = "127.0.0.1"
     port: int = 8080
     smtp_port: int = 1025
+    metrics_port: int = 9100  # the worker's /metrics and /healthz; 0 picks a free port
     data_dir: Path = Path(".mailroom")
 
 
@@ -145,33 +150,53 @@ async def _serve(
             )
             return 1
         async with worker_runtime(settings) as (app, deps):
-            worker = asyncio.create_task(
-                app.run_worker_async(
-                    **worker_options(settings, deps, install_signal_handlers=False)
-                ),
-                name="worker",
+            worker = Worker(
+                app=app, **worker_options(settings, deps, install_signal_handlers=False)
             )
-            _banner(settings, options, capture)
-            write_instance(
-                options.data_dir.resolve(),
-                DevInstance(
-                    pid=os.getpid(),
-                    database_url=settings.database_url,
-                    from_address=settings.from_address or DEV_FROM_ADDRESS,
-                    web_url=f"http://{options.host}:{options.port}/",
-                ),
-            )
+
+            def running() -> tuple[int, Database] | None:
+                return None if worker.worker_id is None else (worker.worker_id, deps.db)
+
             try:
-                await _wait_for(stop, worker)
+                health = await serve_health(
+                    settings,
+                    running,
+                    host=options.host,
+                    port=options.metrics_port,
+                    pool=lambda: deps.db.pool,
+                )
+            except OSError as exc:
+                print(
+                    f"mailroom dev: cannot listen on {options.host}:{options.metrics_port}: "
+                    f"{exc.strerror}; pass --metrics-port",
+                    file=sys.stderr,
+                )
+                return 1
+            try:
+                task = asyncio.create_task(run_reporting_up(worker), name="worker")
+                _banner(settings, options, capture, metrics_port=bound_port(health))
+                write_instance(
+                    options.data_dir.resolve(),
+                    DevInstance(
+                        pid=os.getpid(),
+                        database_url=settings.database_url,
+                        from_address=settings.from_address or DEV_FROM_ADDRESS,
+                        web_url=f"http://{options.host}:{options.port}/",
+                    ),
+                )
+                try:
+                    await _wait_for(stop, task)
+                finally:
+                    remove_instance(options.data_dir.resolve())
+                deps.stopping.set()  # chunks start no new send
+                task.cancel()  # procrastinate stops gracefully; a second cancel would abort
+                done, _ = await asyncio.wait(
+                    {task, asyncio.create_task(forced.wait())}, return_when=asyncio.FIRST_COMPLETED
+                )
+                if task not in done:
+                    print("Second signal: not waiting for jobs in flight.", flush=True)
             finally:
-                remove_instance(options.data_dir.resolve())
-            deps.stopping.set()  # chunks start no new send
-            worker.cancel()
-            done, _ = await asyncio.wait(
-                {worker, asyncio.create_task(forced.wait())}, return_when=asyncio.FIRST_COMPLETED
-            )
-            if worker not in done:
-                print("Second signal: not waiting for jobs in flight.", flush=True)
+                await health.cleanup()
     finally:
         await runner.cleanup()
         await pool.close()
@@ -186,15 +211,20 @@ async def _wait_for(stop: asyncio.Event, worker: asyncio.Task[None]) -> None:
         log.error("worker_failed", error=repr(worker.exception()))
 
 
-def _banner(settings: Settings, options: DevOptions, capture: MailCapture) -> None:
+def _banner(
+    settings: Settings, options: DevOptions, capture: MailCapture, *, metrics_port: int
+) -> None:
     assert settings.api_token is not None
     url = f"http://{options.host}:{options.port}/"
+    worker_url = f"http://{options.host}:{metrics_port}/"
     print(
         "\n"
         f"  Mailroom is running at   {url}\n"
         f"  Log in with the token    {settings.api_token.get_secret_value()}\n"
         f"  Mail is captured by      SMTP on 127.0.0.1:{settings.smtp_port}; see {url}dev/mail\n"
         f"                           (Maildir: {capture.directory})\n"
+        f"  Metrics                  web {url}metrics, worker {worker_url}metrics\n"
+        f"                           (worker health: {worker_url}healthz)\n"
         f"  Data lives in            {options.data_dir.resolve()}\n"
         f"  Database                 {settings.database_url}\n"
         "                           (mailroom dead-letters, bounces and check run in this\n"

@@ -881,6 +881,17 @@ class Database:
             )
         return cursor.rowcount
 
+    # -- maintenance -------------------------------------------------------------------------
+
+    async def record_maintenance_success(self, task: str) -> None:
+        """Note that maintenance task ``task`` just succeeded (published as a metric)."""
+        async with self.pool.connection() as conn:
+            await conn.execute(
+                "INSERT INTO mailroom_maintenance_runs (task, succeeded_at) VALUES (%s, now())"
+                " ON CONFLICT (task) DO UPDATE SET succeeded_at = excluded.succeeded_at",
+                (task,),
+            )
+
     # -- web sessions ------------------------------------------------------------------------
 
     async def start_session(self, id_hash: bytes, expires_at: datetime) -> None:

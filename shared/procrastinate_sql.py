@@ -119,8 +119,20 @@ SELECT queue_name, state, n,
   FROM groups
 """
 
-# Workers whose heartbeat is younger than %s seconds. Checked against procrastinate 3.10.
-LIVE_WORKERS = (
-    "SELECT count(*) FROM procrastinate_workers"
-    " WHERE last_heartbeat > now() - make_interval(secs => %s)"
+# One row per registered worker: its id and the seconds since its heartbeat (procrastinate
+# deletes the rows of workers long stalled). Checked against procrastinate 3.10.
+WORKER_HEARTBEATS = (
+    "SELECT id, extract(epoch FROM now() - last_heartbeat)::float8 FROM procrastinate_workers"
 )
+
+# Running jobs no live worker holds, by queue: what the stalled-job sweep will requeue
+# (procrastinate's own definition: no worker, or a worker whose heartbeat is older than %s
+# seconds). Checked against procrastinate 3.10.
+ORPHANED_JOBS = """
+SELECT queue_name, count(*) FROM procrastinate_jobs job
+ WHERE status = 'doing'
+   AND NOT EXISTS (SELECT 1 FROM procrastinate_workers w
+                    WHERE w.id = job.worker_id
+                      AND w.last_heartbeat > now() - make_interval(secs => %s))
+ GROUP BY 1
+"""

@@ -27,6 +27,11 @@ RETRY_PRIORITY = -1
 # any worker takes, however large the email backlog it would otherwise queue behind.
 MAINTENANCE_QUEUE = "maintenance"
 MAINTENANCE_PRIORITY = 100
+SWEEP_TASK = "sweep_stalled_jobs"
+PRUNE_TASK = "prune_jobs"
+# Each one's last success is recorded (shared.db.Database.record_maintenance_success) and
+# published by the web tier, so an alert sees a sweep that stopped running.
+MAINTENANCE_TASKS = (SWEEP_TASK, PRUNE_TASK)
 
 
 def build_app() -> procrastinate.App:

@@ -15,7 +15,7 @@ import aiohttp
 import psutil
 import pytest
 
-from tests.processes import free_port
+from tests.processes import free_port, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -34,8 +34,9 @@ def postgres_processes(data_dir: Path) -> list[psutil.Process]:
 @asynccontextmanager
 async def running_dev(
     data_dir: Path, cwd: Path = ROOT
-) -> AsyncIterator[tuple[asyncio.subprocess.Process, str, str]]:
-    """Start ``mailroom dev``; yield (process, base URL, token) once it says it is running."""
+) -> AsyncIterator[tuple[asyncio.subprocess.Process, str, str, str]]:
+    """Start ``mailroom dev``; once it says it is running, yield (process, base URL, token,
+    the worker's base URL as printed: its metrics port is picked by the process)."""
     port, smtp_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("MAILROOM_")}
     proc = await asyncio.create_subprocess_exec(
@@ -47,6 +48,8 @@ async def running_dev(
         str(port),
         "--smtp-port",
         str(smtp_port),
+        "--metrics-port",
+        "0",
         "--data-dir",
         str(data_dir),
         stdout=asyncio.subprocess.PIPE,
@@ -56,18 +59,19 @@ async def running_dev(
     )
     assert proc.stdout is not None
     output = []
-    token = None
     try:
         async with asyncio.timeout(60):
-            while token is None:
+            while not output or "Press Ctrl-C" not in output[-1]:
                 line = (await proc.stdout.readline()).decode()
                 if not line:
                     raise AssertionError("mailroom dev exited early:\n" + "".join(output))
                 output.append(line)
-                match = re.search(r"Log in with the token\s+(\S+)", line)
-                token = match.group(1) if match else None
+        banner = "".join(output)
+        token = re.search(r"Log in with the token\s+(\S+)", banner)
+        worker = re.search(r"worker (http://127\.0\.0\.1:\d+)/metrics", banner)
+        assert token and worker, banner
         drain_output = asyncio.create_task(proc.stdout.read())
-        yield proc, f"http://127.0.0.1:{port}", token
+        yield proc, f"http://127.0.0.1:{port}", token.group(1), worker.group(1)
     finally:
         if proc.returncode is None:
             proc.kill()
@@ -80,7 +84,7 @@ async def test_dev_delivers_a_batch_to_its_capture_and_stops_cleanly_on_sigterm(
 ) -> None:
     data_dir = tmp_path / "data"
     recipients = [f"dev{i}@example.org" for i in range(5)]
-    async with running_dev(data_dir) as (proc, base, token):
+    async with running_dev(data_dir) as (proc, base, token, _):
         auth = {"Authorization": f"Bearer {token}"}
         async with aiohttp.ClientSession(base) as http:
             created = await http.post(
@@ -107,7 +111,7 @@ async def test_dev_delivers_a_batch_to_its_capture_and_stops_cleanly_on_sigterm(
     assert postgres_processes(data_dir) == []
 
     # The data survives a restart, and so does the login token.
-    async with running_dev(data_dir) as (proc, base, token_again):
+    async with running_dev(data_dir) as (proc, base, token_again, _):
         assert token_again == token
         async with aiohttp.ClientSession(base) as http:
             status = await (await http.get(f"/api/batches/{batch_id}", headers=auth)).json()
@@ -116,6 +120,46 @@ async def test_dev_delivers_a_batch_to_its_capture_and_stops_cleanly_on_sigterm(
         async with asyncio.timeout(30):
             assert await proc.wait() == 0
     assert postgres_processes(data_dir) == []
+
+
+async def test_dev_serves_each_tier_s_metrics_on_its_own_printed_port(tmp_path: Path) -> None:
+    async with running_dev(tmp_path / "data") as (proc, base, token, worker_base):
+        auth = {"Authorization": f"Bearer {token}"}
+        async with aiohttp.ClientSession() as http:
+            created = await http.post(
+                f"{base}/api/batches",
+                json={
+                    "recipients": ["m1@example.org", "m2@example.org"],
+                    "subject": "S",
+                    "body": "B",
+                },
+                headers=auth,
+            )
+            assert created.status == 201
+
+            async def both_sent() -> bool:
+                text = await (await http.get(f"{worker_base}/metrics")).text()
+                return "mailroom_emails_sent_total 2.0" in text
+
+            await wait_until(both_sent, 30, "the worker's /metrics to count both sent")
+            text = await (await http.get(f"{worker_base}/metrics")).text()
+            assert "mailroom_worker_up 1.0" in text
+            assert re.search(r"^mailroom_worker_concurrency [1-9]", text, re.MULTILINE)
+            assert 'mailroom_db_pool_connections{state="in_use"}' in text
+            assert "mailroom_http_requests_total" not in text  # the web tier's, not here
+            assert "mailroom_queue_jobs" not in text
+
+            health = await http.get(f"{worker_base}/healthz")
+            assert health.status == 200 and (await health.json())["status"] == "ok"
+
+            web_text = await (await http.get(f"{base}/metrics")).text()
+            assert "mailroom_batches_created_total 1.0" in web_text
+            assert 'mailroom_queue_jobs{queue="maintenance",status="todo_ready"}' in web_text
+            for worker_series in ("mailroom_worker_up", "mailroom_emails_sent", "mailroom_smtp_"):
+                assert worker_series not in web_text
+        proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(30):
+            assert await proc.wait() == 0
 
 
 async def _operator(cwd: Path, *args: str) -> tuple[int, str, str]:
@@ -137,7 +181,7 @@ async def _operator(cwd: Path, *args: str) -> tuple[int, str, str]:
 
 async def test_operator_commands_find_a_running_dev_in_their_directory(tmp_path: Path) -> None:
     data_dir = tmp_path / ".mailroom"
-    async with running_dev(data_dir, cwd=tmp_path) as (proc, base, token):
+    async with running_dev(data_dir, cwd=tmp_path) as (proc, base, token, _):
         async with aiohttp.ClientSession(base) as http:
             created = await http.post(
                 "/api/batches",

@@ -337,32 +337,62 @@ async def test_a_postgresql_restart_mid_run_loses_nothing(
 async def test_the_sweep_requeues_orphaned_jobs_on_time_behind_a_large_email_backlog(
     db: Database, settings: Settings, smtp: RecordingSMTPServer
 ) -> None:
+    """A worker killed mid-job behind 5,000 ready emails: a surviving worker's sweep requeues
+    its job within MAILROOM_STALLED_AFTER_SECONDS + one sweep interval of the kill (the dead
+    worker's last heartbeat was at most at the kill), not after the backlog."""
     settings = fast_recovery(settings, stalled_after_seconds=2, worker_concurrency=1)
     url = settings.database_url or ""
-    # An email job orphaned by a worker that died (running, no live heartbeat)...
-    await enqueue(db, 1, prefix="orphan")
-    await query(
-        url,
-        "INSERT INTO procrastinate_workers (last_heartbeat) VALUES (now() - interval '1 hour');"
-        " UPDATE procrastinate_jobs SET status = 'doing',"
-        "  worker_id = (SELECT max(id) FROM procrastinate_workers)",
-    )
-    # ...behind a backlog of 3,000 ready email jobs that takes far longer than the sweep.
-    one_per_job = Database(db.pool, chunk_size=1)
-    await enqueue(one_per_job, 3000)
-    smtp.data_delay_s = 0.01
-    started = time.monotonic()
-    async with worker_process(settings) as proc:
-        # Within a sweep interval of the worker starting (the orphan is long stalled), with
-        # seconds to spare for starting a process on a busy machine.
-        await wait_until(
-            lambda: _count(settings, "email LIKE 'orphan%' AND status = 'sent'", at_least=1),
-            settings.stalled_after_seconds + settings.sweep_interval_seconds + 8,
-            "the orphaned job to be requeued and sent",
+    await enqueue(Database(db.pool, chunk_size=1), 5000)  # one job per email
+    smtp.data_delay_s = 0.01  # 5,000 jobs take far longer than the sweep's deadline
+
+    async def _has(items: Awaitable[list[int]], count: int) -> bool:
+        return len(await items) >= count
+
+    async def worker_ids() -> list[int]:
+        return [row[0] for row in await query(url, "SELECT id FROM procrastinate_workers")]
+
+    async def running_on(worker_id: int) -> list[int]:
+        rows = await query(
+            url,
+            "SELECT id FROM procrastinate_jobs WHERE status = 'doing' AND worker_id = %s",
+            worker_id,
         )
-        requeued_after = time.monotonic() - started
-        backlog = await query(url, "SELECT count(*) FROM recipients WHERE status <> 'sent'")
-        proc.send_signal(signal.SIGTERM)
-        assert await asyncio.wait_for(proc.wait(), 30) == 0
-    print(f"\norphaned job sent {requeued_after:.1f} s after the worker started")
+        return [row[0] for row in rows]
+
+    async with worker_process(settings) as victim:
+        await wait_until(lambda: _has(worker_ids(), 1), 30, "the first worker to register")
+        [victim_id] = await worker_ids()
+        async with worker_process(settings) as rescuer:
+            await wait_until(lambda: _has(worker_ids(), 2), 30, "the second worker to register")
+            [rescuer_id] = set(await worker_ids()) - {victim_id}
+            await wait_until(lambda: _has(running_on(rescuer_id), 1), 30, "both to be sending")
+            await wait_until(lambda: _has(running_on(victim_id), 1), 30, "a job mid-send")
+            victim.send_signal(signal.SIGKILL)
+            killed_at = time.monotonic()
+            await victim.wait()
+            orphans = await running_on(victim_id)
+            assert orphans, "the killed worker held a job"
+
+            async def requeued() -> bool:
+                rows = await query(
+                    url,
+                    "SELECT count(*) FROM procrastinate_jobs WHERE id = ANY(%s)"
+                    " AND status = 'doing' AND (worker_id IS NULL OR worker_id = %s)",
+                    orphans,
+                    victim_id,
+                )
+                return bool(rows[0][0] == 0)
+
+            # The deadline; the assertion below is the bound. 1 s of slack covers fetching and
+            # running the sweep job and this test's own polling (every 0.2 s).
+            bound_s = settings.stalled_after_seconds + settings.sweep_interval_seconds + 1.0
+            await wait_until(requeued, bound_s + 10, "the orphaned job to be requeued")
+            requeued_after = time.monotonic() - killed_at
+            backlog = await query(
+                url, "SELECT count(*) FROM procrastinate_jobs WHERE status = 'todo'"
+            )
+            rescuer.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(rescuer.wait(), 30) == 0
+    print(f"\norphaned job requeued {requeued_after:.1f} s after its worker was killed")
+    assert requeued_after <= bound_s, f"requeued {requeued_after:.1f} s after the kill"
     assert backlog[0][0] > 1000, "the backlog was still there when the sweep ran"

@@ -24,6 +24,7 @@ from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from shared.db import Database
+from shared.metrics import WORKER_REGISTRY, render
 from shared.settings import Settings
 from tests.conftest import API_TOKEN, AUTH, drain, make_settings, query
 from tests.processes import free_port
@@ -53,10 +54,16 @@ def value(
 
 
 async def scrape(client: TestClient) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """The web tier's /metrics."""
     response = await client.get("/metrics")
     assert response.status == 200
     assert response.headers["Content-Type"].startswith("text/plain")
     return samples(await response.text())
+
+
+def worker_scrape() -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """What this process's worker health server serves (its registry; the pool aside)."""
+    return samples(render(WORKER_REGISTRY).decode())
 
 
 async def test_metrics_move_as_a_batch_with_faults_goes_through(
@@ -65,7 +72,7 @@ async def test_metrics_move_as_a_batch_with_faults_goes_through(
     good = [f"ok{i}@example.org" for i in range(8)]
     smtp.rules["bounce@example.org"] = Rule("550 5.1.1 no such user")
     smtp.rules["slow@example.org"] = Rule("451 4.3.0 later", times=1)
-    before = await scrape(client)
+    before = await scrape(client) | worker_scrape()
     response = await client.post(
         "/api/batches",
         json={
@@ -85,7 +92,7 @@ async def test_metrics_move_as_a_batch_with_faults_goes_through(
     await drain(settings)
     await asyncio.sleep(settings.retry_cap_seconds + 0.05)
     await drain(settings)
-    after = await scrape(client)
+    after = await scrape(client) | worker_scrape()
 
     def delta(name: str, **labels: str) -> float:
         return value(after, name, **labels) - value(before, name, **labels)
@@ -95,7 +102,10 @@ async def test_metrics_move_as_a_batch_with_faults_goes_through(
     assert delta("mailroom_emails_sent_total") == 9
     assert delta("mailroom_email_failures_total", kind="permanent") == 1
     assert delta("mailroom_email_failures_total", kind="transient") == 1
-    assert delta("mailroom_dead_letters_total") == 1
+    assert delta("mailroom_dead_letters_total", reason="permanent") == 1
+    assert delta("mailroom_dead_letters_total", reason="attempts_exhausted") == 0
+    assert delta("mailroom_smtp_failures_total", reply="550") == 1
+    assert delta("mailroom_smtp_failures_total", reply="451") == 1
     assert delta("mailroom_job_retries_total") == 1
     # The chunk recorded every outcome (so it succeeded); the 451 went on in a job of its own.
     assert delta("mailroom_job_duration_seconds_count", task="send_chunk", outcome="succeeded") == 1
@@ -220,7 +230,7 @@ async def published_names(client: TestClient, settings: Settings) -> set[str]:
         headers=AUTH,
     )
     await drain(settings)
-    names = {name for name, _ in await scrape(client)}
+    names = {name for name, _ in await scrape(client) | worker_scrape()}
     return names | {n for n in names for s in HISTOGRAM_SUFFIXES if n.endswith(s)}
 
 

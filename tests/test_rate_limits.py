@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 from procrastinate.jobs import Job
-from prometheus_client import REGISTRY
 
 from shared.db import Database
+from shared.metrics import WORKER_REGISTRY
 from shared.ratelimits import Limit
 from shared.settings import Settings
 from tests.conftest import AUTH, drain, make_settings, query
@@ -137,11 +137,11 @@ def _message(to: str) -> OutgoingMessage:
 
 
 def _throttled_total() -> float:
-    return REGISTRY.get_sample_value("mailroom_smtp_throttled_total") or 0.0
+    return WORKER_REGISTRY.get_sample_value("mailroom_smtp_throttled_total") or 0.0
 
 
 def _limit_gauge() -> float | None:
-    return REGISTRY.get_sample_value("mailroom_smtp_concurrency_limit")
+    return WORKER_REGISTRY.get_sample_value("mailroom_smtp_concurrency_limit")
 
 
 def _events(caplog: pytest.LogCaptureFixture, name: str) -> list[dict[str, Any]]:

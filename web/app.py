@@ -14,7 +14,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 
 from shared.db import Database, make_pool
-from shared.metrics import QueueCollector, render
+from shared.metrics import WEB_REGISTRY, PoolCollector, QueueCollector, render
 from shared.schema import pending_migrations
 from shared.settings import Settings
 from web import api, dead_letters, openapi, pages, suppressions
@@ -47,7 +47,8 @@ async def healthz(request: web.Request) -> web.Response:
 
 @routes.get("/metrics")
 async def metrics(request: web.Request) -> web.Response:
-    """Prometheus exposition; rendered in a thread (the queue collector queries PostgreSQL)."""
+    """Prometheus exposition of the web tier only (a worker serves its own); rendered in a
+    thread, as the queue collector queries PostgreSQL."""
     token = request.app[SETTINGS].metrics_token
     if token is not None:
         given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
@@ -55,7 +56,7 @@ async def metrics(request: web.Request) -> web.Response:
             return api_error(
                 401, "unauthorized", "send 'Authorization: Bearer <MAILROOM_METRICS_TOKEN>'"
             )
-    body = await asyncio.to_thread(render, request.app[METRICS_REGISTRY])
+    body = await asyncio.to_thread(render, WEB_REGISTRY, request.app[METRICS_REGISTRY])
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
@@ -102,7 +103,9 @@ def create_app(
     )
     if captured_mail is not None:
         app[CAPTURED_MAIL] = captured_mail
+    # This app's own collectors: its database pool and the queue, read at scrape time.
     registry = CollectorRegistry(auto_describe=True)
+    registry.register(PoolCollector(lambda: app[DB].pool if DB in app else None))
     if settings.database_url:
         collector = QueueCollector(
             settings.database_url, stalled_after_s=settings.stalled_after_seconds

@@ -22,9 +22,10 @@ from typing import Any
 import procrastinate
 import structlog
 from procrastinate.worker import Worker
+from psycopg_pool import AsyncConnectionPool
 
 from shared.db import Database, make_pool
-from shared.metrics import WORKER_UP
+from shared.metrics import WORKER_CONCURRENCY, WORKER_UP
 from shared.queue import EMAIL_QUEUE, MAINTENANCE_QUEUE, build_app
 from shared.settings import Settings
 from shared.stopping import StopRequests
@@ -33,6 +34,7 @@ from worker.drafting import Drafter, TemplateDrafter
 from worker.health import start_health_server
 from worker.llm import LlmDrafter
 from worker.retry import BackoffRetry
+from worker.slots import SendSlots
 from worker.smtp import Mailer, SmtpMailer
 from worker.tasks import DEPS_KEY, WorkerDeps, job_summary_middleware, register_tasks
 
@@ -80,9 +82,10 @@ async def worker_runtime(
             signer=DkimSigner.from_settings(settings),
         ),
         retry=retry,
-        sending=asyncio.Semaphore(settings.worker_concurrency),
+        sending=SendSlots(settings.worker_concurrency),
         chunks=asyncio.Semaphore(WorkerDeps.chunks_in_flight(settings)),
     )
+    WORKER_CONCURRENCY.set(settings.worker_concurrency)
     try:
         await app.open_async(pool)
         yield app, deps
@@ -133,7 +136,10 @@ async def run_worker(settings: Settings, **overrides: Any) -> None:
             return current[0][0].worker_id, current[0][1].db
         return None
 
-    health = await start_health_server(settings, running)
+    def pool() -> AsyncConnectionPool | None:
+        return current[0][1].db.pool if current else None
+
+    health = await start_health_server(settings, running, pool=pool)
     try:
         await _supervise(settings, stopping, current, overrides)
     finally:
@@ -173,8 +179,7 @@ async def _supervise(
                         " unsubscribe (RFC 8058) to reach Gmail and Yahoo inboxes",
                     )
                 backoff_s = 1.0
-                WORKER_UP.set(1)
-                await worker.run()  # type: ignore[no-untyped-call]
+                await run_reporting_up(worker)
         except Exception as exc:
             log.error(
                 "worker_crashed", error=f"{type(exc).__name__}: {exc}", restart_in_s=backoff_s
@@ -183,11 +188,19 @@ async def _supervise(
             if not stopping.is_set():
                 log.error("worker_stopped_unexpectedly", restart_in_s=backoff_s)
         finally:
-            WORKER_UP.set(0)
             current.clear()
         if not stopping.is_set():
             await _sleep_unless(stopping, backoff_s)
             backoff_s = min(backoff_s * 2, RESTART_BACKOFF_MAX_S)
+
+
+async def run_reporting_up(worker: Worker) -> None:
+    """Run ``worker`` until it returns, with ``mailroom_worker_up`` 1 meanwhile."""
+    WORKER_UP.set(1)
+    try:
+        await worker.run()  # type: ignore[no-untyped-call]
+    finally:
+        WORKER_UP.set(0)
 
 
 async def _sleep_unless(event: asyncio.Event, seconds: float) -> None:

@@ -25,7 +25,15 @@ import aiosmtplib
 import structlog
 
 from shared.headers import header_pattern
-from shared.metrics import SMTP_CONCURRENCY_LIMIT, SMTP_SEND, SMTP_THROTTLED
+from shared.metrics import (
+    SMTP_CONCURRENCY_LIMIT,
+    SMTP_FAILURES,
+    SMTP_SEND,
+    SMTP_SLOWDOWN_UNTIL,
+    SMTP_SLOWED_DOWN,
+    SMTP_THROTTLED,
+    smtp_reply_class,
+)
 from shared.settings import Settings, SmtpSecurity
 from shared.templating import UNSUBSCRIBE_MARKER
 from worker.dkim import DkimSigner
@@ -47,6 +55,10 @@ IDLE_TIMEOUT_S = 30.0
 # step, see SmtpMailer.
 PACE_MIN_S = 0.25
 PACE_MAX_S = 2.0
+# A slow-down also ends by itself this long after the last reply that asked for it: a worker
+# that goes quiet (no sends, so no successes to undo it) starts its next batch at full speed,
+# and the metric of the slow-down has an end to show.
+SLOWDOWN_HOLD_S = 300.0
 
 # RFC 5322: a line is at most 998 characters and should be at most 78.
 _MAX_LINE = 998
@@ -361,10 +373,12 @@ class SmtpMailer:
     decrease, as TCP does): a reply that asks this sender to slow down halves the limit, down
     to one, then paces the sends (PACE_MIN_S, doubling up to PACE_MAX_S); every ``limit``
     successes with no such reply in between undo one step (halve the pace, or add one to the
-    limit, up to ``size``). A reply about one recipient (a greylisting 451 to RCPT) or any other
-    failure changes nothing. Sends that started before the last decrease went out at the old
-    limit: their replies are counted (the metric) but change nothing, so a burst of refusals
-    from the sends in flight halves the limit once, and their successes do not undo it.
+    limit, up to ``size``), and ``slowdown_hold_s`` after the last reply that asked for it the
+    slow-down ends whatever happened since. A reply about one recipient (a greylisting 451 to
+    RCPT) or any other failure changes nothing. Sends that started before the last decrease
+    went out at the old limit: their replies are counted (the metric) but change nothing, so a
+    burst of refusals from the sends in flight halves the limit once, and their successes do
+    not undo it.
     """
 
     def __init__(
@@ -375,6 +389,7 @@ class SmtpMailer:
         max_messages_per_connection: int = MAX_MESSAGES_PER_CONNECTION,
         idle_timeout_s: float = IDLE_TIMEOUT_S,
         signer: DkimSigner | None = None,
+        slowdown_hold_s: float = SLOWDOWN_HOLD_S,
     ) -> None:
         self._settings = settings
         self._signer = signer
@@ -386,7 +401,13 @@ class SmtpMailer:
         self._idle: list[_Connection] = []
         self._max_messages = max_messages_per_connection
         self._idle_timeout_s = idle_timeout_s
+        self._hold_s = slowdown_hold_s
+        self._slowed_until = 0.0  # time.monotonic() when the slow-down ends; 0: none
         SMTP_CONCURRENCY_LIMIT.set(size)
+        # Read at scrape time, so an idle worker's slow-down shows as over once its time is up.
+        # A worker process has one mailer; the gauges follow the latest one created.
+        SMTP_SLOWED_DOWN.set_function(lambda: float(self.slowed_down))
+        SMTP_SLOWDOWN_UNTIL.set_function(self._slowdown_until_unix)
 
     @property
     def concurrency_limit(self) -> int:
@@ -398,9 +419,22 @@ class SmtpMailer:
         """The least time between two sends now (0: not paced)."""
         return self._pace_s
 
+    @property
+    def slowed_down(self) -> bool:
+        """Whether this mailer sends slower than it may because the server asked it to."""
+        slower = bool(self._pace_s) or self._limiter.limit < self._limiter.size
+        return slower and self._slowed_until > time.monotonic()
+
+    def _slowdown_until_unix(self) -> float:
+        if not self.slowed_down:
+            return 0.0
+        return time.time() + (self._slowed_until - time.monotonic())
+
     async def send(self, message: OutgoingMessage) -> str:
         """Send ``message``; return the server's reply or raise a DeliveryFailure."""
+        self._end_slowdown_if_over()
         async with self._limiter:
+            self._end_slowdown_if_over()  # it may have ended while this send waited
             if self._pace_s:
                 # Paced only at a limit of one: the holders of the one slot take turns here.
                 await asyncio.sleep(max(0.0, self._next_send_at - time.monotonic()))
@@ -409,6 +443,8 @@ class SmtpMailer:
             try:
                 reply = await self._send(message)
             except DeliveryFailure as failure:
+                if failure.stage is not None:  # a failed exchange, not a message we withheld
+                    SMTP_FAILURES.labels(reply=smtp_reply_class(failure.smtp_code)).inc()
                 if asks_to_slow_down(failure):
                     self._slow_down(failure, epoch)
                 raise
@@ -417,6 +453,7 @@ class SmtpMailer:
 
     def _slow_down(self, failure: DeliveryFailure, epoch: int) -> None:
         SMTP_THROTTLED.inc()
+        self._slowed_until = time.monotonic() + self._hold_s
         if epoch != self._epoch:
             return  # started before the last decrease, which already answered this burst
         self._epoch += 1
@@ -453,12 +490,34 @@ class SmtpMailer:
         else:
             self._limiter.set_limit(limit + 1)
             SMTP_CONCURRENCY_LIMIT.set(self._limiter.limit)
+        if not self._pace_s and self._limiter.limit >= self._limiter.size:
+            self._slowed_until = 0.0
         log.info(
             "smtp_recovered",
             old_limit=limit,
             new_limit=self._limiter.limit,
             old_pace_s=pace,
             pace_s=self._pace_s,
+        )
+
+    def _end_slowdown_if_over(self) -> None:
+        if not self._slowed_until or time.monotonic() < self._slowed_until:
+            return
+        self._slowed_until = 0.0
+        if not self._pace_s and self._limiter.limit >= self._limiter.size:
+            return
+        old_limit, old_pace = self._limiter.limit, self._pace_s
+        self._epoch += 1  # replies to sends started while slowed down change nothing now
+        self._successes = 0
+        self._pace_s = 0.0
+        self._limiter.set_limit(self._limiter.size)
+        SMTP_CONCURRENCY_LIMIT.set(self._limiter.limit)
+        log.info(
+            "smtp_slowdown_ended",
+            old_limit=old_limit,
+            new_limit=self._limiter.limit,
+            old_pace_s=old_pace,
+            held_s=self._hold_s,
         )
 
     async def _send(self, message: OutgoingMessage) -> str:

@@ -54,8 +54,10 @@ from shared.queue import (
     EMAIL_QUEUE,
     MAINTENANCE_PRIORITY,
     MAINTENANCE_QUEUE,
+    PRUNE_TASK,
     SEND_CHUNK_TASK,
     SEND_EMAIL_TASK,
+    SWEEP_TASK,
 )
 from shared.ratelimits import limits_for
 from shared.settings import Settings
@@ -113,11 +115,11 @@ def register_tasks(app: procrastinate.App, settings: Settings, retry: BackoffRet
     for periodic_id, name, cron, func in (
         (
             "sweep",
-            "sweep_stalled_jobs",
+            SWEEP_TASK,
             _every(settings.sweep_interval_seconds),
             sweep_stalled_jobs,
         ),
-        ("prune", "prune_jobs", "17 * * * *", prune_jobs),
+        ("prune", PRUNE_TASK, "17 * * * *", prune_jobs),
     ):
         task = app.task(
             name=name, queue=MAINTENANCE_QUEUE, priority=MAINTENANCE_PRIORITY, pass_context=True
@@ -142,6 +144,8 @@ async def job_summary_middleware(
     try:
         result = await call_next()
         outcome = "succeeded"
+        if job.queue == MAINTENANCE_QUEUE:
+            await _record_maintenance(context, job.task_name)
         return result
     except DeliveryFailure as failure:
         outcome = "permanent" if failure.permanent else "transient"
@@ -162,6 +166,15 @@ async def job_summary_middleware(
         getattr(log, level)(
             "job_finished", outcome=outcome, result=result, duration_s=round(duration, 4)
         )
+
+
+async def _record_maintenance(context: JobContext, task: str) -> None:
+    deps: WorkerDeps = context.additional_context[DEPS_KEY]
+    try:
+        await deps.db.record_maintenance_success(task)
+    except psycopg.Error as exc:
+        # The run itself succeeded; the metric shows it late, after the next run.
+        log.warning("maintenance_not_recorded", error=type(exc).__name__)
 
 
 def _every(seconds: int) -> str:
@@ -381,8 +394,10 @@ async def _record_failure(
         retry_at=retry_at,
     )
     outcome = recorded or outcome
-    if outcome != "cancelled":
-        (DEAD_LETTERS if final else JOB_RETRIES).inc()
+    if outcome != "cancelled" and final:
+        DEAD_LETTERS.labels(reason="permanent" if failure.permanent else "attempts_exhausted").inc()
+    elif outcome != "cancelled":
+        JOB_RETRIES.inc()
     log.info(
         "email_attempt_failed",
         attempt=recipient.attempts,
