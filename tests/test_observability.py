@@ -7,7 +7,6 @@ import io
 import json
 import logging
 import os
-import re
 import shutil
 import socket
 import subprocess
@@ -33,7 +32,6 @@ from worker.health import start_health_server
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "deploy/grafana/dashboards/mailroom.json"
 ALERTS = ROOT / "deploy/prometheus/alerts.yml"
-HISTOGRAM_SUFFIXES = ("_bucket", "_count", "_sum")
 
 
 def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
@@ -209,34 +207,6 @@ def alert_exprs() -> list[str]:
     return [r["expr"] for g in rules["groups"] for r in g["rules"]]
 
 
-def metric_names(expr: str) -> set[str]:
-    return set(re.findall(r"\bmailroom_[a-z0-9_]+\b", expr))
-
-
-async def published_names(client: TestClient, settings: Settings) -> set[str]:
-    await client.post(
-        "/api/batches",
-        json={"recipients": ["a@example.org"], "subject": "S", "body": "B"},
-        headers=AUTH,
-    )
-    await drain(settings)
-    names = {name for name, _ in await scrape(client)}
-    return names | {n for n in names for s in HISTOGRAM_SUFFIXES if n.endswith(s)}
-
-
-async def test_every_dashboard_and_alert_query_uses_published_metrics(
-    client: TestClient, settings: Settings, smtp: RecordingSMTPServer
-) -> None:
-    published = await published_names(client, settings)
-    exprs = dashboard_exprs() + alert_exprs()
-    assert len(exprs) > 20
-    for expr in exprs:
-        names = metric_names(expr)
-        assert names, f"no mailroom metric in {expr!r}"
-        missing = names - published
-        assert not missing, f"{expr!r} uses metrics nobody publishes: {missing}"
-
-
 def test_the_dashboard_is_well_formed() -> None:
     data = json.loads(DASHBOARD.read_text())
     panels = data["panels"]
@@ -278,17 +248,6 @@ def test_the_dashboard_is_well_formed() -> None:
         assert needed in covered, f"the dashboard shows nothing of {needed}"
 
 
-def test_every_alert_has_a_summary_a_description_and_a_runbook_entry() -> None:
-    runbook = (ROOT / "docs/runbook.md").read_text()
-    rules = [r for g in yaml.safe_load(ALERTS.read_text())["groups"] for r in g["rules"]]
-    assert len(rules) >= 6
-    for rule in rules:
-        annotations = rule["annotations"]
-        assert annotations["summary"] and annotations["description"]
-        anchor = annotations["runbook_url"].split("#", 1)[1]
-        assert f"## {rule['alert']}" in runbook and anchor == rule["alert"].lower()
-
-
 # -- promtool and a real Prometheus ---------------------------------------------------------------
 
 
@@ -313,17 +272,6 @@ def test_promtool_accepts_the_rules_and_the_config(promtool: str) -> None:
     ):
         result = subprocess.run([promtool, *args], capture_output=True, text=True, timeout=60)
         assert result.returncode == 0, result.stdout + result.stderr
-
-
-def test_every_alert_has_a_passing_promtool_unit_test(promtool: str) -> None:
-    tests = ROOT / "deploy/prometheus/alerts_test.yml"
-    tested = set(re.findall(r"alertname: (\w+)", tests.read_text()))
-    alerts = {r["alert"] for g in yaml.safe_load(ALERTS.read_text())["groups"] for r in g["rules"]}
-    assert alerts <= tested, f"alerts without a unit test: {alerts - tested}"
-    result = subprocess.run(
-        [promtool, "test", "rules", str(tests)], capture_output=True, text=True, timeout=60
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
 
 
 async def test_prometheus_scrapes_the_live_exporters_and_answers_the_main_queries(

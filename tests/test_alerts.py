@@ -1,0 +1,212 @@
+"""The alert rules: their promtool unit tests, their runbook entries and links, and a real
+Prometheus that sees them fire from real events in real processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from aiohttp.test_utils import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+
+from shared.settings import Settings
+from tests.conftest import AUTH, drain
+from tests.smtp_server import RecordingSMTPServer
+
+ROOT = Path(__file__).resolve().parent.parent
+ALERTS = ROOT / "deploy/prometheus/alerts.yml"
+ALERTS_TEST = ROOT / "deploy/prometheus/alerts_test.yml"
+PROMETHEUS_CONFIG = ROOT / "deploy/prometheus/prometheus.yml"
+RUNBOOK = ROOT / "docs/runbook.md"
+DASHBOARD = ROOT / "deploy/grafana/dashboards/mailroom.json"
+HISTOGRAM_SUFFIXES = ("_bucket", "_count", "_sum")
+# Metrics the rules and the dashboard are written against that the exporters may not publish
+# yet: a test that needs one of them and does not find it skips, naming it.
+CONTRACT_METRICS = frozenset(
+    {
+        "mailroom_smtp_failures_total",
+        "mailroom_worker_concurrency",
+        "mailroom_worker_busy_slots",
+        "mailroom_smtp_slowed_down",
+        "mailroom_smtp_slowdown_until_timestamp_seconds",
+        "mailroom_db_pool_connections",
+        "mailroom_db_pool_max_connections",
+        "mailroom_jobs_orphaned",
+        "mailroom_worker_heartbeat_age_seconds",
+        "mailroom_maintenance_last_success_timestamp_seconds",
+    }
+)
+PROBES = ("/metrics", "/healthz", "/readyz")
+# Alerts that fire on the count of recent heartbeats, which lags a death by
+# MAILROOM_STALLED_AFTER_SECONDS (30 s) before their for: starts.
+HEARTBEAT_ALERTS = {"MailroomNoLiveWorker", "MailroomWorkerNotHeartbeating"}
+RUNBOOK_URL = "{{ with $externalLabels.runbook_base }}{{ . }}/{{ end }}docs/runbook.md#"
+
+
+def rules() -> list[dict[str, Any]]:
+    return [r for g in yaml.safe_load(ALERTS.read_text())["groups"] for r in g["rules"]]
+
+
+def dashboard_exprs() -> list[str]:
+    data = json.loads(DASHBOARD.read_text())
+    return [t["expr"] for p in data["panels"] for t in p.get("targets", [])]
+
+
+def metric_names(expr: str) -> set[str]:
+    return set(re.findall(r"\bmailroom_[a-z0-9_]+\b", expr))
+
+
+def published(text: str) -> set[str]:
+    """Metric names in an exposition text, with each histogram's base name too."""
+    names = {s.name for f in text_string_to_metric_families(text) for s in f.samples}
+    return names | {n[: -len(s)] for n in names for s in HISTOGRAM_SUFFIXES if n.endswith(s)}
+
+
+def binary(name: str) -> str:
+    """Debian's ``prometheus`` or ``promtool``: CI installs them, elsewhere a missing one skips."""
+    path = shutil.which(name)
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{name} is missing: .ci/run installs Debian's prometheus package")
+        pytest.skip(f"{name} not installed (apt-get install prometheus)")
+    return path
+
+
+# -- the rules and their unit tests ----------------------------------------------------------------
+
+
+def test_the_promtool_unit_tests_pass() -> None:
+    result = subprocess.run(
+        [binary("promtool"), "test", "rules", str(ALERTS_TEST)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_every_alert_is_tested_firing_and_quiet_and_on_missing_input_where_it_uses_absent() -> None:
+    fires: set[str] = set()
+    quiet: set[str] = set()
+    fires_without: dict[str, set[str]] = {}  # alert -> metric names of a firing case's input
+    for group in yaml.safe_load(ALERTS_TEST.read_text())["tests"]:
+        inputs = {re.split(r"[{ ]", s["series"], maxsplit=1)[0] for s in group["input_series"]}
+        for case in group["alert_rule_test"]:
+            name = case["alertname"]
+            if case.get("exp_alerts"):
+                fires.add(name)
+                assert all(a.get("exp_annotations") for a in case["exp_alerts"]), (
+                    f"{name}: a firing case checks every annotation, so the summary is tested"
+                )
+                fires_without.setdefault(name, set()).update(inputs)
+            else:
+                quiet.add(name)
+    alerts = {r["alert"] for r in rules()}
+    assert len(alerts) == len(rules()), "alert names are unique"
+    assert alerts - fires == set(), "alerts never tested firing"
+    assert alerts - quiet == set(), "alerts never tested quiet"
+    assert (fires | quiet) - alerts == set(), "tests of alerts that do not exist"
+    for rule in rules():
+        for metric in re.findall(r"absent\((\w+)", rule["expr"]):
+            firing_inputs = [
+                {re.split(r"[{ ]", s["series"], maxsplit=1)[0] for s in group["input_series"]}
+                for group in yaml.safe_load(ALERTS_TEST.read_text())["tests"]
+                if any(
+                    c["alertname"] == rule["alert"] and c.get("exp_alerts")
+                    for c in group["alert_rule_test"]
+                )
+            ]
+            assert any(metric not in inputs for inputs in firing_inputs), (
+                f"{rule['alert']} uses absent({metric}) but no firing case lacks {metric}"
+            )
+
+
+def test_every_alert_has_a_runbook_entry_and_a_link_on_the_configurable_base() -> None:
+    runbook = RUNBOOK.read_text()
+    headings = re.findall(r"^## (\w+)$", runbook, flags=re.MULTILINE)
+    assert headings == [r["alert"] for r in rules()], "one runbook entry per alert, in order"
+    for rule in rules():
+        annotations = rule["annotations"]
+        assert set(annotations) == {"summary", "description", "runbook_url"}, rule["alert"]
+        assert annotations["summary"].strip() and annotations["description"].strip()
+        assert annotations["runbook_url"] == RUNBOOK_URL + rule["alert"].lower()
+        assert rule["labels"]["severity"] in {"warning", "critical"}
+
+
+def test_every_summary_names_the_delay_it_really_has() -> None:
+    """A summary says the rule's ``for:`` and, where the input is a heartbeat, its staleness."""
+    for rule in rules():
+        summary = rule["annotations"]["summary"]
+        wait = rule["for"]
+        assert wait.endswith("m"), f"{rule['alert']}: for: in whole minutes"
+        minutes = int(wait[:-1])
+        spoken = f"{minutes} minute" + ("s" if minutes != 1 else "")
+        assert spoken in summary, f"{rule['alert']}: summary does not say {spoken!r}: {summary}"
+        if rule["alert"] in HEARTBEAT_ALERTS:
+            assert "mailroom_workers_alive" in rule["expr"]
+            assert "30 s" in summary, f"{rule['alert']}: heartbeat staleness not in the summary"
+
+
+def test_the_scrape_config_sets_the_runbook_base_and_passes_promtool() -> None:
+    config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
+    base = config["global"]["external_labels"]["runbook_base"]
+    assert base.startswith("https://") and not base.endswith("/")
+    assert config["rule_files"] == ["alerts.yml"]
+    result = subprocess.run(
+        [binary("promtool"), "check", "config", str(PROMETHEUS_CONFIG)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+async def test_the_web_error_ratio_leaves_out_probes_and_scrapes_as_the_route_label_spells_them(
+    client: TestClient,
+) -> None:
+    for path in PROBES:
+        await client.get(path)
+    text = await (await client.get("/metrics")).text()
+    routes = {
+        sample.labels["route"]
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "mailroom_http_requests_total"
+    }
+    assert set(PROBES) <= routes, routes
+    (rule,) = [r for r in rules() if r["alert"] == "MailroomWebErrors"]
+    selectors = re.findall(r"mailroom_http_requests_total\{([^}]*)\}", rule["expr"])
+    assert len(selectors) == 2
+    for selector in selectors:
+        (pattern,) = re.findall(r'route!~"([^"]+)"', selector)
+        assert set(pattern.split("|")) == set(PROBES), selector
+
+
+async def test_every_alert_and_dashboard_query_uses_published_metrics(
+    client: TestClient, settings: Settings, smtp: RecordingSMTPServer
+) -> None:
+    await client.post(
+        "/api/batches",
+        json={"recipients": ["a@example.org"], "subject": "S", "body": "B"},
+        headers=AUTH,
+    )
+    await drain(settings)
+    # The test process runs the web app and a worker, so its registry holds both tiers' metrics.
+    names = published(await (await client.get("/metrics")).text())
+    exprs = [r["expr"] for r in rules()] + dashboard_exprs()
+    missing: set[str] = set()
+    for expr in exprs:
+        used = metric_names(expr)
+        assert used or "up{" in expr, f"no Mailroom metric in {expr!r}"
+        unknown = used - names - CONTRACT_METRICS
+        assert not unknown, f"{expr!r} uses metrics nobody publishes: {unknown}"
+        missing |= used - names
+    if missing:
+        pytest.skip(f"metrics of the contract not published yet: {', '.join(sorted(missing))}")
