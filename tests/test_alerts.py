@@ -3,22 +3,26 @@ Prometheus that sees them fire from real events in real processes."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import yaml
 from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from shared.settings import Settings
-from tests.conftest import AUTH, drain
-from tests.smtp_server import RecordingSMTPServer
+from tests.conftest import AUTH, drain, make_settings
+from tests.processes import free_port, free_ports, start, wait_until
+from tests.smtp_server import RecordingSMTPServer, Rule
 
 ROOT = Path(__file__).resolve().parent.parent
 ALERTS = ROOT / "deploy/prometheus/alerts.yml"
@@ -210,3 +214,216 @@ async def test_every_alert_and_dashboard_query_uses_published_metrics(
         missing |= used - names
     if missing:
         pytest.skip(f"metrics of the contract not published yet: {', '.join(sorted(missing))}")
+
+
+# -- a real Prometheus against real processes ------------------------------------------------------
+
+
+class Prometheus:
+    """The HTTP API of a running Prometheus, as the test needs it."""
+
+    def __init__(self, http: aiohttp.ClientSession) -> None:
+        self.http = http
+
+    async def query(self, expr: str) -> list[dict[str, Any]]:
+        async with self.http.get("/api/v1/query", params={"query": expr}) as response:
+            body = await response.json()
+        assert body["status"] == "success", f"{expr!r}: {body}"
+        return list(body["data"]["result"])
+
+    async def holds(self, expr: str) -> bool:
+        """Whether ``expr`` has a result now (False while Prometheus is not up yet)."""
+        try:
+            return bool(await self.query(expr))
+        except aiohttp.ClientError:
+            return False
+
+    async def firing(self) -> dict[str, list[dict[str, Any]]]:
+        try:
+            async with self.http.get("/api/v1/alerts") as response:
+                alerts = (await response.json())["data"]["alerts"]
+        except aiohttp.ClientError:
+            return {}
+        out: dict[str, list[dict[str, Any]]] = {}
+        for alert in alerts:
+            if alert["state"] == "firing":
+                out.setdefault(alert["labels"]["alertname"], []).append(alert)
+        return out
+
+    async def wait_firing(self, name: str, timeout_s: float) -> list[dict[str, Any]]:
+        async def fires() -> bool:
+            return name in await self.firing()
+
+        await wait_until(fires, timeout_s, f"{name} to fire")
+        return (await self.firing())[name]
+
+    async def metric_names(self) -> set[str]:
+        async with self.http.get("/api/v1/label/__name__/values") as response:
+            return set((await response.json())["data"])
+
+
+def fast_rules(path: Path) -> Path:
+    """alerts.yml with every ``for:`` cut to 1 s, so a test sees in seconds what takes
+    minutes in production; the expressions are the real ones."""
+    data = yaml.safe_load(ALERTS.read_text())
+    for group in data["groups"]:
+        for rule in group["rules"]:
+            rule["for"] = "1s"
+    path.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
+    return path
+
+
+def grafana_expr(expr: str) -> str:
+    """A panel's query as Grafana sends it for a short range scraped every second."""
+    for variable, value in (("$__rate_interval", "15s"), ("$__interval", "1s"), ("$__range", "1m")):
+        expr = expr.replace(variable, value)
+    return expr
+
+
+@pytest.mark.slow
+async def test_a_real_prometheus_fires_the_alerts_from_real_failures_and_killed_workers(
+    database_url: str, smtp: RecordingSMTPServer, tmp_path: Path
+) -> None:
+    """``mailroom web`` and two ``mailroom worker`` processes, scraped every second by Debian's
+    Prometheus with the real rules (``for:`` cut to 1 s, evaluated every second) and a worker
+    presumed dead after 2 s of silence (MAILROOM_STALLED_AFTER_SECONDS, the minimum). Half of a
+    batch is refused with 550, then one worker and the other are SIGKILLed."""
+    prometheus_binary = binary("prometheus")
+    web_port, first_worker_port = free_port(), free_ports(2)
+    worker_ports = (first_worker_port, first_worker_port + 1)  # instance N: base port + N
+    settings = make_settings(
+        database_url,
+        smtp.port,
+        web_port=web_port,
+        metrics_port=first_worker_port - 1,
+        stalled_after_seconds=2,
+        sweep_interval_seconds=1,
+    )
+    good = [f"good{i}@example.org" for i in range(20)]
+    bad = [f"bad{i}@example.org" for i in range(20)]
+    for address in bad:
+        smtp.rules[address] = Rule("550 5.1.1 no such user")
+
+    prom_port = free_port()
+    config = {
+        "global": {
+            "scrape_interval": "1s",
+            "scrape_timeout": "1s",
+            "evaluation_interval": "1s",
+            "external_labels": {"runbook_base": "https://runbooks.test/mailroom"},
+        },
+        "rule_files": [str(fast_rules(tmp_path / "alerts.yml"))],
+        "scrape_configs": [
+            {
+                "job_name": "mailroom-web",
+                "static_configs": [{"targets": [f"127.0.0.1:{web_port}"]}],
+            },
+            {
+                "job_name": "mailroom-worker",
+                "static_configs": [{"targets": [f"127.0.0.1:{p}" for p in worker_ports]}],
+            },
+        ],
+    }
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    log = tmp_path / "processes.log"
+    procs = [
+        await start(settings, "web", log_path=log),
+        await start(settings, "worker", "--instance", "1", log_path=log),
+        await start(settings, "worker", "--instance", "2", log_path=log),
+    ]
+    worker1, worker2 = procs[1:]
+    prom = await asyncio.create_subprocess_exec(
+        prometheus_binary,
+        f"--config.file={tmp_path / 'prometheus.yml'}",
+        f"--storage.tsdb.path={tmp_path / 'data'}",
+        f"--web.listen-address=127.0.0.1:{prom_port}",
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        async with (
+            aiohttp.ClientSession(f"http://127.0.0.1:{prom_port}") as prom_http,
+            aiohttp.ClientSession(f"http://127.0.0.1:{web_port}") as web_http,
+        ):
+            p = Prometheus(prom_http)
+            # Both workers scraped and heartbeating, their counters seen at 0 before any send.
+            for ready in (
+                'count(up{job="mailroom-worker"} == 1) == 2',
+                "max(mailroom_workers_alive) == 2",
+                'count(mailroom_emails_sent_total{job="mailroom-worker"}) == 2',
+            ):
+                await wait_until(lambda q=ready: p.holds(q), 60, ready)
+            worker_alerts = {
+                "MailroomWorkerDown",
+                "MailroomWorkerNotHeartbeating",
+                "MailroomNoLiveWorker",
+                "MailroomHighFailureRatio",
+                "MailroomDeadLetters",
+            }
+
+            async def healthy() -> bool:
+                return not worker_alerts & set(await p.firing())
+
+            await wait_until(healthy, 15, "no worker or failure alert while all is well")
+
+            created = await web_http.post(
+                "/api/batches",
+                json={"recipients": good + bad, "subject": "Hi", "body": "Half bounce"},
+                headers=AUTH,
+            )
+            assert created.status == 201, await created.text()
+            (ratio,) = await p.wait_firing("MailroomHighFailureRatio", 30)
+            assert ratio["annotations"]["description"] == (
+                "50% of attempts failed in the last 5 minutes."
+            )
+            assert ratio["annotations"]["runbook_url"] == (
+                "https://runbooks.test/mailroom/docs/runbook.md#mailroomhighfailureratio"
+            )
+            await p.wait_firing("MailroomDeadLetters", 30)
+
+            # Every panel's query parses and, where its metrics exist, shows a value.
+            present = await p.metric_names()
+            missing: set[str] = set()
+            for panel in json.loads(DASHBOARD.read_text())["panels"]:
+                for target in panel["targets"]:
+                    expr = grafana_expr(target["expr"])
+                    result = await p.query(expr)
+                    absent = metric_names(expr) - present
+                    assert not absent - CONTRACT_METRICS, f"{expr!r}: {absent}"
+                    missing |= absent
+                    if not absent:
+                        assert result, f"{panel['title']!r} shows No data: {expr}"
+            async with prom_http.get("/api/v1/rules") as response:
+                (group,) = (await response.json())["data"]["groups"]
+            assert len(group["rules"]) == len(rules())
+            for rule in group["rules"]:
+                assert rule["health"] == "ok", f"{rule['name']}: {rule.get('lastError')}"
+
+            worker1.send_signal(signal.SIGKILL)
+            await worker1.wait()
+            (down,) = await p.wait_firing("MailroomWorkerDown", 30)
+            assert down["labels"]["instance"] == f"127.0.0.1:{worker_ports[0]}"
+            assert down["annotations"]["runbook_url"] == (
+                "https://runbooks.test/mailroom/docs/runbook.md#mailroomworkerdown"
+            )
+            firing = set(await p.firing())
+            assert "MailroomNoLiveWorker" not in firing and (
+                "MailroomWorkerNotHeartbeating" not in firing
+            ), "a killed worker is MailroomWorkerDown's alone while another lives"
+
+            worker2.send_signal(signal.SIGKILL)
+            await worker2.wait()
+            await p.wait_firing("MailroomNoLiveWorker", 30)
+            assert len((await p.firing())["MailroomWorkerDown"]) == 2
+    finally:
+        for proc in procs:
+            if proc.returncode is None:
+                proc.kill()
+            await proc.wait()
+        prom.terminate()
+        await prom.wait()
+    if missing:
+        pytest.skip(
+            "alerts fired; panels of contract metrics not checked for data, not published"
+            f" yet: {', '.join(sorted(missing))}"
+        )
