@@ -319,3 +319,28 @@ async def test_health_and_readiness(client: TestClient, settings: Settings) -> N
 async def test_the_dev_mail_route_does_not_exist_outside_dev(client: TestClient) -> None:
     response = await client.get("/api/dev/messages", headers=AUTH)
     assert response.status == 404
+
+
+async def test_a_bad_query_parameter_is_named_in_the_problems(client: TestClient) -> None:
+    response = await client.get("/api/dead-letters?limit=0&batch_id=nope", headers=AUTH)
+    assert response.status == 422
+    error = (await response.json())["error"]
+    assert error["code"] == "invalid_query"
+    assert [(p["field"], p["message"]) for p in error["details"]["problems"]] == [
+        ("limit", "must be at least 1"),
+        ("batch_id", "must be a UUID"),
+    ]
+
+
+@pytest.mark.parametrize("recipient_id", ["abc", "0", str(2**63)])
+async def test_a_recipient_id_that_names_no_row_is_404(
+    client: TestClient, recipient_id: str
+) -> None:
+    created = await (await client.post("/api/batches", json=GOOD, headers=AUTH)).json()
+    response = await client.patch(
+        f"/api/batches/{created['id']}/recipients/{recipient_id}",
+        json={"subject": "S", "body": "B"},
+        headers=AUTH,
+    )
+    assert response.status == 404
+    assert (await response.json())["error"]["code"] == "not_found"
