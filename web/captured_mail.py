@@ -16,7 +16,6 @@ from email.header import decode_header, make_header
 from email.parser import BytesHeaderParser
 from email.utils import getaddresses
 from pathlib import Path
-from typing import Any
 
 
 @dataclass(frozen=True)
@@ -26,14 +25,6 @@ class CapturedMessage:
     to: list[str]
     subject: str
     received_at: datetime
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "message_id": self.message_id,
-            "to": self.to,
-            "subject": self.subject,
-            "received_at": self.received_at.isoformat(),
-        }
 
 
 class CapturedMail:
