@@ -31,8 +31,6 @@ async def _nothing_written(settings: Settings) -> None:
 @pytest.mark.parametrize(
     ("payload", "field", "fragment"),
     [
-        ([1, 2], "body", "JSON object"),
-        ("just a string", "body", "JSON object"),
         (batch(recipients=...), "recipients", "expected a list"),
         (batch(recipients="a@example.org"), "recipients", "expected a list"),
         (batch(recipients=[]), "recipients", "at least one"),
@@ -61,12 +59,12 @@ async def _nothing_written(settings: Settings) -> None:
         (batch(subject=...), "subject", "required"),
         (batch(subject=""), "subject", "required"),
         (batch(subject="   "), "subject", "required"),
-        (batch(subject=7), "subject", "required"),
+        (batch(subject=7), "subject", "must be a string"),
         (batch(subject="Hi\r\nBcc: x@evil.example"), "subject", "single line"),
         (batch(subject="x" * 1000), "subject", "longer than"),
         (batch(subject="Hi {{ name"), "subject", "template error"),
         (batch(body=...), "body", "required"),
-        (batch(body=["list"]), "body", "required"),
+        (batch(body=["list"]), "body", "must be a string"),
         (batch(body="{% for %}"), "body", "template error"),
         (batch(body="x" * 100_001), "body", "longer than"),
         (batch(body="nul \u0000 here"), "body", "NUL"),
@@ -88,6 +86,55 @@ async def test_bad_input_is_422_naming_the_field_and_nothing_is_written(
     problems = error["details"]["problems"]
     assert any(p["field"] == field and fragment in p["message"] for p in problems), problems
     await _nothing_written(settings)
+
+
+@pytest.mark.parametrize("payload", [[1, 2], "just a string", True, 7])
+async def test_a_body_that_is_not_an_object_is_a_problem_of_the_body_not_of_a_field(
+    client: TestClient, settings: Settings, payload: Any
+) -> None:
+    # "body" is also a batch's field: the whole request must not be mistaken for it.
+    response = await client.post("/api/batches", json=payload, headers=AUTH)
+    assert response.status == 422, await response.text()
+    error = (await response.json())["error"]
+    assert error["code"] == "invalid_batch"
+    assert error["details"]["problems"] == [
+        {"field": None, "message": "the body must be a JSON object"}
+    ]
+    await _nothing_written(settings)
+
+
+@pytest.mark.parametrize(
+    ("changes", "field", "message"),
+    [
+        ({"subject": 7}, "subject", "must be a string"),
+        ({"body": None, "subject": ["S"]}, "subject", "must be a string"),
+        ({"send": "no"}, "send", "must be true or false"),
+        ({"send_at": 1893456000}, "send_at", "must be an ISO 8601 date and time"),
+        (
+            {"recipients": {"email": "a@example.org"}},
+            "recipients",
+            "expected a list of addresses or objects",
+        ),
+    ],
+)
+async def test_a_wrong_type_is_reported_as_a_type_error_not_as_missing(
+    client: TestClient, changes: dict[str, Any], field: str, message: str
+) -> None:
+    response = await client.post("/api/batches", json=batch(**changes), headers=AUTH)
+    assert response.status == 422, await response.text()
+    problems = (await response.json())["error"]["details"]["problems"]
+    assert [(p["field"], p["message"]) for p in problems if p["field"] == field] == [
+        (field, message)
+    ]
+    assert "required" not in message
+
+
+async def test_a_missing_field_is_reported_as_required(client: TestClient) -> None:
+    response = await client.post("/api/batches", json={"subject": "S", "body": "B"}, headers=AUTH)
+    problems = (await response.json())["error"]["details"]["problems"]
+    assert problems == [
+        {"field": "recipients", "message": "required: expected a list of addresses or objects"}
+    ]
 
 
 async def test_fields_with_a_default_need_not_be_given(
@@ -272,3 +319,28 @@ async def test_health_and_readiness(client: TestClient, settings: Settings) -> N
 async def test_the_dev_mail_route_does_not_exist_outside_dev(client: TestClient) -> None:
     response = await client.get("/api/dev/messages", headers=AUTH)
     assert response.status == 404
+
+
+async def test_a_bad_query_parameter_is_named_in_the_problems(client: TestClient) -> None:
+    response = await client.get("/api/dead-letters?limit=0&batch_id=nope", headers=AUTH)
+    assert response.status == 422
+    error = (await response.json())["error"]
+    assert error["code"] == "invalid_query"
+    assert [(p["field"], p["message"]) for p in error["details"]["problems"]] == [
+        ("limit", "must be at least 1"),
+        ("batch_id", "must be a UUID"),
+    ]
+
+
+@pytest.mark.parametrize("recipient_id", ["abc", "0", str(2**63)])
+async def test_a_recipient_id_that_names_no_row_is_404(
+    client: TestClient, recipient_id: str
+) -> None:
+    created = await (await client.post("/api/batches", json=GOOD, headers=AUTH)).json()
+    response = await client.patch(
+        f"/api/batches/{created['id']}/recipients/{recipient_id}",
+        json={"subject": "S", "body": "B"},
+        headers=AUTH,
+    )
+    assert response.status == 404
+    assert (await response.json())["error"]["code"] == "not_found"

@@ -325,7 +325,7 @@ async def test_operators_list_add_and_remove_suppressions(client: TestClient) ->
         ({"addresses": "a@example.org"}, 422, "list of 1 to"),
         ({"addresses": []}, 422, "list of 1 to"),
         ({"addresses": ["ok@example.org", "nope", 7]}, 422, "2 address(es)"),
-        ({"addresses": ["a@example.org"], "reason": "because"}, 422, "reason must be one of"),
+        ({"addresses": ["a@example.org"], "reason": "because"}, 422, "reason: must be one of"),
         ({"addresses": ["a@example.org"], "extra": 1}, 422, "unknown field"),
         (["a@example.org"], 422, "must be a JSON object"),
     ],

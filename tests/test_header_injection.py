@@ -439,7 +439,7 @@ async def test_accepted_text_never_makes_a_header_of_its_own(
     from datetime import UTC, datetime
 
     from shared.db import RecipientForSend
-    from web.api import checked_edit
+    from web.contract import DraftEdit
     from web.validation import InvalidSubmission, Limits, from_json
     from worker.drafting import TemplateDrafter
     from worker.failures import PermanentFailure
@@ -498,12 +498,12 @@ async def test_accepted_text_never_makes_a_header_of_its_own(
         else:
             deliverable(draft.subject, draft.body)
     try:
-        edited = checked_edit({"subject": edited_subject, "body": edited_body or "x"})
+        edited = DraftEdit.model_validate({"subject": edited_subject, "body": edited_body or "x"})
     except ValueError:
         event("edit refused")
     else:
         event("edit accepted")
-        deliverable(*edited)
+        deliverable(edited.subject, edited.body)
 
 
 async def _empty(settings: Settings, smtp: RecordingSMTPServer) -> None:

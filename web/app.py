@@ -17,12 +17,12 @@ from shared.db import Database, make_pool
 from shared.metrics import WEB_REGISTRY, PoolCollector, QueueCollector, render
 from shared.schema import pending_migrations
 from shared.settings import Settings
-from web import api, dead_letters, openapi, pages, suppressions
+from web import api, openapi, pages
 from web.auth import Authenticator, LoginLimiter, secret_equal
 from web.captured_mail import CapturedMail
+from web.errors import api_error
 from web.keys import AUTH, CAPTURED_MAIL, DB, LOGIN_LIMITER, METRICS_REGISTRY, SETTINGS
 from web.middlewares import (
-    api_error,
     auth_middleware,
     error_middleware,
     metrics_middleware,
@@ -125,10 +125,8 @@ def create_app(
     )
     app.router.add_routes(routes)
     app.router.add_routes(api.routes)
-    app.router.add_routes(dead_letters.routes)
     app.router.add_routes(openapi.routes)
     app.router.add_routes(pages.routes)
-    app.router.add_routes(suppressions.routes)
     app.router.add_static("/static", HERE / "static")
     return app
 

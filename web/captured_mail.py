@@ -18,7 +18,6 @@ from email.parser import BytesHeaderParser, BytesParser
 from email.utils import getaddresses
 from html.parser import HTMLParser
 from pathlib import Path
-from typing import Any
 
 # Searching reads the headers of every message it looks at: it looks at the newest ones only.
 MAX_SEARCHED = 20_000
@@ -32,14 +31,6 @@ class CapturedMessage:
     to: list[str]
     subject: str
     received_at: datetime
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "message_id": self.message_id,
-            "to": self.to,
-            "subject": self.subject,
-            "received_at": self.received_at.isoformat(),
-        }
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from typing import Any
 
 from aiohttp import web
 
-from web.middlewares import ApiError
+from web.errors import ApiError
 
 # Mailroom's deepest legitimate body is three levels (a batch, its recipients, one recipient).
 MAX_DEPTH = 32
@@ -59,7 +59,8 @@ async def read_json(request: web.Request, *, invalid: str) -> dict[str, Any]:
             422,
             invalid,
             "the body must be a JSON object",
-            {"problems": [{"field": "body", "message": "expected a JSON object"}]},
+            # No field: "body" is also the name of a batch's field.
+            {"problems": [{"field": None, "message": "the body must be a JSON object"}]},
         )
     found = _lone_surrogate(payload, [])
     if found is not None:

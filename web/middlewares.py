@@ -6,12 +6,12 @@ import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 import structlog
 from aiohttp import web
 
 from shared.metrics import HTTP_DURATION, HTTP_REQUESTS
+from web.errors import ApiError, api_error
 from web.keys import AUTH, AUTH_KIND, DB, LOGIN_LIMITER, REQUEST_ID, SESSION
 
 log = structlog.get_logger(__name__)
@@ -27,24 +27,6 @@ CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
     "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
 )
-
-
-def api_error(status: int, code: str, message: str, details: Any = None) -> web.Response:
-    """The one error shape of the API: ``{"error": {"code", "message", "details"}}``."""
-    return web.json_response(
-        {"error": {"code": code, "message": message, "details": details}}, status=status
-    )
-
-
-class ApiError(Exception):
-    """Raised by a handler (or a helper it calls) to answer with :func:`api_error`."""
-
-    def __init__(self, status: int, code: str, message: str, details: Any = None) -> None:
-        super().__init__(message)
-        self.status, self.code, self.message, self.details = status, code, message, details
-
-    def response(self) -> web.Response:
-        return api_error(self.status, self.code, self.message, self.details)
 
 
 def is_api(request: web.Request) -> bool:

@@ -1,591 +1,328 @@
-"""The OpenAPI 3 description of Mailroom's JSON API, served at ``/api/openapi.json``.
+"""The OpenAPI 3.1 description of Mailroom's JSON API, served at ``/api/openapi.json``.
 
-Tests run schemathesis against it: every documented response must match, and no input may
-produce a 5xx.
+Every operation is one row of :data:`OPERATIONS`; its bodies, queries and headers are the
+models of ``web/contract.py``, whose JSON Schemas pydantic generates into
+``components/schemas``. Tests check that the rows and the application's routes are the same
+set, and run schemathesis against the document: every documented response must match, and no
+input may produce a 5xx.
 """
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
+from functools import cache
 from typing import Any
 
 from aiohttp import web
+from pydantic import BaseModel, TypeAdapter
+from pydantic.json_schema import JsonSchemaMode
 
-from shared.db import RECIPIENT_STATUSES, SUPPRESSION_REASONS
 from shared.metrics import VERSION
+from web.contract import (
+    Approved,
+    Batch,
+    BatchList,
+    BatchRequest,
+    Cancelled,
+    CapturedMessages,
+    Created,
+    DeadLetterPage,
+    DeadLettersQuery,
+    Discarded,
+    DraftEdit,
+    DraftSaved,
+    ErrorBody,
+    Health,
+    IdempotencyHeaders,
+    NewSuppressions,
+    PageQuery,
+    PathIds,
+    Readiness,
+    RecipientPage,
+    RecipientsQuery,
+    Redriven,
+    RemovedSuppressions,
+    Selection,
+    SuppressionPage,
+    SuppressionsAdded,
+    SuppressionsRemoved,
+)
 
 routes = web.RouteTableDef()
 
-_ERROR = {"$ref": "#/components/schemas/Error"}
-
-
-_ADDRESSES = {
-    "type": "array",
-    "minItems": 1,
-    "maxItems": 10_000,
-    "items": {"type": "string", "maxLength": 254},
+REF_TEMPLATE = "#/components/schemas/{model}"
+ERRORS = {
+    400: "Malformed request (bad JSON, not UTF-8, nested too deep)",
+    401: "Missing or wrong Bearer token",
+    403: "Forbidden (CSRF)",
+    404: "Not found",
+    409: "Conflict",
+    413: "Request too large",
+    415: "Not application/json",
+    422: "Invalid input; details list every problem",
+    429: "Too many wrong tokens from this client; see Retry-After",
 }
+SchemaKey = tuple[str, JsonSchemaMode]  # a model's name (or a union's repr) and its mode
+_ANY_JSON = ("application/json", "object")
+# Errors every operation with a JSON body can answer, besides its own.
+BODY_ERRORS = (400, 413, 415, 422)
 
 
-def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
-    return {"description": description, "content": {"application/json": {"schema": schema}}}
+@dataclass(frozen=True)
+class Operation:
+    """One route of the API: what it reads and what it answers, by contract model.
+
+    ``answers`` maps a success status to its model and description.
+    ``errors`` are the error statuses it can answer besides those that follow from the rest:
+    a JSON ``body`` adds :data:`BODY_ERRORS`, a ``query`` adds 422, and anything but a
+    ``public`` route adds 401 and 429 (wrong tokens count toward the login limit).
+    """
+
+    method: str
+    path: str
+    summary: str
+    answers: dict[int, tuple[type[BaseModel] | None, str]]
+    errors: tuple[int, ...] = ()
+    body: Any = None
+    query: type[BaseModel] | None = None
+    headers: type[BaseModel] | None = None
+    public: bool = False
+    text: bool = False  # a success without a model: plain text if set, else any JSON object
+
+    def error_statuses(self) -> list[int]:
+        statuses = set(self.errors)
+        if self.body is not None:
+            statuses |= set(BODY_ERRORS)
+        if self.query is not None:
+            statuses.add(422)
+        if not self.public:
+            statuses |= {401, 429}
+        return sorted(statuses)
 
 
-def _errors(*statuses: int) -> dict[str, Any]:
-    text = {
-        400: "Malformed request (bad JSON, not UTF-8, nested too deep)",
-        401: "Missing or wrong Bearer token",
-        403: "Forbidden (CSRF)",
-        404: "Not found",
-        409: "Conflict",
-        413: "Request too large",
-        415: "Not application/json",
-        422: "Invalid input; details list every problem",
-        429: "Too many wrong tokens from this client; see Retry-After",
-    }
-    if 401 in statuses:  # wrong tokens count toward MAILROOM_LOGIN_ATTEMPTS_PER_MINUTE
-        statuses = (*statuses, 429)
-    return {str(s): _json(_ERROR, text[s]) for s in statuses}
-
-
-_BATCH_ID = {
-    "name": "batch_id",
-    "in": "path",
-    "required": True,
-    "schema": {"type": "string", "format": "uuid"},
-}
-_PAGE = [
-    {"name": "after", "in": "query", "schema": {"type": "integer", "minimum": 0}},
-    {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 500}},
+OPERATIONS = [
+    Operation(
+        "POST",
+        "/api/batches",
+        "Create a batch (batch, recipients and jobs in one transaction)",
+        {201: (Created, "Created"), 200: (Created, "Already created with this key")},
+        errors=(409,),
+        body=BatchRequest,
+        headers=IdempotencyHeaders,
+    ),
+    Operation("GET", "/api/batches", "Recent batches", {200: (BatchList, "The newest batches")}),
+    Operation(
+        "GET",
+        "/api/batches/{batch_id}",
+        "A batch with its counts",
+        {200: (Batch, "The batch")},
+        errors=(404,),
+    ),
+    Operation(
+        "GET",
+        "/api/batches/{batch_id}/recipients",
+        "A page of a batch's recipients",
+        {200: (RecipientPage, "Recipients in submission order")},
+        errors=(404,),
+        query=RecipientsQuery,
+    ),
+    Operation(
+        "PATCH",
+        "/api/batches/{batch_id}/recipients/{recipient_id}",
+        "Edit a draft that waits for review",
+        {200: (DraftSaved, "Saved")},
+        errors=(404, 409),
+        body=DraftEdit,
+    ),
+    Operation(
+        "POST",
+        "/api/batches/{batch_id}/cancel",
+        "Cancel what is left of a batch",
+        {200: (Cancelled, "Cancelled")},
+        errors=(404,),
+    ),
+    Operation(
+        "POST",
+        "/api/batches/{batch_id}/send",
+        "Send a batch created with send: false after review",
+        {200: (Approved, "Queued")},
+        errors=(404, 409),
+    ),
+    Operation(
+        "GET",
+        "/api/dead-letters",
+        "Dead letters across batches",
+        {200: (DeadLetterPage, "Dead letters")},
+        query=DeadLettersQuery,
+    ),
+    Operation(
+        "POST",
+        "/api/dead-letters/redrive",
+        "Requeue dead letters with a fresh attempt budget",
+        {200: (Redriven, "Requeued")},
+        body=Selection,
+    ),
+    Operation(
+        "POST",
+        "/api/dead-letters/discard",
+        "Give up on dead letters (they become cancelled)",
+        {200: (Discarded, "Discarded")},
+        body=Selection,
+    ),
+    Operation(
+        "GET",
+        "/api/suppressions",
+        "Addresses that are never sent to (unsubscribed, bounced, manual)",
+        {200: (SuppressionPage, "Suppressions")},
+        query=PageQuery,
+    ),
+    Operation(
+        "POST",
+        "/api/suppressions",
+        "Suppress addresses: recipients of them are counted, never sent",
+        {200: (SuppressionsAdded, "Suppressed")},
+        body=NewSuppressions,
+    ),
+    Operation(
+        "POST",
+        "/api/suppressions/remove",
+        "Allow sending to these addresses again",
+        {200: (SuppressionsRemoved, "Removed")},
+        body=RemovedSuppressions,
+    ),
+    Operation(
+        "GET",
+        "/api/dev/messages",
+        "What the mail capture received (only in `mailroom dev`)",
+        {200: (CapturedMessages, "Captured messages, newest first")},
+        errors=(404,),
+    ),
+    Operation(
+        "GET",
+        "/api/openapi.json",
+        "This document",
+        {200: (None, "The OpenAPI document")},
+        public=True,
+    ),
+    Operation("GET", "/healthz", "The process is up", {200: (Health, "Up")}, public=True),
+    Operation(
+        "GET",
+        "/readyz",
+        "Database reachable and migrations applied",
+        {200: (Readiness, "Ready"), 503: (Readiness, "Not ready")},
+        public=True,
+    ),
+    Operation(
+        "GET",
+        "/metrics",
+        "Prometheus metrics (a Bearer MAILROOM_METRICS_TOKEN when one is set)",
+        {200: (None, "Prometheus text exposition")},
+        errors=(401,),
+        public=True,
+        text=True,
+    ),
 ]
-_SELECTION = {
-    "oneOf": [
-        {
-            "type": "object",
-            "required": ["ids"],
-            "additionalProperties": False,
-            "properties": {
-                "ids": {
-                    "type": "array",
-                    "minItems": 1,
-                    "maxItems": 10000,
-                    "items": {"type": "integer", "minimum": 1},
-                }
-            },
-        },
-        {
-            "type": "object",
-            "required": ["batch_id"],
-            "additionalProperties": False,
-            "properties": {"batch_id": {"type": "string", "format": "uuid"}},
-        },
-        {
-            "type": "object",
-            "required": ["all"],
-            "additionalProperties": False,
-            "properties": {"all": {"type": "boolean", "enum": [True]}},
-        },
-    ]
-}
 
-SPEC: dict[str, Any] = {
-    "openapi": "3.0.3",
-    "info": {
-        "title": "Mailroom",
-        "version": VERSION,
-        "description": "Durable batch email: create batches, follow them, handle dead letters.",
-    },
-    "security": [{"bearer": []}],
-    "paths": {
-        "/api/batches": {
-            "post": {
-                "summary": "Create a batch (batch, recipients and jobs in one transaction)",
-                "parameters": [
-                    {
-                        "name": "Idempotency-Key",
-                        "in": "header",
-                        "required": False,
-                        "schema": {
-                            "type": "string",
-                            "minLength": 1,
-                            "maxLength": 255,
-                            "pattern": "^[!-~]+$",
-                        },
-                    },
-                ],
-                "requestBody": {
-                    "required": True,
-                    "content": {
-                        "application/json": {"schema": {"$ref": "#/components/schemas/NewBatch"}}
-                    },
-                },
-                "responses": {
-                    "201": _json({"$ref": "#/components/schemas/Created"}, "Created"),
-                    "200": _json(
-                        {"$ref": "#/components/schemas/Created"}, "Already created with this key"
-                    ),
-                    **_errors(400, 401, 409, 413, 415, 422),
-                },
-            },
-            "get": {
-                "summary": "Recent batches",
-                "responses": {
-                    "200": _json(
-                        {
-                            "type": "object",
-                            "required": ["batches"],
-                            "properties": {
-                                "batches": {
-                                    "type": "array",
-                                    "items": {"$ref": "#/components/schemas/Batch"},
-                                }
-                            },
-                        },
-                        "The newest batches",
-                    ),
-                    **_errors(401),
-                },
-            },
+
+@cache
+def document() -> dict[str, Any]:
+    """The whole OpenAPI document (built once: it depends on nothing but the code)."""
+    # Requests are described as they are validated, responses as they are serialized.
+    inputs = {repr(o.body): o.body for o in OPERATIONS if o.body is not None}
+    outputs = {m.__name__: m for o in OPERATIONS for m, _ in o.answers.values() if m is not None}
+    outputs["ErrorBody"] = ErrorBody
+    sources: list[tuple[SchemaKey, JsonSchemaMode, TypeAdapter[Any]]] = [
+        *(((key, "validation"), "validation", TypeAdapter(t)) for key, t in inputs.items()),
+        *(((key, "serialization"), "serialization", TypeAdapter(t)) for key, t in outputs.items()),
+    ]
+    schemas, definitions = TypeAdapter.json_schemas(sources, ref_template=REF_TEMPLATE)
+
+    paths: dict[str, dict[str, Any]] = {}
+    for operation in OPERATIONS:
+        paths.setdefault(operation.path, {})[operation.method.lower()] = _operation(
+            operation, schemas
+        )
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "Mailroom",
+            "version": VERSION,
+            "description": "Durable batch email: create batches, follow them, handle dead letters.",
         },
-        "/api/batches/{batch_id}": {
-            "get": {
-                "summary": "A batch with its counts",
-                "parameters": [_BATCH_ID],
-                "responses": {
-                    "200": _json({"$ref": "#/components/schemas/Batch"}, "The batch"),
-                    **_errors(401, 404),
-                },
+        "security": [{"bearer": []}],
+        "paths": paths,
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "schemas": definitions.get("$defs", {}),
+        },
+    }
+
+
+def _operation(
+    operation: Operation, schemas: dict[tuple[SchemaKey, JsonSchemaMode], Any]
+) -> dict[str, Any]:
+    def schema(key: str, mode: JsonSchemaMode) -> Any:
+        return schemas[((key, mode), mode)]
+
+    out: dict[str, Any] = {"summary": operation.summary}
+    if operation.public:
+        out["security"] = []
+    parameters = [
+        _parameter(name, "path", PathIds, required=True)
+        for name in re.findall(r"\{(\w+)\}", operation.path)
+    ]
+    if operation.query is not None:
+        parameters += [
+            _parameter(name, "query", operation.query) for name in operation.query.model_fields
+        ]
+    if operation.headers is not None:
+        parameters += [
+            _parameter(info.alias or name, "header", operation.headers)
+            for name, info in operation.headers.model_fields.items()
+        ]
+    if parameters:
+        out["parameters"] = parameters
+    if operation.body is not None:
+        out["requestBody"] = {
+            "required": True,
+            "content": {"application/json": {"schema": schema(repr(operation.body), "validation")}},
+        }
+    responses: dict[str, Any] = {}
+    for status, (model, description) in operation.answers.items():
+        if model is None:
+            media, anything = ("text/plain", "string") if operation.text else _ANY_JSON
+            responses[str(status)] = {
+                "description": description,
+                "content": {media: {"schema": {"type": anything}}},
             }
-        },
-        "/api/batches/{batch_id}/recipients": {
-            "get": {
-                "summary": "A page of a batch's recipients",
-                "parameters": [
-                    _BATCH_ID,
-                    {
-                        "name": "status",
-                        "in": "query",
-                        "schema": {"type": "string", "enum": list(RECIPIENT_STATUSES)},
-                    },
-                    *_PAGE,
-                ],
-                "responses": {
-                    "200": _json(
-                        {
-                            "type": "object",
-                            "required": ["recipients", "next_after"],
-                            "properties": {
-                                "recipients": {
-                                    "type": "array",
-                                    "items": {"$ref": "#/components/schemas/Recipient"},
-                                },
-                                "next_after": {"type": "integer", "nullable": True},
-                            },
-                        },
-                        "Recipients in submission order",
-                    ),
-                    **_errors(401, 404, 422),
-                },
-            }
-        },
-        "/api/batches/{batch_id}/recipients/{recipient_id}": {
-            "patch": {
-                "summary": "Edit a draft that waits for review",
-                "parameters": [
-                    _BATCH_ID,
-                    {
-                        "name": "recipient_id",
-                        "in": "path",
-                        "required": True,
-                        "schema": {"type": "integer"},
-                    },
-                ],
-                "requestBody": {
-                    "required": True,
-                    "content": {
-                        "application/json": {
-                            "schema": {
-                                "type": "object",
-                                "required": ["subject", "body"],
-                                "additionalProperties": False,
-                                "properties": {
-                                    "subject": {"type": "string"},
-                                    "body": {"type": "string"},
-                                },
-                            }
-                        }
-                    },
-                },
-                "responses": {
-                    "200": _json(
-                        {
-                            "type": "object",
-                            "required": ["id", "subject"],
-                            "properties": {
-                                "id": {"type": "integer"},
-                                "subject": {"type": "string"},
-                            },
-                        },
-                        "Saved",
-                    ),
-                    **_errors(400, 401, 404, 409, 413, 415, 422),
-                },
-            }
-        },
-        "/api/batches/{batch_id}/cancel": {
-            "post": {
-                "summary": "Cancel what is left of a batch",
-                "parameters": [_BATCH_ID],
-                "responses": {
-                    "200": _json(
-                        {
-                            "type": "object",
-                            "required": ["id", "cancelled"],
-                            "properties": {
-                                "id": {"type": "string"},
-                                "cancelled": {"type": "integer"},
-                            },
-                        },
-                        "Cancelled",
-                    ),
-                    **_errors(401, 404),
-                },
-            }
-        },
-        "/api/batches/{batch_id}/send": {
-            "post": {
-                "summary": "Send a batch created with send: false after review",
-                "parameters": [_BATCH_ID],
-                "responses": {
-                    "200": _json(
-                        {
-                            "type": "object",
-                            "required": ["id", "queued"],
-                            "properties": {"id": {"type": "string"}, "queued": {"type": "integer"}},
-                        },
-                        "Queued",
-                    ),
-                    **_errors(401, 404, 409),
-                },
-            }
-        },
-        "/api/dead-letters": {
-            "get": {
-                "summary": "Dead letters across batches",
-                "parameters": [
-                    {
-                        "name": "batch_id",
-                        "in": "query",
-                        "schema": {"type": "string", "format": "uuid"},
-                    },
-                    *_PAGE,
-                ],
-                "responses": {
-                    "200": _json(
-                        {
-                            "type": "object",
-                            "required": ["dead_letters", "next_after"],
-                            "properties": {
-                                "dead_letters": {
-                                    "type": "array",
-                                    "items": {"$ref": "#/components/schemas/DeadLetter"},
-                                },
-                                "next_after": {"type": "integer", "nullable": True},
-                            },
-                        },
-                        "Dead letters",
-                    ),
-                    **_errors(401, 422),
-                },
-            }
-        },
-        "/api/dead-letters/redrive": {
-            "post": {
-                "summary": "Requeue dead letters with a fresh attempt budget",
-                "requestBody": {
-                    "required": True,
-                    "content": {"application/json": {"schema": _SELECTION}},
-                },
-                "responses": {
-                    "200": _json(
-                        {
-                            "type": "object",
-                            "required": ["redriven"],
-                            "properties": {"redriven": {"type": "integer"}},
-                        },
-                        "Requeued",
-                    ),
-                    **_errors(400, 401, 413, 415, 422),
-                },
-            }
-        },
-        "/api/dead-letters/discard": {
-            "post": {
-                "summary": "Give up on dead letters (they become cancelled)",
-                "requestBody": {
-                    "required": True,
-                    "content": {"application/json": {"schema": _SELECTION}},
-                },
-                "responses": {
-                    "200": _json(
-                        {
-                            "type": "object",
-                            "required": ["discarded"],
-                            "properties": {"discarded": {"type": "integer"}},
-                        },
-                        "Discarded",
-                    ),
-                    **_errors(400, 401, 413, 415, 422),
-                },
-            }
-        },
-        "/api/suppressions": {
-            "get": {
-                "summary": "Addresses that are never sent to (unsubscribed, bounced, manual)",
-                "parameters": [*_PAGE],
-                "responses": {
-                    "200": _json(
-                        {
-                            "type": "object",
-                            "required": ["suppressions", "next_after"],
-                            "properties": {
-                                "suppressions": {
-                                    "type": "array",
-                                    "items": {"$ref": "#/components/schemas/Suppression"},
-                                },
-                                "next_after": {"type": "integer", "nullable": True},
-                            },
-                        },
-                        "Suppressions",
-                    ),
-                    **_errors(401, 422),
-                },
-            },
-            "post": {
-                "summary": "Suppress addresses: recipients of them are counted, never sent",
-                "requestBody": {
-                    "required": True,
-                    "content": {
-                        "application/json": {
-                            "schema": {
-                                "type": "object",
-                                "required": ["addresses"],
-                                "additionalProperties": False,
-                                "properties": {
-                                    "addresses": _ADDRESSES,
-                                    "reason": {
-                                        "type": "string",
-                                        "enum": list(SUPPRESSION_REASONS),
-                                        "default": "manual",
-                                    },
-                                },
-                            }
-                        }
-                    },
-                },
-                "responses": {
-                    "200": _json(
-                        {
-                            "type": "object",
-                            "required": ["added", "already_suppressed"],
-                            "properties": {
-                                "added": {"type": "integer"},
-                                "already_suppressed": {"type": "integer"},
-                            },
-                        },
-                        "Suppressed",
-                    ),
-                    **_errors(400, 401, 413, 415, 422),
-                },
-            },
-        },
-        "/api/suppressions/remove": {
-            "post": {
-                "summary": "Allow sending to these addresses again",
-                "requestBody": {
-                    "required": True,
-                    "content": {
-                        "application/json": {
-                            "schema": {
-                                "type": "object",
-                                "required": ["addresses"],
-                                "additionalProperties": False,
-                                "properties": {"addresses": _ADDRESSES},
-                            }
-                        }
-                    },
-                },
-                "responses": {
-                    "200": _json(
-                        {
-                            "type": "object",
-                            "required": ["removed"],
-                            "properties": {"removed": {"type": "integer"}},
-                        },
-                        "Removed",
-                    ),
-                    **_errors(400, 401, 413, 415, 422),
-                },
-            }
-        },
-        "/healthz": {
-            "get": {
-                "summary": "The process is up",
-                "security": [],
-                "responses": {"200": _json({"type": "object"}, "Up")},
-            }
-        },
-        "/readyz": {
-            "get": {
-                "summary": "Database reachable and migrations applied",
-                "security": [],
-                "responses": {
-                    "200": _json({"type": "object"}, "Ready"),
-                    "503": _json({"type": "object"}, "Not ready"),
-                },
-            }
-        },
-    },
-    "components": {
-        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
-        "schemas": {
-            "Suppression": {
-                "type": "object",
-                "required": ["id", "address", "reason", "created_at"],
-                "properties": {
-                    "id": {"type": "integer"},
-                    "address": {"type": "string"},
-                    "reason": {"type": "string", "enum": list(SUPPRESSION_REASONS)},
-                    "detail": {"type": "string", "nullable": True},
-                    "created_at": {"type": "string", "format": "date-time"},
-                },
-            },
-            "Error": {
-                "type": "object",
-                "required": ["error"],
-                "properties": {
-                    "error": {
-                        "type": "object",
-                        "required": ["code", "message", "details"],
-                        "properties": {
-                            "code": {"type": "string"},
-                            "message": {"type": "string"},
-                            "details": {"nullable": True},
-                        },
-                    }
-                },
-            },
-            "NewBatch": {
-                "type": "object",
-                "required": ["recipients"],
-                "properties": {
-                    "recipients": {
-                        "type": "array",
-                        "items": {
-                            "oneOf": [
-                                {"type": "string", "format": "email"},
-                                {
-                                    "type": "object",
-                                    "required": ["email"],
-                                    "properties": {"email": {"type": "string"}},
-                                    "additionalProperties": {"nullable": True},
-                                },
-                            ]
-                        },
-                    },
-                    "subject": {
-                        "type": "string",
-                        "description": "jinja2 template (template drafter)",
-                    },
-                    "body": {"type": "string", "description": "jinja2 template (template drafter)"},
-                    "drafter": {
-                        "type": "string",
-                        "enum": ["template", "llm"],
-                        "default": "template",
-                    },
-                    "context": {
-                        "type": "string",
-                        "description": "what the LLM writes from (llm drafter)",
-                    },
-                    "send": {
-                        "type": "boolean",
-                        "default": True,
-                        "description": "false: draft, then wait for review",
-                    },
-                    "send_at": {"type": "string", "format": "date-time"},
-                },
-            },
-            "Created": {
-                "type": "object",
-                "required": ["id", "total", "status_url"],
-                "properties": {
-                    "id": {"type": "string", "format": "uuid"},
-                    "total": {"type": "integer"},
-                    "duplicates_removed": {"type": "integer"},
-                    "status_url": {"type": "string"},
-                },
-            },
-            "Batch": {
-                "type": "object",
-                "required": [
-                    "id",
-                    "status",
-                    "total",
-                    "counts",
-                    "progress",
-                    "drafter",
-                    "created_at",
-                ],
-                "properties": {
-                    "id": {"type": "string", "format": "uuid"},
-                    "status": {
-                        "type": "string",
-                        "enum": ["queued", "sending", "awaiting_review", "done"],
-                    },
-                    "total": {"type": "integer"},
-                    "counts": {
-                        "type": "object",
-                        "required": list(RECIPIENT_STATUSES),
-                        "properties": {s: {"type": "integer"} for s in RECIPIENT_STATUSES},
-                    },
-                    "progress": {"type": "number", "minimum": 0, "maximum": 1},
-                    "drafter": {"type": "string"},
-                    "review": {"type": "boolean"},
-                    "approved": {"type": "boolean"},
-                    "tokens": {"type": "object"},
-                    "send_at": {"type": "string", "nullable": True},
-                    "created_at": {"type": "string", "format": "date-time"},
-                },
-            },
-            "Recipient": {
-                "type": "object",
-                "required": ["id", "email", "status", "attempts"],
-                "properties": {
-                    "id": {"type": "integer"},
-                    "email": {"type": "string"},
-                    "status": {"type": "string", "enum": list(RECIPIENT_STATUSES)},
-                    "attempts": {"type": "integer"},
-                    "last_error": {"type": "string", "nullable": True},
-                    "message_id": {"type": "string", "nullable": True},
-                    "sent_at": {"type": "string", "nullable": True},
-                },
-            },
-            "DeadLetter": {
-                "type": "object",
-                "required": ["id", "batch_id", "email", "attempts", "died_at"],
-                "properties": {
-                    "id": {"type": "integer"},
-                    "batch_id": {"type": "string"},
-                    "email": {"type": "string"},
-                    "attempts": {"type": "integer"},
-                    "last_error": {"type": "string", "nullable": True},
-                    "died_at": {"type": "string"},
-                },
-            },
-        },
-    },
-}
+        else:
+            responses[str(status)] = _json(schema(model.__name__, "serialization"), description)
+    error = schema("ErrorBody", "serialization")
+    for status in operation.error_statuses():
+        responses[str(status)] = _json(error, ERRORS[status])
+    out["responses"] = responses
+    return out
+
+
+def _parameter(
+    name: str, where: str, model: type[BaseModel], *, required: bool = False
+) -> dict[str, Any]:
+    """A parameter whose schema is the model's property ``name``, without the ``null`` a
+    query or header cannot send (leaving it out is how a client says "none")."""
+    properties = model.model_json_schema(ref_template=REF_TEMPLATE)["properties"]
+    schema = {k: v for k, v in properties[name].items() if k not in {"title", "default"}}
+    options = schema.pop("anyOf", None)
+    if options is not None:
+        present = [option for option in options if option.get("type") != "null"]
+        schema = {**schema, **present[0]} if len(present) == 1 else {**schema, "anyOf": present}
+    return {"name": name, "in": where, "required": required, "schema": schema}
+
+
+def _json(schema: Any, description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
 
 
 @routes.get("/api/openapi.json")
 async def openapi(request: web.Request) -> web.Response:
-    return web.json_response(SPEC)
+    return web.json_response(document())

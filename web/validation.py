@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from pydantic import ValidationError
+
 from shared.addresses import InvalidAddress, dedupe_key, normalize_address
 from shared.db import NewBatch, NewRecipient
 from shared.headers import lone_surrogate_message, unsafe_message
@@ -25,6 +27,7 @@ from shared.templating import (
     render,
     template_values,
 )
+from web.contract import BatchRequest, Problem, problems_of
 
 DRAFTERS = ("template", "llm")
 MAX_CONTEXT_CHARS = 20_000
@@ -35,29 +38,10 @@ MAX_FIELD_VALUE_CHARS = 2_000
 MAX_PROBLEMS_LISTED = 1_000
 _FIELD_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
-_API_KEYS = {"recipients", "subject", "body", "drafter", "context", "send", "send_at"}
 MAX_SCHEDULE_AHEAD = timedelta(days=365)
 # The dry run renders each distinct set of recipient fields (each render on the templates'
 # own budget, shared.templating.RENDER_SECONDS); all of them together get this long.
 DRY_RUN_SECONDS = 2.0
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One thing wrong with a submission, pointing at the field (and entry) at fault."""
-
-    field: str
-    message: str
-    position: int | None = None
-    line: int | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"field": self.field, "message": self.message}
-        if self.position is not None:
-            out["position"] = self.position
-        if self.line is not None:
-            out["line"] = self.line
-        return out
 
 
 class InvalidSubmission(Exception):
@@ -120,29 +104,29 @@ class _Entry:
 
 
 def from_json(payload: Any, *, limits: Limits) -> Submission:
-    """Validate the API's JSON body: ``recipients``, then ``subject`` and ``body`` templates
-    (``drafter: "template"``, the default) or a ``context`` (``drafter: "llm"``), and
-    ``send: false`` to stop after drafting for review."""
+    """Validate the API's JSON body (:class:`web.contract.BatchRequest`): ``recipients``, then
+    ``subject`` and ``body`` templates (``drafter: "template"``, the default) or a ``context``
+    (``drafter: "llm"``), and ``send: false`` to stop after drafting for review.
+
+    A body of the wrong shape (an unknown field, a wrong type) is refused for that alone; once
+    the shape is right, every problem with the recipients and templates is listed.
+    """
     if not isinstance(payload, dict):
-        raise InvalidSubmission([Problem("body", "expected a JSON object")])
-    problems = [Problem(key, "unknown field") for key in sorted(set(payload) - _API_KEYS)]
-    raw = payload.get("recipients")
-    entries: list[_Entry] = []
-    if not isinstance(raw, list):
-        problems.append(Problem("recipients", "expected a list of addresses or objects"))
-    else:
-        entries = [_Entry(raw=item, position=i) for i, item in enumerate(raw)]
-    send = payload.get("send", True)
-    if not isinstance(send, bool):
-        problems.append(Problem("send", "must be true or false"))
-    send_at = _send_at(payload.get("send_at"), problems, naive_is_utc=False)
+        raise InvalidSubmission([Problem(None, "the body must be a JSON object")])
+    try:
+        batch = BatchRequest.model_validate(payload)
+    except ValidationError as exc:
+        raise InvalidSubmission(problems_of(exc, BatchRequest)) from None
+    entries = [_Entry(raw=item, position=i) for i, item in enumerate(batch.recipients)]
+    problems: list[Problem] = []
+    send_at = _send_at(batch.send_at, problems, naive_is_utc=False)
     return _validate(
         entries,
-        subject=payload.get("subject"),
-        body=payload.get("body"),
-        drafter=payload.get("drafter", "template"),
-        context=payload.get("context"),
-        review=send is False,
+        subject=batch.subject,
+        body=batch.body,
+        drafter=batch.drafter,
+        context=batch.context,
+        review=not batch.send,
         send_at=send_at,
         problems=problems,
         limits=limits,

@@ -1,0 +1,154 @@
+"""The batch pages: the form and recent batches, a batch's progress, its review and actions."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from aiohttp import web
+from pydantic import ValidationError
+
+from shared.db import RECIPIENT_STATUSES, Selection
+from shared.ratelimits import sender_limits
+from shared.templating import in_render_thread
+from web.contract import Batch, DraftEdit, problems_of
+from web.enqueue import create_batch, limits
+from web.inputs import batch_id_of, batch_of, recipient_id_of
+from web.keys import DB, SETTINGS
+from web.pages.html import read_checked_form, render, text_field, uploaded_csv
+from web.validation import InvalidSubmission, Submission, from_form
+
+routes = web.RouteTableDef()
+
+RECENT_BATCHES = 20
+FORM_FIELDS = ("recipients", "subject", "body", "drafter", "context", "review", "send_at")
+
+
+@routes.get("/")
+async def index(request: web.Request) -> web.Response:
+    return await _index(request, {"form": {}, "problems": []})
+
+
+async def _index(
+    request: web.Request, values: dict[str, Any], *, status: int = 200
+) -> web.Response:
+    batches = await request.app[DB].recent_batches(limit=RECENT_BATCHES)
+    context = {
+        "batches": [Batch.of(b).model_dump(mode="json") for b in batches],
+        "max_batch_size": request.app[SETTINGS].max_batch_size,
+        **values,
+    }
+    return render(request, "index.html", context, status=status)
+
+
+@routes.post("/batches")
+async def submit_batch(request: web.Request) -> web.StreamResponse:
+    form = await read_checked_form(request)
+    fields = {name: text_field(form, name) for name in FORM_FIELDS}
+    csv_text = uploaded_csv(form.get("csv"), request.app[SETTINGS].max_upload_bytes)
+    try:
+        # Validation dry-runs the templates, which must not hold up the event loop.
+        submission: Submission = await in_render_thread(
+            from_form, fields, limits=limits(request), csv_text=csv_text
+        )
+    except InvalidSubmission as exc:
+        values = {"form": fields, "problems": exc.problems, "total_problems": exc.total}
+        return await _index(request, values, status=422)
+    batch_id = await create_batch(request, submission)
+    raise _back_to(batch_id)
+
+
+@routes.get("/batches/{batch_id}")
+async def batch_page(request: web.Request) -> web.Response:
+    summary = await batch_of(request)
+    db = request.app[DB]
+    status = request.query.get("status") or None
+    if status is not None and status not in RECIPIENT_STATUSES:
+        raise web.HTTPBadRequest(text=f"status must be one of: {', '.join(RECIPIENT_STATUSES)}")
+    recipients = await db.list_recipients(summary.id, status=status, limit=200)
+    # A full sending-rate window holds every open batch back; say until when.
+    paused = (
+        []
+        if summary.status == "done"
+        else await db.full_windows(sender_limits(request.app[SETTINGS]))
+    )
+    return render(
+        request,
+        "batch.html",
+        {
+            "batch": Batch.of(summary).model_dump(mode="json"),
+            "recipients": recipients,
+            "filter": status,
+            "paused": [
+                {"name": limit.name, "max": limit.max_sent, "until": f"{ends:%Y-%m-%d %H:%M:%S}"}
+                for limit, ends in paused
+            ],
+        },
+    )
+
+
+async def _posted_to_batch(request: web.Request) -> uuid.UUID:
+    """The batch a button on its page was pressed for, once the form's CSRF token matches."""
+    await read_checked_form(request)
+    return batch_id_of(request)
+
+
+def _back_to(batch_id: uuid.UUID) -> web.HTTPSeeOther:
+    return web.HTTPSeeOther(location=f"/batches/{batch_id}")
+
+
+@routes.post("/batches/{batch_id}/send")
+async def send_reviewed_page(request: web.Request) -> web.StreamResponse:
+    batch_id = await _posted_to_batch(request)
+    await request.app[DB].approve(batch_id)
+    raise _back_to(batch_id)
+
+
+@routes.post("/batches/{batch_id}/cancel")
+async def cancel_batch_page(request: web.Request) -> web.StreamResponse:
+    batch_id = await _posted_to_batch(request)
+    await request.app[DB].cancel(batch_id)
+    raise _back_to(batch_id)
+
+
+@routes.post("/batches/{batch_id}/redrive")
+async def redrive_batch_page(request: web.Request) -> web.StreamResponse:
+    batch_id = await _posted_to_batch(request)
+    await request.app[DB].redrive(Selection(batch_id=batch_id))
+    raise _back_to(batch_id)
+
+
+@routes.get("/batches/{batch_id}/recipients/{recipient_id}/edit")
+async def edit_draft_page(request: web.Request) -> web.Response:
+    batch_id = batch_id_of(request)
+    draft = await _draft(request, batch_id)
+    return render(request, "edit.html", {"batch_id": batch_id, "draft": draft, "error": None})
+
+
+@routes.post("/batches/{batch_id}/recipients/{recipient_id}/edit")
+async def save_draft_page(request: web.Request) -> web.StreamResponse:
+    form = await read_checked_form(request)
+    batch_id = batch_id_of(request)
+    draft = await _draft(request, batch_id)
+    given = {"subject": text_field(form, "subject"), "body": text_field(form, "body")}
+    try:
+        edit = DraftEdit.model_validate(given)
+    except ValidationError as exc:
+        error = "; ".join(p.sentence() for p in problems_of(exc, DraftEdit))
+        return render(
+            request,
+            "edit.html",
+            {"batch_id": batch_id, "draft": {**draft, **given}, "error": error},
+            status=422,
+        )
+    if not await request.app[DB].edit_draft(batch_id, draft["id"], edit.subject, edit.body):
+        raise web.HTTPConflict(text="this draft is no longer waiting for review")
+    raise _back_to(batch_id)
+
+
+async def _draft(request: web.Request, batch_id: uuid.UUID) -> dict[str, Any]:
+    recipient_id = recipient_id_of(request)
+    rows = await request.app[DB].list_recipients(batch_id, after_id=recipient_id - 1, limit=1)
+    if not rows or rows[0]["id"] != recipient_id:
+        raise web.HTTPNotFound(text="no such recipient")
+    return rows[0]
