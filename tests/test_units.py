@@ -123,10 +123,8 @@ def test_infrastructure_failures_never_use_up_the_budget() -> None:
 def test_the_recipients_attempt_count_decides_when_to_stop() -> None:
     policy = BackoffRetry(max_attempts=3, base_s=1, cap_s=10)
     failure = TransientFailure("451")
-    failure.attempt = 3
-    assert policy.get_retry_decision(exception=failure, job=_job(0)) is None  # type: ignore[arg-type]
-    failure.attempt = 2
-    assert policy.get_retry_decision(exception=failure, job=_job(7)) is not None  # type: ignore[arg-type]
+    assert policy.get_retry_decision(exception=failure.at_attempt(3), job=_job(0)) is None  # type: ignore[arg-type]
+    assert policy.get_retry_decision(exception=failure.at_attempt(2), job=_job(7)) is not None  # type: ignore[arg-type]
 
 
 def test_only_transient_failures_are_retried_and_only_up_to_max_attempts() -> None:
