@@ -7,6 +7,7 @@ import random
 from email.parser import BytesParser
 from email.policy import default
 from types import SimpleNamespace
+from typing import Any
 
 import aiosmtplib
 import pytest
@@ -16,11 +17,13 @@ from hypothesis import strategies as st
 
 from shared import stopping
 from shared.addresses import InvalidAddress, normalize_address
+from shared.settings import Settings, SmtpSecurity
 from shared.templating import TemplateProblem, fields_used, render
 from shared.unsubscribe import make_token, read_token
 from worker.failures import PermanentFailure, TransientFailure, asks_to_slow_down, classify_smtp
+from worker.llm import LlmOptions
 from worker.retry import BackoffRetry
-from worker.smtp import AdaptiveLimiter, build_message, text_to_html
+from worker.smtp import AdaptiveLimiter, SmtpServer, build_message, text_to_html
 
 # -- templates ------------------------------------------------------------------------------
 
@@ -495,6 +498,42 @@ def test_an_unsubscribe_token_names_its_address_and_sender_and_nothing_else_read
 @given(st.text(max_size=300))
 def test_any_text_as_a_token_is_refused_not_crashed_on(text: str) -> None:
     assert read_token(text, secret="k1") is None
+
+
+# -- what the worker's SMTP and LLM clients are given -----------------------------------------
+
+
+def test_the_smtp_server_and_llm_options_come_from_the_settings_and_hide_their_secrets() -> None:
+    values: dict[str, Any] = {
+        "smtp_host": "mx.example.org",
+        "smtp_port": 587,
+        "smtp_security": "starttls",
+        "smtp_username": "ada",
+        "smtp_password": "pw-1234",
+        "smtp_timeout_seconds": 7,
+        "groq_api_key": "gsk-5678",
+        "groq_model": "some-model",
+        "llm_concurrency": 2,
+    }
+    read = Settings(_env_file=None, **values)  # type: ignore[call-arg]
+    server = SmtpServer.from_settings(read)
+    assert server == SmtpServer(
+        host="mx.example.org",
+        port=587,
+        timeout_seconds=7.0,
+        security=SmtpSecurity.STARTTLS,
+        username="ada",
+        password="pw-1234",
+    )
+    options = LlmOptions.from_settings(read)
+    assert options is not None
+    assert (options.api_key, options.model, options.concurrency) == ("gsk-5678", "some-model", 2)
+    assert "pw-1234" not in repr(server) and "gsk-5678" not in repr(options)
+
+
+def test_a_worker_without_an_api_key_has_no_llm_options() -> None:
+    no_key: dict[str, Any] = {"groq_api_key": ""}
+    assert LlmOptions.from_settings(Settings(_env_file=None, **no_key)) is None  # type: ignore[call-arg]
 
 
 # -- stop requests ----------------------------------------------------------------------------
