@@ -46,7 +46,7 @@ import psycopg
 from bench import harness
 from shared.db import Database, NewBatch, NewRecipient, make_pool
 from shared.settings import Settings
-from worker.smtp import SmtpMailer, build_message
+from worker.smtp import SmtpMailer, SmtpServer, build_message
 
 SUBJECT = "Hello {{ name }}"
 BODY = "Hi {{ name }},\n\nthis message is a benchmark of Mailroom.\n\nRegards,\nThe bench\n"
@@ -66,7 +66,7 @@ def new_batch(count: int, tag: str) -> NewBatch:
 async def smtp_only(settings: Settings, sink: harness.SmtpSink, count: int, conns: int) -> float:
     """Messages per second straight to the sink over ``conns`` reused connections."""
     sink.reset()
-    mailer = SmtpMailer(settings, size=conns)
+    mailer = SmtpMailer(SmtpServer.from_settings(settings), size=conns)
     messages = [
         build_message(
             sender="bench@example.com",

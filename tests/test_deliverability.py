@@ -204,6 +204,49 @@ NON_CANONICAL = [
 ]
 
 
+# A link in mail sent before unsubscribe tokens moved to shared.signing, as that code made it
+# for ada@example.org from sender@example.com under "test-secret-key".
+LINK_OF_THE_EARLIER_FORMAT = (
+    "YWRhQGV4YW1wbGUub3JnCnNlbmRlckBleGFtcGxlLmNvbQ.wy3yXpgL8b1y_IDfPpRNotXbZi8__6fjxRWuqcG8KR8"
+)
+
+
+async def test_a_link_made_in_the_earlier_format_still_unsubscribes(
+    client: TestClient, settings: Settings
+) -> None:
+    assert (await client.get(f"/u/{LINK_OF_THE_EARLIER_FORMAT}")).status == 200
+    assert await _suppressed(settings) == {}
+    response = await client.post(
+        f"/u/{LINK_OF_THE_EARLIER_FORMAT}", data="List-Unsubscribe=One-Click"
+    )
+    assert response.status == 200
+    assert await _suppressed(settings) == {"ada@example.org": "unsubscribed"}
+
+
+async def test_a_session_cookie_is_refused_as_an_unsubscribe_token(
+    client: TestClient, settings: Settings
+) -> None:
+    await login(client)
+    jar = client.session.cookie_jar.filter_cookies(client.make_url("/"))
+    cookie = jar["mailroom_session"].value
+    for method in ("GET", "POST"):
+        assert (await client.request(method, f"/u/{cookie}")).status == 404
+    assert read_token(cookie, secret="test-secret-key") is None
+    assert await _suppressed(settings) == {}
+
+
+@pytest.mark.parametrize(
+    ("good", "address"),
+    [
+        # An address whose payload does not fill whole base64 groups, so there are spare bits.
+        (
+            make_token("adah@example.org", sender="sender@example.com", secret="test-secret-key"),
+            "adah@example.org",
+        ),
+        (LINK_OF_THE_EARLIER_FORMAT, "ada@example.org"),
+    ],
+    ids=["now", "earlier-format"],
+)
 @pytest.mark.parametrize(
     "variant",
     NON_CANONICAL,
@@ -222,10 +265,8 @@ NON_CANONICAL = [
     ],
 )
 async def test_only_the_canonical_spelling_of_a_link_unsubscribes(
-    client: TestClient, settings: Settings, variant: Any
+    client: TestClient, settings: Settings, variant: Any, good: str, address: str
 ) -> None:
-    # An address whose payload does not fill whole base64 groups, so there are spare bits.
-    good = make_token("ada@example.org", sender="sender@example.com", secret="test-secret-key")
     assert len(good.split(".")[0]) % 4 and len(good.split(".")[1]) % 4
     bad = variant(good)
     assert bad != good
@@ -236,7 +277,7 @@ async def test_only_the_canonical_spelling_of_a_link_unsubscribes(
     assert await _suppressed(settings) == {}
     # The link as it was sent keeps working.
     assert (await client.post(f"/u/{good}")).status == 200
-    assert await _suppressed(settings) == {"ada@example.org": "unsubscribed"}
+    assert await _suppressed(settings) == {address: "unsubscribed"}
 
 
 async def test_an_address_suppressed_while_it_waits_is_not_sent(

@@ -24,7 +24,7 @@ from tests.smtp_server import RecordingSMTPServer, Rule
 from tests.test_faults import all_sent, enqueue
 from worker.failures import RateLimited, TransientFailure
 from worker.retry import RETRY_PRIORITY, BackoffRetry
-from worker.smtp import PACE_MIN_S, OutgoingMessage, SmtpMailer, build_message
+from worker.smtp import PACE_MIN_S, OutgoingMessage, SmtpMailer, SmtpServer, build_message
 
 
 @pytest.fixture
@@ -181,7 +181,7 @@ async def test_a_greylisted_recipient_does_not_slow_the_rest_of_its_batch(
 async def test_refusals_at_mail_halve_the_concurrency_once_per_burst_and_successes_restore_it(
     settings: Settings, smtp: RecordingSMTPServer, caplog: pytest.LogCaptureFixture
 ) -> None:
-    mailer = SmtpMailer(settings, size=8)
+    mailer = SmtpMailer(SmtpServer.from_settings(settings), size=8)
     try:
         await asyncio.gather(*(mailer.send(_message(f"warm{i}@example.org")) for i in range(8)))
         assert mailer.concurrency_limit == 8 and _limit_gauge() == 8
@@ -226,7 +226,7 @@ async def test_refusals_at_mail_halve_the_concurrency_once_per_burst_and_success
 async def test_a_server_that_throttles_a_single_connection_gets_paced_sends(
     settings: Settings, smtp: RecordingSMTPServer
 ) -> None:
-    mailer = SmtpMailer(settings, size=2)
+    mailer = SmtpMailer(SmtpServer.from_settings(settings), size=2)
     try:
         started = time.monotonic()
         await asyncio.gather(*(mailer.send(_message(f"fast{i}@example.org")) for i in range(4)))

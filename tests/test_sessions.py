@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import html
+import json
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -16,6 +20,7 @@ from yarl import URL
 
 from shared.db import Database
 from shared.settings import Settings
+from shared.signing import Purpose, SignedValues
 from tests.conftest import API_TOKEN, AUTH, query
 from tests.test_pages import login
 from web.app import create_app
@@ -87,6 +92,40 @@ async def test_a_session_of_another_secret_key_is_refused(settings: Settings, db
         cookie = await cookie_of(before)
     async with browser(settings, db, secret_key=SecretStr("another-secret-key")) as after:
         assert not await works(after, cookie, csrf)
+
+
+async def test_only_a_cookie_signed_for_sessions_is_a_session(
+    settings: Settings, db: Database
+) -> None:
+    secret = "test-secret-key"
+    async with browser(settings, db) as client:
+        csrf = await login(client)
+        claims = SignedValues(secret, Purpose.SESSION).read(await cookie_of(client))
+        assert isinstance(claims, dict)
+        # The same claims of a live session, signed as an unsubscribe link: not a session.
+        assert not await works(client, SignedValues(secret, Purpose.UNSUBSCRIBE).sign(claims), csrf)
+        assert await works(client, SignedValues(secret, Purpose.SESSION).sign(claims), csrf)
+
+
+def _cookie_of_the_earlier_format(claims: dict[str, Any], secret: str) -> str:
+    """A cookie as sessions were signed before shared.signing, for the same session."""
+    key = hashlib.sha256(b"mailroom-session\0" + secret.encode()).digest()
+    token = hmac.new(key, b"api-token\0" + API_TOKEN.encode(), hashlib.sha256).hexdigest()[:32]
+    body = base64.urlsafe_b64encode(json.dumps({**claims, "tok": token}).encode()).decode()
+    return f"{body}.{hmac.new(key, body.encode(), hashlib.sha256).hexdigest()}"
+
+
+async def test_a_cookie_of_the_earlier_format_is_refused_so_its_owner_logs_in_again(
+    settings: Settings, db: Database
+) -> None:
+    # Sessions live in web_sessions under a random id, so ending them at an upgrade costs a
+    # login and keeps one cookie format to verify.
+    async with browser(settings, db) as client:
+        csrf = await login(client)
+        claims = SignedValues("test-secret-key", Purpose.SESSION).read(await cookie_of(client))
+        assert isinstance(claims, dict)
+        earlier = _cookie_of_the_earlier_format(claims, "test-secret-key")
+        assert not await works(client, earlier, csrf)
 
 
 async def test_expired_sessions_are_refused_and_forgotten(settings: Settings, db: Database) -> None:

@@ -7,6 +7,7 @@ import random
 from email.parser import BytesParser
 from email.policy import default
 from types import SimpleNamespace
+from typing import Any
 
 import aiosmtplib
 import pytest
@@ -16,11 +17,14 @@ from hypothesis import strategies as st
 
 from shared import stopping
 from shared.addresses import InvalidAddress, normalize_address
+from shared.settings import Settings, SmtpSecurity
+from shared.signing import Purpose, SignedValues
 from shared.templating import TemplateProblem, fields_used, render
 from shared.unsubscribe import make_token, read_token
 from worker.failures import PermanentFailure, TransientFailure, asks_to_slow_down, classify_smtp
+from worker.llm import LlmOptions
 from worker.retry import BackoffRetry
-from worker.smtp import AdaptiveLimiter, build_message, text_to_html
+from worker.smtp import AdaptiveLimiter, SmtpServer, build_message, text_to_html
 
 # -- templates ------------------------------------------------------------------------------
 
@@ -123,10 +127,8 @@ def test_infrastructure_failures_never_use_up_the_budget() -> None:
 def test_the_recipients_attempt_count_decides_when_to_stop() -> None:
     policy = BackoffRetry(max_attempts=3, base_s=1, cap_s=10)
     failure = TransientFailure("451")
-    failure.attempt = 3
-    assert policy.get_retry_decision(exception=failure, job=_job(0)) is None  # type: ignore[arg-type]
-    failure.attempt = 2
-    assert policy.get_retry_decision(exception=failure, job=_job(7)) is not None  # type: ignore[arg-type]
+    assert policy.get_retry_decision(exception=failure.at_attempt(3), job=_job(0)) is None  # type: ignore[arg-type]
+    assert policy.get_retry_decision(exception=failure.at_attempt(2), job=_job(7)) is not None  # type: ignore[arg-type]
 
 
 def test_only_transient_failures_are_retried_and_only_up_to_max_attempts() -> None:
@@ -489,14 +491,73 @@ def test_an_unsubscribe_token_names_its_address_and_sender_and_nothing_else_read
     assert found is not None
     assert (found.address, found.sender) == ("Zoë@bücher.de", "news@example.org")
     assert read_token(token, secret="k2") is None
-    _, mac = token.split(".")
+    _, mac = token.rsplit(".", 1)
     other = make_token("eve@example.org", sender="news@example.org", secret="k1")
-    assert read_token(f"{other.split('.')[0]}.{mac}", secret="k1") is None
+    assert read_token(f"{other.rsplit('.', 1)[0]}.{mac}", secret="k1") is None
+
+
+def test_a_token_of_the_earlier_format_still_names_its_address_and_sender() -> None:
+    # As links were made before tokens moved to shared.signing (Zoë@bücher.de, key "k1").
+    earlier = (
+        "Wm_Dq0Biw7xjaGVyLmRlCm5ld3NAZXhhbXBsZS5vcmc.fL2XMP75xhPDxJk35a3DGFscNReJUKnUb7Z0rRcPORY"
+    )
+    found = read_token(earlier, secret="k1")
+    assert found is not None
+    assert (found.address, found.sender) == ("Zoë@bücher.de", "news@example.org")
+    assert read_token(earlier, secret="k2") is None
+    assert make_token("Zoë@bücher.de", sender="news@example.org", secret="k1") != earlier
+
+
+def test_a_value_signed_for_one_use_is_never_read_as_another() -> None:
+    unsubscription = {"a": "ada@example.org", "s": "news@example.org"}
+    for purpose in Purpose:
+        signed = SignedValues("k1", purpose).sign(unsubscription)
+        assert (read_token(signed, secret="k1") is not None) is (purpose is Purpose.UNSUBSCRIBE)
+        readers = {other: SignedValues("k1", other).read(signed) for other in Purpose}
+        assert readers == {other: unsubscription if other is purpose else None for other in Purpose}
+    fingerprints = {SignedValues("k1", purpose).fingerprint("token") for purpose in Purpose}
+    assert len(fingerprints) == len(Purpose)
 
 
 @given(st.text(max_size=300))
 def test_any_text_as_a_token_is_refused_not_crashed_on(text: str) -> None:
     assert read_token(text, secret="k1") is None
+
+
+# -- what the worker's SMTP and LLM clients are given -----------------------------------------
+
+
+def test_the_smtp_server_and_llm_options_come_from_the_settings_and_hide_their_secrets() -> None:
+    values: dict[str, Any] = {
+        "smtp_host": "mx.example.org",
+        "smtp_port": 587,
+        "smtp_security": "starttls",
+        "smtp_username": "ada",
+        "smtp_password": "pw-1234",
+        "smtp_timeout_seconds": 7,
+        "groq_api_key": "gsk-5678",
+        "groq_model": "some-model",
+        "llm_concurrency": 2,
+    }
+    read = Settings(_env_file=None, **values)  # type: ignore[call-arg]
+    server = SmtpServer.from_settings(read)
+    assert server == SmtpServer(
+        host="mx.example.org",
+        port=587,
+        timeout_seconds=7.0,
+        security=SmtpSecurity.STARTTLS,
+        username="ada",
+        password="pw-1234",
+    )
+    options = LlmOptions.from_settings(read)
+    assert options is not None
+    assert (options.api_key, options.model, options.concurrency) == ("gsk-5678", "some-model", 2)
+    assert "pw-1234" not in repr(server) and "gsk-5678" not in repr(options)
+
+
+def test_a_worker_without_an_api_key_has_no_llm_options() -> None:
+    no_key: dict[str, Any] = {"groq_api_key": ""}
+    assert LlmOptions.from_settings(Settings(_env_file=None, **no_key)) is None  # type: ignore[call-arg]
 
 
 # -- stop requests ----------------------------------------------------------------------------

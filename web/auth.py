@@ -1,14 +1,17 @@
 """Who may use the web tier: a Bearer token for the API, a signed session cookie for pages.
 
 The session cookie holds a random session id, an expiry, a CSRF token and a fingerprint of the
-API token it was issued under, signed with ``MAILROOM_SECRET_KEY`` (HMAC-SHA256). A cookie is a
-session only while all of these hold:
+API token it was issued under, signed with ``MAILROOM_SECRET_KEY`` for sessions alone
+(:mod:`shared.signing`: an unsubscribe link is never a cookie). A cookie is a session only while
+all of these hold:
 
-- its signature verifies (changing ``MAILROOM_SECRET_KEY`` ends every session);
+- its signature verifies (changing ``MAILROOM_SECRET_KEY`` ends every session, and so did the
+  move to :mod:`shared.signing`: every session lives in ``web_sessions`` under a random id
+  anyway, so a cookie of the earlier format is refused and its owner logs in again);
 - it has not expired (``SESSION_TTL_S``);
 - its fingerprint is the current token's (rotating ``MAILROOM_API_TOKEN`` ends every session:
   whoever logged in with a token that leaked is logged out with it). The fingerprint is an
-  HMAC of the token under the session key, so a cookie reveals nothing to test guesses of the
+  HMAC of the token under a key of its own, so a cookie reveals nothing to test guesses of the
   token against;
 - the session's row is in ``web_sessions`` (checked by the middleware): logging out deletes it,
   so a copied cookie stops working at once, in every web process.
@@ -18,16 +21,16 @@ Tokens are compared in constant time.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import hmac
 import ipaddress
-import json
 import secrets
 import time
 from dataclasses import dataclass
 
 from aiohttp import web
+
+from shared.signing import Purpose, SignedValues
 
 SESSION_COOKIE = "mailroom_session"
 SESSION_TTL_S = 12 * 3600
@@ -64,10 +67,10 @@ class Authenticator:
 
     def __init__(self, api_token: str, secret_key: str) -> None:
         self._api_token = api_token.encode()
-        self._key = hashlib.sha256(b"mailroom-session\0" + secret_key.encode()).digest()
-        self._token_fingerprint = hmac.new(
-            self._key, b"api-token\0" + self._api_token, hashlib.sha256
-        ).hexdigest()[:32]
+        self._cookies = SignedValues(secret_key, Purpose.SESSION)
+        self._token_fingerprint = SignedValues(
+            secret_key, Purpose.API_TOKEN_FINGERPRINT
+        ).fingerprint(api_token)
 
     def token_matches(self, candidate: str) -> bool:
         return secret_equal(candidate, self._api_token)
@@ -90,22 +93,17 @@ class Authenticator:
             "csrf": session.csrf_token,
             "tok": self._token_fingerprint,
         }
-        body = base64.urlsafe_b64encode(json.dumps(claims).encode()).decode()
-        return session, f"{body}.{self._sign(body)}"
+        return session, self._cookies.sign(claims)
 
     def read_session(self, request: web.Request) -> Session | None:
         """The session the cookie claims, if signed by us, unexpired and of the current token.
 
         Whether it is still logged in is the database's to say (``session_active``).
         """
-        cookie = request.cookies.get(SESSION_COOKIE, "")
-        if not cookie.isascii():  # we only ever issue ASCII; anything else is forged
-            return None
-        body, _, signature = cookie.partition(".")
-        if not body or not hmac.compare_digest(signature.encode(), self._sign(body).encode()):
+        data = self._cookies.read(request.cookies.get(SESSION_COOKIE, ""))
+        if not isinstance(data, dict):
             return None
         try:
-            data = json.loads(base64.urlsafe_b64decode(body))
             session = Session(
                 id=str(data["sid"]), expires_at=float(data["exp"]), csrf_token=str(data["csrf"])
             )
@@ -115,9 +113,6 @@ class Authenticator:
         if not hmac.compare_digest(fingerprint.encode(), self._token_fingerprint.encode()):
             return None
         return session if session.expires_at > time.time() else None
-
-    def _sign(self, body: str) -> str:
-        return hmac.new(self._key, body.encode(), hashlib.sha256).hexdigest()
 
 
 class LoginLimiter:

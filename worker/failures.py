@@ -25,20 +25,40 @@ class DeliveryFailure(Exception):
     message_is_loggable = True
 
     def __init__(
-        self, message: str, *, smtp_code: int | None = None, retry_after_s: float | None = None
+        self,
+        message: str,
+        *,
+        smtp_code: int | None = None,
+        retry_after_s: float | None = None,
+        attempt: int | None = None,
+        mailbox_unknown: bool = False,
+        stage: str | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
         self.smtp_code = smtp_code
         # How long the far side asked us to wait, if it said (an HTTP Retry-After, say).
         self.retry_after_s = retry_after_s
-        # Which attempt of the recipient this was (1-based); set by the task.
-        self.attempt: int | None = None
+        # Which attempt of the recipient this was (1-based), given by the task
+        # (``at_attempt``): the retry policy counts the recipient's attempts, not the job's.
+        self.attempt = attempt
         # The server refused the recipient's mailbox itself (a hard bounce): never send there
         # again.
-        self.mailbox_unknown = False
+        self.mailbox_unknown = mailbox_unknown
         # Where in the SMTP exchange it happened (connect, mail, rcpt, data), if it did.
-        self.stage: str | None = None
+        self.stage = stage
+
+    def at_attempt(self, attempt: int) -> DeliveryFailure:
+        """The same failure, as attempt number ``attempt`` of its recipient (a new object: the
+        one raised deep in a send stays as it was, and the task raises this one from it)."""
+        return type(self)(
+            self.message,
+            smtp_code=self.smtp_code,
+            retry_after_s=self.retry_after_s,
+            attempt=attempt,
+            mailbox_unknown=self.mailbox_unknown,
+            stage=self.stage,
+        )
 
 
 class TransientFailure(DeliveryFailure):
@@ -52,11 +72,29 @@ class InfrastructureFailure(TransientFailure):
     be marked dead; giving up would strand it. Backoff still applies, up to its cap.
     """
 
+    @classmethod
+    def database_unavailable(cls, exc: BaseException) -> InfrastructureFailure:
+        """The database went away mid-attempt: nothing was recorded as sent, so trying again
+        later is safe. The error's type only: a database error's text can quote the row."""
+        return cls(f"database unavailable: {type(exc).__name__}")
+
 
 class PermanentFailure(DeliveryFailure):
     """Trying again cannot help (5xx replies, a template that cannot render)."""
 
     permanent = True
+
+    @classmethod
+    def internal_error(cls, exc: BaseException) -> PermanentFailure:
+        """A bug in the worker, not the far side: a dead letter an operator can see and redrive,
+        rather than a recipient stuck in "sending" forever.
+
+        The exception's text can hold the address, the subject or a field: the failure's
+        message (stored, shown and logged at INFO) names only its type.
+        """
+        return cls(
+            f"internal error: {type(exc).__name__} (see send_email_crashed in the worker log)"
+        )
 
 
 class Interrupted(Exception):
@@ -86,13 +124,6 @@ class RateLimited(Exception):
 
 def classify_smtp(exc: BaseException, *, stage: str) -> DeliveryFailure:
     """Map an aiosmtplib or network error at ``stage`` (connect, mail, rcpt, data) to a failure."""
-    failure = _classify_smtp(exc, stage=stage)
-    if failure.stage is None:
-        failure.stage = stage
-    return failure
-
-
-def _classify_smtp(exc: BaseException, *, stage: str) -> DeliveryFailure:
     if isinstance(exc, aiosmtplib.SMTPRecipientsRefused):
         refusal = exc.recipients[0] if exc.recipients else None
         if refusal is not None:
@@ -100,15 +131,15 @@ def _classify_smtp(exc: BaseException, *, stage: str) -> DeliveryFailure:
     if isinstance(exc, aiosmtplib.SMTPResponseException):
         return _by_code(exc.code, exc.message, stage=stage)
     if isinstance(exc, aiosmtplib.SMTPTimeoutError | asyncio.TimeoutError | TimeoutError):
-        return TransientFailure(f"SMTP timeout during {stage}")
+        return TransientFailure(f"SMTP timeout during {stage}", stage=stage)
     if isinstance(
         exc, ssl.SSLError | aiosmtplib.SMTPConnectError | aiosmtplib.SMTPServerDisconnected
     ):
-        return TransientFailure(f"SMTP connection failed during {stage}: {exc}")
+        return TransientFailure(f"SMTP connection failed during {stage}: {exc}", stage=stage)
     if isinstance(exc, ConnectionError | OSError):
-        return TransientFailure(f"SMTP connection failed during {stage}: {exc}")
+        return TransientFailure(f"SMTP connection failed during {stage}: {exc}", stage=stage)
     if isinstance(exc, aiosmtplib.SMTPException):
-        return TransientFailure(f"SMTP error during {stage}: {exc}")
+        return TransientFailure(f"SMTP error during {stage}: {exc}", stage=stage)
     raise TypeError(f"not an SMTP error: {exc!r}") from exc
 
 
@@ -116,16 +147,16 @@ def _by_code(code: int, message: str, *, stage: str) -> DeliveryFailure:
     text = f"SMTP {code} during {stage}: {message.strip()}"[:500]
     # 5xx to MAIL, RCPT or DATA means the server will not take this message: retrying only
     # risks the sender's reputation. 4xx (and anything unexpected) may succeed later.
-    failure: DeliveryFailure
     if 500 <= code < 600 and stage in {"mail", "rcpt", "data"}:
-        failure = PermanentFailure(text, smtp_code=code)
         # 550, 551 and 553 to RCPT name the mailbox; a 554 or a refusal at DATA may be about
         # the content or the sender, which suppressing the address would not fix.
-        failure.mailbox_unknown = stage == "rcpt" and code in HARD_BOUNCE_CODES
-    else:
-        failure = TransientFailure(text, smtp_code=code)
-    failure.stage = stage
-    return failure
+        return PermanentFailure(
+            text,
+            smtp_code=code,
+            stage=stage,
+            mailbox_unknown=stage == "rcpt" and code in HARD_BOUNCE_CODES,
+        )
+    return TransientFailure(text, smtp_code=code, stage=stage)
 
 
 def asks_to_slow_down(failure: DeliveryFailure) -> bool:

@@ -14,6 +14,7 @@ import asyncio
 import json
 import re
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import groq
@@ -100,21 +101,45 @@ def user_message(context: str, fields: dict[str, Any], email: str) -> str:
     return f"<context>\n{context}\n</context>\n\n<recipient>\n{facts}\n</recipient>"
 
 
-class LlmDrafter:
-    """Drafts with a Groq chat model; at most ``llm_concurrency`` requests at once per process."""
+@dataclass(frozen=True, slots=True)
+class LlmOptions:
+    """Which model the drafter asks, where, and how many requests it may have in flight."""
 
-    def __init__(self, settings: Settings, client: groq.AsyncGroq | None = None) -> None:
-        settings.require("groq_api_key")
-        assert settings.groq_api_key is not None
-        self._model = settings.groq_model
-        self._client = client or groq.AsyncGroq(
-            api_key=settings.groq_api_key.get_secret_value(),
+    api_key: str = field(repr=False)
+    model: str
+    base_url: str | None = None
+    timeout_seconds: float = 30.0
+    concurrency: int = 4
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> LlmOptions | None:
+        """The options of ``MAILROOM_GROQ_*`` and ``MAILROOM_LLM_*``; ``None`` without an API
+        key (this worker then drafts from templates only)."""
+        key = settings.groq_api_key.get_secret_value() if settings.groq_api_key else ""
+        if not key:
+            return None
+        return cls(
+            api_key=key,
+            model=settings.groq_model,
             base_url=settings.groq_base_url,
-            timeout=settings.llm_timeout_seconds,
+            timeout_seconds=settings.llm_timeout_seconds,
+            concurrency=settings.llm_concurrency,
+        )
+
+
+class LlmDrafter:
+    """Drafts with a Groq chat model; at most ``options.concurrency`` requests at once."""
+
+    def __init__(self, options: LlmOptions, client: groq.AsyncGroq | None = None) -> None:
+        self._model = options.model
+        self._client = client or groq.AsyncGroq(
+            api_key=options.api_key,
+            base_url=options.base_url,
+            timeout=options.timeout_seconds,
             # Retries belong to the job (with backoff and a budget), not to the SDK.
             max_retries=0,
         )
-        self._slots = asyncio.Semaphore(settings.llm_concurrency)
+        self._slots = asyncio.Semaphore(options.concurrency)
         self._config_error_logged = False
 
     async def draft(self, recipient: RecipientForSend) -> Draft:

@@ -32,10 +32,10 @@ from shared.stopping import StopRequests
 from worker.dkim import DkimSigner
 from worker.drafting import Drafter, TemplateDrafter
 from worker.health import start_health_server
-from worker.llm import LlmDrafter
+from worker.llm import LlmDrafter, LlmOptions
 from worker.retry import BackoffRetry
 from worker.slots import SendSlots
-from worker.smtp import Mailer, SmtpMailer
+from worker.smtp import Mailer, SmtpMailer, SmtpServer
 from worker.tasks import DEPS_KEY, WorkerDeps, job_summary_middleware, register_tasks
 
 log = structlog.get_logger(__name__)
@@ -69,7 +69,8 @@ async def worker_runtime(
     app = build_app()
     register_tasks(app, settings, retry)
     # Only the default drafters need a Groq client; a caller's own drafters never use one.
-    llm = LlmDrafter(settings) if settings.groq_api_key and drafters is None else None
+    llm_options = LlmOptions.from_settings(settings) if drafters is None else None
+    llm = LlmDrafter(llm_options) if llm_options is not None else None
     template = TemplateDrafter(job_timeout_s=settings.job_timeout_seconds)
     deps = WorkerDeps(
         settings=settings,
@@ -77,7 +78,7 @@ async def worker_runtime(
         drafters=drafters or {"template": template, **({"llm": llm} if llm else {})},
         mailer=mailer
         or SmtpMailer(
-            settings,
+            SmtpServer.from_settings(settings),
             size=settings.worker_concurrency,
             signer=DkimSigner.from_settings(settings),
         ),

@@ -16,7 +16,7 @@ import html
 import os
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from email.header import Header
 from email.utils import formatdate
 from typing import Protocol
@@ -75,6 +75,30 @@ _PART_HEADERS = (
 
 
 log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class SmtpServer:
+    """Where the worker sends and how it connects, built once from the settings."""
+
+    host: str
+    port: int
+    timeout_seconds: float
+    security: SmtpSecurity = SmtpSecurity.NONE
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> SmtpServer:
+        """The server of ``MAILROOM_SMTP_*`` (each value checked when the settings were read)."""
+        return cls(
+            host=settings.smtp_host,
+            port=settings.smtp_port,
+            timeout_seconds=settings.smtp_timeout_seconds,
+            security=settings.smtp_security,
+            username=settings.smtp_username,
+            password=settings.smtp_password.get_secret_value() if settings.smtp_password else None,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -383,7 +407,7 @@ class SmtpMailer:
 
     def __init__(
         self,
-        settings: Settings,
+        server: SmtpServer,
         *,
         size: int,
         max_messages_per_connection: int = MAX_MESSAGES_PER_CONNECTION,
@@ -391,7 +415,7 @@ class SmtpMailer:
         signer: DkimSigner | None = None,
         slowdown_hold_s: float = SLOWDOWN_HOLD_S,
     ) -> None:
-        self._settings = settings
+        self._server = server
         self._signer = signer
         self._limiter = AdaptiveLimiter(size)
         self._epoch = 0  # one more at each decrease
@@ -586,15 +610,15 @@ class SmtpMailer:
         return await self._connect(), False
 
     async def _connect(self) -> _Connection:
-        s = self._settings
+        server = self._server
         client = aiosmtplib.SMTP(
-            hostname=s.smtp_host,
-            port=s.smtp_port,
-            timeout=s.smtp_timeout_seconds,
-            use_tls=s.smtp_security is SmtpSecurity.TLS,
-            start_tls=s.smtp_security is SmtpSecurity.STARTTLS,
-            username=s.smtp_username,
-            password=s.smtp_password.get_secret_value() if s.smtp_password else None,
+            hostname=server.host,
+            port=server.port,
+            timeout=server.timeout_seconds,
+            use_tls=server.security is SmtpSecurity.TLS,
+            start_tls=server.security is SmtpSecurity.STARTTLS,
+            username=server.username,
+            password=server.password,
         )
         try:
             await client.connect()

@@ -32,7 +32,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import procrastinate
 import psycopg
@@ -72,9 +72,11 @@ from worker.failures import (
     TransientFailure,
 )
 from worker.retry import BackoffRetry
-from worker.smtp import Mailer, build_message, message_id_for, sender_domain
+from worker.smtp import Mailer, OutgoingMessage, build_message, message_id_for, sender_domain
 
 log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -198,56 +200,72 @@ async def send_chunk(context: JobContext, batch_id: str, recipient_ids: list[int
     async with deps.chunks:
         if deps.stopping.is_set():  # fetched just before the stop: leave it to the next worker
             raise Interrupted("not started")
-        return await _send_chunk(context, deps, uuid.UUID(batch_id), recipient_ids)
+        recipients = await _database(deps.db.begin_chunk(uuid.UUID(batch_id), recipient_ids))
+        progress = _ChunkProgress.of(recipients, skipped=len(recipient_ids) - len(recipients))
+        errors = await _attempt_all(deps, progress, recipients, context.job.scheduled_at)
+        return await _finish_chunk(deps, progress, errors)
 
 
-async def _send_chunk(
-    context: JobContext, deps: WorkerDeps, batch_id: uuid.UUID, recipient_ids: list[int]
-) -> str:
-    try:
-        recipients = await deps.db.begin_chunk(batch_id, recipient_ids)
-    except psycopg.Error as exc:
-        raise _database_failure(exc) from exc
-    outcomes: Counter[str] = Counter()
-    if len(recipients) < len(recipient_ids):
-        outcomes["skipped"] = len(recipient_ids) - len(recipients)
-    unfinished = {r.id for r in recipients if r.status != "suppressed"}
-    ready_at = context.job.scheduled_at
+@dataclass
+class _ChunkProgress:
+    """What a chunk's recipients came to so far, and which of them have not finished."""
+
+    outcomes: Counter[str]
+    unfinished: set[int]
+
+    @classmethod
+    def of(cls, recipients: list[RecipientForSend], *, skipped: int) -> _ChunkProgress:
+        outcomes: Counter[str] = Counter({"skipped": skipped} if skipped else {})
+        return cls(outcomes, {r.id for r in recipients if r.status != "suppressed"})
+
+    def record(self, recipient_id: int, outcome: str) -> None:
+        if outcome != "not_started":
+            self.unfinished.discard(recipient_id)
+        self.outcomes[outcome] += 1
+
+    def summary(self) -> str:
+        return " ".join(f"{name}={n}" for name, n in sorted(self.outcomes.items()))
+
+
+async def _attempt_all(
+    deps: WorkerDeps,
+    progress: _ChunkProgress,
+    recipients: list[RecipientForSend],
+    ready_at: datetime | None,
+) -> list[BaseException]:
+    """Attempt every recipient of the chunk at once; returns the outcomes not recorded."""
 
     async def attempt(recipient: RecipientForSend) -> None:
         if recipient.status == "suppressed":
-            outcome = "suppressed"
-            EMAILS_SUPPRESSED.inc()
+            progress.record(recipient.id, _suppressed())
         else:
-            outcome = await _send_in_chunk(deps, recipient, ready_at)
-        if outcome != "not_started":
-            unfinished.discard(recipient.id)
-        outcomes[outcome] += 1
+            progress.record(recipient.id, await _send_in_chunk(deps, recipient, ready_at))
 
     try:
         results = await asyncio.gather(*map(attempt, recipients), return_exceptions=True)
     except asyncio.CancelledError:
         # Cut off by a shutdown past its grace period: what did not finish goes back to the
         # chunk, attempts given back, and the retry policy requeues the chunk at once.
-        with contextlib.suppress(psycopg.Error):
-            await asyncio.shield(deps.db.give_back_attempt(list(unfinished)))
+        await _give_back_when_cut_off(deps, list(progress.unfinished))
         raise
-    errors = [r for r in results if isinstance(r, BaseException)]
+    return [r for r in results if isinstance(r, BaseException)]
+
+
+async def _finish_chunk(
+    deps: WorkerDeps, progress: _ChunkProgress, errors: list[BaseException]
+) -> str:
+    """The chunk's summary, or why it must run again (an outcome unrecorded, a stop)."""
     if errors:
         # An outcome that could not be recorded leaves its recipient to this chunk: run the
         # chunk again later (recipients recorded meanwhile are skipped then).
         # The error's type only: a database error's text can quote the row it failed on.
         log.warning("chunk_incomplete", unrecorded=len(errors), error=type(errors[0]).__name__)
-        raise _database_failure(errors[0])
-    summary = " ".join(f"{name}={n}" for name, n in sorted(outcomes.items()))
-    if unfinished:
+        raise InfrastructureFailure.database_unavailable(errors[0])
+    if progress.unfinished:
         # The worker is stopping: what was not started goes back with the chunk.
-        try:
-            await deps.db.give_back_attempt(list(unfinished))
-        except psycopg.Error as exc:
-            raise _database_failure(exc) from exc
-        raise Interrupted(summary)
-    return summary
+        await _database(deps.db.give_back_attempt(list(progress.unfinished)))
+        raise Interrupted(progress.summary())
+    return progress.summary()
 
 
 async def _send_in_chunk(
@@ -264,19 +282,23 @@ async def _send_in_chunk(
     except Interrupted:
         return "not_started"
     except RateLimited as waiting:
-        # Not this email's fault: it waits for the window to end in a job of its own, its
-        # attempt given back; the rest of the chunk goes on.
-        spread = deps.retry.rng.uniform(
-            0, deps.retry.rate_limit_spread_s(waiting.limit.window_s, 0)
-        )
-        resume_at = waiting.resume_at + timedelta(seconds=spread)
-        await deps.db.give_back_attempt(recipient.id, note=waiting.note, own_job_at=resume_at)
-        _count_rate_limited(waiting)
-        outcome = "rate_limited"
+        outcome = await _wait_in_own_job(deps, recipient, waiting)
     except DeliveryFailure as failure:
         outcome = await _record_failure(deps, recipient, failure, own_job=True)
     log.info("email_finished", outcome=outcome, duration_s=round(time.perf_counter() - started, 4))
     return outcome
+
+
+async def _wait_in_own_job(
+    deps: WorkerDeps, recipient: RecipientForSend, waiting: RateLimited
+) -> str:
+    """Not this email's fault: it waits for the window to end in a job of its own, its
+    attempt given back; the rest of the chunk goes on."""
+    spread = deps.retry.rng.uniform(0, deps.retry.rate_limit_spread_s(waiting.limit.window_s, 0))
+    resume_at = waiting.resume_at + timedelta(seconds=spread)
+    await deps.db.give_back_attempt(recipient.id, note=waiting.note, own_job_at=resume_at)
+    _count_rate_limited(waiting)
+    return "rate_limited"
 
 
 # -- one recipient on its own --------------------------------------------------------------------
@@ -289,15 +311,11 @@ async def send_email(context: JobContext, recipient_id: int) -> str:
     again (or that it does not).
     """
     deps: WorkerDeps = context.additional_context[DEPS_KEY]
-    try:
-        recipient = await deps.db.begin_attempt(recipient_id)
-    except psycopg.Error as exc:
-        raise _database_failure(exc) from exc
+    recipient = await _database(deps.db.begin_attempt(recipient_id))
     if recipient is None:
         return "skipped"
     if recipient.status == "suppressed":
-        EMAILS_SUPPRESSED.inc()
-        return "suppressed"
+        return _suppressed()
     structlog.contextvars.bind_contextvars(
         batch_id=str(recipient.batch_id), recipient_id=recipient.id, request_id=recipient.request_id
     )
@@ -305,21 +323,33 @@ async def send_email(context: JobContext, recipient_id: int) -> str:
     try:
         return await _attempt(deps, recipient)
     except RateLimited as waiting:
-        # Not this email's fault: the job waits for the window to end, its attempt given back.
-        with contextlib.suppress(psycopg.Error):
-            await deps.db.give_back_attempt(recipient_id, note=waiting.note)
-        _count_rate_limited(waiting)
+        await _wait_in_this_job(deps, recipient.id, waiting)
         raise
     except asyncio.CancelledError:
         # Cut off by a shutdown past its grace period: the retry policy requeues the job at
         # once, and the attempt does not count against the recipient's budget.
-        with contextlib.suppress(psycopg.Error):
-            await asyncio.shield(deps.db.give_back_attempt(recipient_id))
+        await _give_back_when_cut_off(deps, recipient.id)
         raise
     except DeliveryFailure as failure:
-        with contextlib.suppress(psycopg.Error):
-            await _record_failure(deps, recipient, failure, own_job=False)
-        raise
+        raise await _recorded(deps, recipient, failure) from failure
+
+
+async def _wait_in_this_job(deps: WorkerDeps, recipient_id: int, waiting: RateLimited) -> None:
+    """Not this email's fault: the job waits for the window to end, its attempt given back."""
+    with contextlib.suppress(psycopg.Error):
+        await deps.db.give_back_attempt(recipient_id, note=waiting.note)
+    _count_rate_limited(waiting)
+
+
+async def _recorded(
+    deps: WorkerDeps, recipient: RecipientForSend, failure: DeliveryFailure
+) -> DeliveryFailure:
+    """``failure`` as this attempt of the recipient (the retry policy counts the recipient's
+    attempts), recorded unless the database is gone; the job raises it."""
+    failed = failure.at_attempt(recipient.attempts)
+    with contextlib.suppress(psycopg.Error):
+        await _record_failure(deps, recipient, failed, own_job=False)
+    return failed
 
 
 # -- what both do for one recipient --------------------------------------------------------------
@@ -337,37 +367,46 @@ async def _attempt(deps: WorkerDeps, recipient: RecipientForSend, *, in_chunk: b
         async with asyncio.timeout(limit):
             draft, stored = await _draft_once(deps, recipient)
             if recipient.hold_for_review:
-                if not stored:
-                    await _save(deps, recipient, draft)
-                    stored = True
-                if await deps.db.park_for_review(recipient.id, recipient.batch_id):
+                if await _park_for_review(deps, recipient, draft, stored=stored):
                     return "drafted"
+                stored = True
         async with deps.sending, asyncio.timeout(limit):
             if in_chunk and deps.stopping.is_set():
                 raise Interrupted()
-            try:
-                return await _deliver(deps, recipient, draft, store=not stored)
-            except DeliveryFailure:
-                if not stored:  # the dead letter or retry shows what was attempted
-                    with contextlib.suppress(psycopg.Error):
-                        await _save(deps, recipient, draft)
-                raise
+            return await _send_drafted(deps, recipient, draft, stored=stored)
     except TimeoutError:
         raise TransientFailure(f"attempt took longer than {limit:g} s") from None
     except psycopg.Error as exc:
-        raise _database_failure(exc) from exc
+        raise InfrastructureFailure.database_unavailable(exc) from exc
     except (DeliveryFailure, RateLimited, Interrupted):
         raise
     except Exception as exc:
-        # A bug, not the far side: make it a dead letter an operator can see and redrive,
-        # rather than a recipient stuck in "sending" forever.
-        # The exception's text can hold the address, the subject or a field: the failure's
-        # message (stored, shown and logged at INFO) names only its type. The traceback is
-        # logged without messages above DEBUG (shared.logging).
+        # The traceback is logged without messages above DEBUG (shared.logging).
         log.exception("send_email_crashed", recipient_id=recipient.id)
-        raise PermanentFailure(
-            f"internal error: {type(exc).__name__} (see send_email_crashed in the worker log)"
-        ) from exc
+        raise PermanentFailure.internal_error(exc) from exc
+
+
+async def _park_for_review(
+    deps: WorkerDeps, recipient: RecipientForSend, draft: Draft, *, stored: bool
+) -> bool:
+    """Store the draft and park the recipient for review; False if its batch was approved
+    meanwhile (the draft is stored either way, and the caller sends at once)."""
+    if not stored:
+        await _save(deps, recipient, draft)
+    return await deps.db.park_for_review(recipient.id, recipient.batch_id)
+
+
+async def _send_drafted(
+    deps: WorkerDeps, recipient: RecipientForSend, draft: Draft, *, stored: bool
+) -> str:
+    """Send the draft; a draft not stored yet is stored with the outcome, sent or failed."""
+    try:
+        return await _deliver(deps, recipient, draft, store=not stored)
+    except DeliveryFailure:
+        if not stored:  # the dead letter or retry shows what was attempted
+            with contextlib.suppress(psycopg.Error):
+                await _save(deps, recipient, draft)
+        raise
 
 
 async def _record_failure(
@@ -378,20 +417,15 @@ async def _record_failure(
     Returns ``dead``, ``retrying``, or ``cancelled`` (its batch was cancelled while the send
     was in flight). Raises psycopg.Error if it cannot be recorded.
     """
-    failure.attempt = recipient.attempts
-    final = deps.retry.gives_up(failure)
+    final = deps.retry.gives_up(failure, recipient.attempts)
     EMAIL_FAILURES.labels(kind="permanent" if failure.permanent else "transient").inc()
     outcome = "dead" if final else "retrying"
-    retry_at = None
-    if own_job and not final:
-        delay = deps.retry.delay_s(recipient.attempts, failure.retry_after_s)
-        retry_at = datetime.now(UTC) + timedelta(seconds=delay)
     recorded = await deps.db.mark_failed(
         recipient.id,
         status=outcome,
         error=failure.message,
         suppress=failure.mailbox_unknown,
-        retry_at=retry_at,
+        retry_at=_own_retry_at(deps, recipient, failure) if own_job and not final else None,
     )
     outcome = recorded or outcome
     if outcome != "cancelled" and final:
@@ -408,6 +442,19 @@ async def _record_failure(
     return outcome
 
 
+def _own_retry_at(
+    deps: WorkerDeps, recipient: RecipientForSend, failure: DeliveryFailure
+) -> datetime:
+    """When the job of its own of a recipient that leaves its chunk runs: the retry's backoff."""
+    delay = deps.retry.delay_s(recipient.attempts, failure.retry_after_s)
+    return datetime.now(UTC) + timedelta(seconds=delay)
+
+
+def _suppressed() -> str:
+    EMAILS_SUPPRESSED.inc()
+    return "suppressed"
+
+
 def _observe_wait(ready_at: datetime) -> None:
     JOB_QUEUE_WAIT.observe(max(0.0, (datetime.now(UTC) - ready_at).total_seconds()))
 
@@ -417,11 +464,22 @@ def _count_rate_limited(waiting: RateLimited) -> None:
     log.info("email_rate_limited", limit=waiting.limit.name, resume_at=waiting.resume_at)
 
 
-def _database_failure(exc: BaseException) -> InfrastructureFailure:
-    # The database went away mid-attempt: nothing was recorded as sent, so trying again later
-    # is safe. If even the retry cannot be recorded, the job stays "doing" and the stalled-job
-    # sweep requeues it once this worker's heartbeat goes stale.
-    return InfrastructureFailure(f"database unavailable: {type(exc).__name__}")
+async def _database(query: Awaitable[T]) -> T:
+    """The result of ``query``; the database going away makes an InfrastructureFailure.
+
+    If even that failure's retry cannot be recorded, the job stays "doing" and the stalled-job
+    sweep requeues it once this worker's heartbeat goes stale.
+    """
+    try:
+        return await query
+    except psycopg.Error as exc:
+        raise InfrastructureFailure.database_unavailable(exc) from exc
+
+
+async def _give_back_when_cut_off(deps: WorkerDeps, recipient_ids: int | list[int]) -> None:
+    """Give back the attempts of sends a shutdown cut off (shielded: the task is cancelled)."""
+    with contextlib.suppress(psycopg.Error):
+        await asyncio.shield(deps.db.give_back_attempt(recipient_ids))
 
 
 async def _draft_once(deps: WorkerDeps, recipient: RecipientForSend) -> tuple[Draft, bool]:
@@ -459,30 +517,46 @@ async def _save(deps: WorkerDeps, recipient: RecipientForSend, draft: Draft) -> 
 async def _deliver(
     deps: WorkerDeps, recipient: RecipientForSend, draft: Draft, *, store: bool
 ) -> str:
+    """Build the message, take a sending-rate slot and send it once: ``sent``, or why not."""
+    message = _message_for(deps, recipient, draft)
+    await _take_send_slot(deps, recipient.email)
+    return await _send_once(deps, recipient.id, message, draft if store else None)
+
+
+def _message_for(deps: WorkerDeps, recipient: RecipientForSend, draft: Draft) -> OutgoingMessage:
     sender = deps.settings.from_address
     assert sender is not None  # required by the worker's startup checks
-    message_id = message_id_for(recipient.id, recipient.batch_id, sender_domain(sender))
-    message = build_message(
+    return build_message(
         sender=sender,
         to=recipient.email,
         subject=draft.subject,
         body=draft.body,
-        message_id=message_id,
+        message_id=message_id_for(recipient.id, recipient.batch_id, sender_domain(sender)),
         unsubscribe_url=_unsubscribe_url(deps.settings, recipient.email, sender),
         unsubscribe_mailto=deps.settings.unsubscribe_mailto,
     )
-    limits = limits_for(deps.settings, recipient.email)
+
+
+async def _take_send_slot(deps: WorkerDeps, address: str) -> None:
+    """Count the message in the sending-rate windows, or raise RateLimited if one is full."""
+    limits = limits_for(deps.settings, address)
     if limits:
         full = await deps.db.take_send_slot(limits)
         if full is not None:
             raise RateLimited(*full)
-    async with deps.db.claim_delivery(recipient.id) as claim:
+
+
+async def _send_once(
+    deps: WorkerDeps, recipient_id: int, message: OutgoingMessage, draft: Draft | None
+) -> str:
+    """Send while holding the recipient's claim; ``draft`` is stored with ``sent`` if given."""
+    async with deps.db.claim_delivery(recipient_id) as claim:
         if not claim.claimed:
             # Sent already (a duplicate job, a chunk run again), or cancelled while it waited.
             return "cancelled" if claim.status == "cancelled" else "duplicate"
         reply = await deps.mailer.send(message)
         await claim.mark_sent(
-            message_id, reply, draft=(draft.subject, draft.body) if store else None
+            message.message_id, reply, draft=(draft.subject, draft.body) if draft else None
         )
     EMAILS_SENT.inc()
     return "sent"
