@@ -31,7 +31,7 @@ from web.app import create_app
 from worker.failures import DeliveryFailure, TransientFailure
 from worker.health import bound_port, serve_health
 from worker.main import worker_options, worker_runtime
-from worker.smtp import OutgoingMessage, SmtpMailer, build_message
+from worker.smtp import OutgoingMessage, SmtpMailer, SmtpServer, build_message
 
 
 def _message(to: str) -> OutgoingMessage:
@@ -115,7 +115,7 @@ async def test_smtp_failures_are_counted_by_reply_class(
         smtp.rules[f"{label}@example.org"] = Rule(reply)
     smtp.rules["content@example.org"] = Rule("554 5.7.1 message refused", at_data=True)
     before = worker_scrape()
-    mailer = SmtpMailer(settings, size=4)
+    mailer = SmtpMailer(SmtpServer.from_settings(settings), size=4)
     try:
         for label in replies:
             with pytest.raises(DeliveryFailure):
@@ -131,7 +131,10 @@ async def test_smtp_failures_are_counted_by_reply_class(
     # No reply at all: a server that drops the connection, and a port nobody listens on.
     async with dropping_server() as port:
         for unreachable in (port, free_port()):
-            gone = SmtpMailer(settings.model_copy(update={"smtp_port": unreachable}), size=1)
+            gone = SmtpMailer(
+                SmtpServer.from_settings(settings.model_copy(update={"smtp_port": unreachable})),
+                size=1,
+            )
             with pytest.raises(TransientFailure):
                 await gone.send(_message("ok@example.org"))
             await gone.close()
@@ -152,7 +155,7 @@ async def test_smtp_failures_are_counted_by_reply_class(
 async def test_a_451_to_mail_shows_the_slow_down_and_when_it_ends(
     settings: Settings, smtp: RecordingSMTPServer
 ) -> None:
-    mailer = SmtpMailer(settings, size=4, slowdown_hold_s=1.5)
+    mailer = SmtpMailer(SmtpServer.from_settings(settings), size=4, slowdown_hold_s=1.5)
     try:
         assert _worker("mailroom_smtp_slowed_down") == 0
         assert _worker("mailroom_smtp_slowdown_until_timestamp_seconds") == 0
@@ -181,7 +184,9 @@ async def test_a_451_to_mail_shows_the_slow_down_and_when_it_ends(
 async def test_a_slow_down_undone_by_successes_is_over_before_its_time(
     settings: Settings, smtp: RecordingSMTPServer
 ) -> None:
-    mailer = SmtpMailer(settings, size=2)  # the default hold: five minutes
+    mailer = SmtpMailer(
+        SmtpServer.from_settings(settings), size=2
+    )  # the default hold: five minutes
     try:
         smtp.rules["sender@example.com"] = Rule("421 4.7.0 slow down", times=1, at_mail=True)
         with pytest.raises(TransientFailure):
@@ -362,13 +367,17 @@ async def _orphaned_then_swept(
 
         async def running() -> bool:
             rows = await query(
-                url, "SELECT worker_id FROM procrastinate_jobs WHERE status = 'doing'"
+                url,
+                "SELECT worker_id FROM procrastinate_jobs"
+                " WHERE status = 'doing' AND queue_name = 'emails'",
             )
             return bool(rows) and rows[0][0] is not None
 
         await wait_until(running, 30, "the chunk to be running")
         [(dead_worker,)] = await query(
-            url, "SELECT worker_id FROM procrastinate_jobs WHERE status = 'doing'"
+            url,
+            "SELECT worker_id FROM procrastinate_jobs"
+            " WHERE status = 'doing' AND queue_name = 'emails'",
         )
         doomed.send_signal(signal.SIGKILL)
         await doomed.wait()
