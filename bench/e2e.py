@@ -104,7 +104,7 @@ async def through_mailroom(
     started = time.perf_counter()
     await db.create_batch(new_batch(count, tag))
     committed = time.time()
-    await sink.wait_for(count, timeout_s=600)
+    await sink.wait_for(count, timeout_seconds=600)
     elapsed = time.perf_counter() - started
     async with db.pool.connection() as conn:
         # The sink counts a message before the worker commits it as sent: wait for the commits.
@@ -133,7 +133,7 @@ async def idle_latency(db: Database, sink: harness.SmtpSink, probes: int) -> lis
         sink.reset()
         await db.create_batch(new_batch(1, f"probe{i}-"))
         committed = time.time()
-        accepted = await sink.wait_for(1, timeout_s=30)
+        accepted = await sink.wait_for(1, timeout_seconds=30)
         samples.append((accepted - committed) * 1000)
         await asyncio.sleep(0.02)
     return samples

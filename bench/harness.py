@@ -122,11 +122,11 @@ async def stop(procs: Sequence[asyncio.subprocess.Process]) -> None:
             await proc.wait()
 
 
-async def wait_for_http(url: str, timeout_s: float = 30.0) -> None:
+async def wait_for_http(url: str, timeout_seconds: float = 30.0) -> None:
     """Poll ``url`` until it answers 200."""
     import aiohttp
 
-    deadline = time.monotonic() + timeout_s
+    deadline = time.monotonic() + timeout_seconds
     async with aiohttp.ClientSession() as session:
         while True:
             try:
@@ -136,15 +136,15 @@ async def wait_for_http(url: str, timeout_s: float = 30.0) -> None:
             except aiohttp.ClientError:
                 pass
             if time.monotonic() > deadline:
-                raise RuntimeError(f"{url} did not answer within {timeout_s} s")
+                raise RuntimeError(f"{url} did not answer within {timeout_seconds} s")
             await asyncio.sleep(0.1)
 
 
-async def wait_for_workers(url: str, count: int, timeout_s: float = 60.0) -> None:
+async def wait_for_workers(url: str, count: int, timeout_seconds: float = 60.0) -> None:
     """Until ``count`` workers have registered with procrastinate (they listen for jobs)."""
     import psycopg
 
-    deadline = time.monotonic() + timeout_s
+    deadline = time.monotonic() + timeout_seconds
     async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
         while True:
             cursor = await conn.execute("SELECT count(*) FROM procrastinate_workers")
@@ -152,7 +152,7 @@ async def wait_for_workers(url: str, count: int, timeout_s: float = 60.0) -> Non
             if row and row[0] >= count:
                 return
             if time.monotonic() > deadline:
-                raise RuntimeError(f"{count} worker(s) did not register within {timeout_s} s")
+                raise RuntimeError(f"{count} worker(s) did not register within {timeout_seconds} s")
             await asyncio.sleep(0.1)
 
 
@@ -226,12 +226,14 @@ class SmtpSink:
         with self._count.get_lock():
             self._count.value = 0
 
-    async def wait_for(self, n: int, timeout_s: float) -> float:
+    async def wait_for(self, n: int, timeout_seconds: float) -> float:
         """Wait until ``n`` messages were accepted; return when the last one was (time.time())."""
-        deadline = time.monotonic() + timeout_s
+        deadline = time.monotonic() + timeout_seconds
         while self.accepted < n:
             if time.monotonic() > deadline:
-                raise RuntimeError(f"only {self.accepted} of {n} messages arrived in {timeout_s} s")
+                raise RuntimeError(
+                    f"only {self.accepted} of {n} messages arrived in {timeout_seconds} s"
+                )
             await asyncio.sleep(0.01)
         return self.last_accepted_at
 

@@ -164,12 +164,12 @@ class Postfix:
         self.maildir = base / "Maildir"
         self._master_pid: int | None = None
 
-    def _run(self, *args: str, timeout_s: float = 60) -> subprocess.CompletedProcess[str]:
+    def _run(self, *args: str, timeout_seconds: float = 60) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [self.binary, "-c", str(self.config), *args],
             capture_output=True,
             text=True,
-            timeout=timeout_s,
+            timeout=timeout_seconds,
         )
 
     def start(self) -> None:
@@ -216,7 +216,7 @@ class Postfix:
         """``postfix stop``; if the master still runs 10 s later, kill its process group."""
         if self.config.exists():
             try:
-                self._run("stop", timeout_s=30)
+                self._run("stop", timeout_seconds=30)
             except subprocess.TimeoutExpired:
                 pass
         pid = self._master_pid
@@ -265,15 +265,16 @@ class Postfix:
             for _, _, files in os.walk(self.queue / sub)
         )
 
-    async def wait_delivered(self, count: int, timeout_s: float) -> float:
+    async def wait_delivered(self, count: int, timeout_seconds: float) -> float:
         """Wait until ``count`` messages are in the Maildir and the queue is empty; return when
         the last one was written (``time.time()``, from the files' modification times)."""
-        deadline = time.monotonic() + timeout_s
+        deadline = time.monotonic() + timeout_seconds
         while len(os.listdir(self.maildir / "new")) < count:
             if time.monotonic() > deadline:
                 raise RuntimeError(
                     f"only {len(os.listdir(self.maildir / 'new'))} of {count} messages were"
-                    f" delivered in {timeout_s} s; {self.queued()} still queued\n{self.log_tail()}"
+                    f" delivered in {timeout_seconds} s; {self.queued()} still queued\n"
+                    f"{self.log_tail()}"
                 )
             await asyncio.sleep(0.01)
         while self.queued():
@@ -369,10 +370,13 @@ async def aiosmtplib_alone(postfix: Postfix, count: int, conns: int, tag: str) -
 
     started_wall, started = time.time(), time.perf_counter()
     await asyncio.gather(*(sender() for _ in range(conns)))
-    accepted_s = time.perf_counter() - started
-    delivered_s = await postfix.wait_delivered(count, timeout_s=300) - started_wall
+    accepted_seconds = time.perf_counter() - started
+    delivered_seconds = await postfix.wait_delivered(count, timeout_seconds=300) - started_wall
     postfix.check_delivered(expected)
-    return {"accepted_per_s": count / accepted_s, "delivered_per_s": count / delivered_s}
+    return {
+        "accepted_per_s": count / accepted_seconds,
+        "delivered_per_s": count / delivered_seconds,
+    }
 
 
 async def through_mailroom(
@@ -391,7 +395,7 @@ async def through_mailroom(
     async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
         started_wall, started = time.time(), time.perf_counter()
         answer = await harness.post_batch(session, base, payload)
-        posted_s = time.perf_counter() - started
+        posted_seconds = time.perf_counter() - started
         deadline = time.monotonic() + 300
         while True:
             cursor = await conn.execute(
@@ -411,17 +415,17 @@ async def through_mailroom(
                     + postfix.log_tail()
                 )
             await asyncio.sleep(0.02)
-        accepted_s = time.perf_counter() - started
+        accepted_seconds = time.perf_counter() - started
         cursor = await conn.execute(
             "SELECT email, message_id FROM recipients WHERE batch_id = %s", (answer["id"],)
         )
         expected = {email: message_id for email, message_id in await cursor.fetchall()}
-    delivered_s = await postfix.wait_delivered(count, timeout_s=300) - started_wall
+    delivered_seconds = await postfix.wait_delivered(count, timeout_seconds=300) - started_wall
     postfix.check_delivered(expected)
     return {
-        "accepted_per_s": count / accepted_s,
-        "delivered_per_s": count / delivered_s,
-        "post_ms": posted_s * 1000,
+        "accepted_per_s": count / accepted_seconds,
+        "delivered_per_s": count / delivered_seconds,
+        "post_ms": posted_seconds * 1000,
     }
 
 

@@ -286,7 +286,7 @@ def email_key(recipient_id: int) -> str:
 
 # An enqueue that adds this many rows to a table ANALYZEs it, at most once per interval.
 ANALYZE_AFTER_ROWS = 1000
-ANALYZE_INTERVAL_S = 10.0
+ANALYZE_INTERVAL_SECONDS = 10.0
 # The columns the queue's and the worker's plans depend on; sampling only these costs a
 # fraction of a whole row's statistics (recipients carry their fields and drafts): 30 instead
 # of 160 ms for 100,000 recipients. Any other table is analyzed whole.
@@ -302,7 +302,7 @@ async def analyze_grown_tables(
     added: Mapping[str, int],
     *,
     min_rows: int = ANALYZE_AFTER_ROWS,
-    interval_s: float = ANALYZE_INTERVAL_S,
+    interval_seconds: float = ANALYZE_INTERVAL_SECONDS,
 ) -> list[str]:
     """ANALYZE each table of ``added`` (name -> rows just committed) that grew by ``min_rows``
     or more; return the names analyzed. Call it after the commit: ANALYZE samples what is
@@ -319,7 +319,7 @@ async def analyze_grown_tables(
     with a status condition go wrong the same way (a scan of every open recipient). ANALYZE
     also invalidates the plans each worker session has cached for these tables.
 
-    A table analyzed by this process less than ``interval_s`` ago is not analyzed again (its
+    A table analyzed by this process less than ``interval_seconds`` ago is not analyzed again (its
     statistics already show a large backlog); one another session is analyzing is skipped
     (SKIP_LOCKED), and a role that does not own it gets PostgreSQL's warning and nothing else.
     A failure is logged, never raised: the enqueue it follows has committed.
@@ -330,7 +330,7 @@ async def analyze_grown_tables(
         name
         for name, rows in added.items()
         if rows >= min_rows
-        and now - _last_analyzed.get((*where, name), float("-inf")) >= interval_s
+        and now - _last_analyzed.get((*where, name), float("-inf")) >= interval_seconds
     ]
     if not tables:
         return []
@@ -838,14 +838,18 @@ class Database:
                             " ON CONFLICT (scope, window_start) DO UPDATE"
                             " SET sent = send_windows.sent + 1"
                             " WHERE send_windows.sent < %(max)s RETURNING 1",
-                            {"scope": limit.scope, "w": limit.window_s, "max": limit.max_sent},
+                            {
+                                "scope": limit.scope,
+                                "w": limit.window_seconds,
+                                "max": limit.max_sent,
+                            },
                         )
                         if await cursor.fetchone() is None:
                             raise _WindowFull(limit)
             except _WindowFull as full:
                 cursor = await conn.execute(
                     "SELECT to_timestamp((floor(extract(epoch FROM now()) / %(w)s) + 1) * %(w)s)",
-                    {"w": full.limit.window_s},
+                    {"w": full.limit.window_seconds},
                 )
                 row = await cursor.fetchone()
                 assert row is not None
@@ -866,7 +870,7 @@ class Database:
                 " WHERE s.sent >= l.max_sent ORDER BY l.n",
                 (
                     [x.scope for x in limits],
-                    [x.window_s for x in limits],
+                    [x.window_seconds for x in limits],
                     [x.max_sent for x in limits],
                 ),
             )
@@ -962,7 +966,7 @@ class Database:
             )
             return await cursor.fetchall()
 
-    async def heartbeat_age_s(self, worker_id: int) -> float | None:
+    async def heartbeat_age_seconds(self, worker_id: int) -> float | None:
         """Seconds since procrastinate last saw worker ``worker_id`` (None: not registered)."""
         async with self.pool.connection() as conn:
             cursor = await conn.execute(WORKER_HEARTBEAT_AGE, (worker_id,))

@@ -284,10 +284,12 @@ class QueueCollector(Collector):
     the other families are absent (an alert on them cannot fire on stale numbers).
     """
 
-    def __init__(self, conninfo: str, *, stalled_after_s: float, timeout_s: float = 2.0) -> None:
+    def __init__(
+        self, conninfo: str, *, stalled_after_seconds: float, timeout_seconds: float = 2.0
+    ) -> None:
         self._conninfo = conninfo
-        self._stalled_after_s = stalled_after_s
-        self._timeout_ms = int(timeout_s * 1000)
+        self._stalled_after_seconds = stalled_after_seconds
+        self._timeout_ms = int(timeout_seconds * 1000)
         self._conn: psycopg.Connection[Any] | None = None
         self._lock = threading.Lock()
 
@@ -345,10 +347,10 @@ class QueueCollector(Collector):
         seen_queues = set(QUEUES) | {row[0] for row in queue_rows}
         counts = {(q, s): 0 for q in seen_queues for s in QUEUE_STATUSES}
         oldest = dict.fromkeys(seen_queues, 0.0)
-        for queue_name, state, n, oldest_s in queue_rows:
+        for queue_name, state, n, oldest_seconds in queue_rows:
             counts[(queue_name, state)] = n
-            if oldest_s is not None:
-                oldest[queue_name] = max(oldest[queue_name], float(oldest_s))
+            if oldest_seconds is not None:
+                oldest[queue_name] = max(oldest[queue_name], float(oldest_seconds))
         for (queue_name, state), n in sorted(counts.items()):
             queue.add_metric([queue_name, state], n)
         for queue_name, seconds in sorted(oldest.items()):
@@ -356,7 +358,7 @@ class QueueCollector(Collector):
         by_status = dict.fromkeys(OPEN_RECIPIENT_STATUSES, 0) | dict(recipient_rows)
         for status, n in by_status.items():
             recipients.add_metric([status], n)
-        alive.add_metric([], sum(1 for _, s in worker_rows if s < self._stalled_after_s))
+        alive.add_metric([], sum(1 for _, s in worker_rows if s < self._stalled_after_seconds))
         for worker_id, seconds in sorted(worker_rows):
             heartbeat.add_metric([str(worker_id)], max(0.0, seconds))
         for queue_name, n in sorted((dict.fromkeys(QUEUES, 0) | dict(orphan_rows)).items()):
@@ -381,7 +383,7 @@ class QueueCollector(Collector):
             conn.execute(QUEUE_DEPTH).fetchall(),
             conn.execute(_RECIPIENTS_SQL).fetchall(),
             conn.execute(WORKER_HEARTBEATS).fetchall(),
-            conn.execute(ORPHANED_JOBS, (self._stalled_after_s,)).fetchall(),
+            conn.execute(ORPHANED_JOBS, (self._stalled_after_seconds,)).fetchall(),
             conn.execute(_MAINTENANCE_SQL).fetchall(),
         )
 

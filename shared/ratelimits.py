@@ -17,17 +17,17 @@ _WINDOWS = {1: "per second", 60: "per minute", 3600: "per hour", 86_400: "per da
 
 @dataclass(frozen=True)
 class Limit:
-    """At most ``max_sent`` messages per ``window_s`` seconds within ``scope``."""
+    """At most ``max_sent`` messages per ``window_seconds`` seconds within ``scope``."""
 
     name: str  # what an operator reads: "per day", "per minute to example.org"
     scope: str
-    window_s: int
+    window_seconds: int
     max_sent: int
 
     @property
     def kind(self) -> str:
         """The window alone ("per minute"): a bounded label for metrics."""
-        return _WINDOWS.get(self.window_s, f"per {self.window_s} s")
+        return _WINDOWS.get(self.window_seconds, f"per {self.window_seconds} s")
 
 
 def sender_limits(settings: Settings) -> list[Limit]:

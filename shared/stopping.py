@@ -3,7 +3,7 @@
 The first SIGTERM or SIGINT asks for a graceful stop and a second one for an immediate exit.
 A wrapper such as ``uv run`` forwards the signal it receives, so when a whole process group is
 signalled (``timeout``, a service manager's control-group kill) the same request reaches
-Mailroom twice within milliseconds. Only a signal that comes at least ``REPEAT_AFTER_S`` after
+Mailroom twice within milliseconds. Only a signal that comes at least ``REPEAT_AFTER_SECONDS`` after
 the first counts as a second request.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 
-REPEAT_AFTER_S = 0.25
+REPEAT_AFTER_SECONDS = 0.25
 
 
 class StopRequests:
@@ -26,4 +26,4 @@ class StopRequests:
         if self._first_at is None:
             self._first_at = now
             return "first"
-        return "duplicate" if now - self._first_at < REPEAT_AFTER_S else "again"
+        return "duplicate" if now - self._first_at < REPEAT_AFTER_SECONDS else "again"

@@ -130,21 +130,31 @@ _monotonic = time.monotonic
 
 # A render in a render thread hands the GIL over this often: a thread waiting for it (the
 # event loop's) would otherwise wait up to sys.getswitchinterval() (5 ms) for every turn.
-_GIVE_WAY_EVERY_S = 0.001
+_GIVE_WAY_EVERY_SECONDS = 0.001
 
 
 class _Budget:
-    __slots__ = ("calls", "deadline", "depth", "give_way_at", "produced", "steps", "time_limit_s")
+    __slots__ = (
+        "calls",
+        "deadline",
+        "depth",
+        "give_way_at",
+        "produced",
+        "steps",
+        "time_limit_seconds",
+    )
 
     def __init__(
-        self, time_limit_s: float, deadline: float | None = None, *, give_way: bool = False
+        self, time_limit_seconds: float, deadline: float | None = None, *, give_way: bool = False
     ) -> None:
-        self.time_limit_s = time_limit_s
+        self.time_limit_seconds = time_limit_seconds
         now = _monotonic()
         self.deadline = (
-            now + time_limit_s if deadline is None else min(now + time_limit_s, deadline)
+            now + time_limit_seconds
+            if deadline is None
+            else min(now + time_limit_seconds, deadline)
         )
-        self.give_way_at = now + _GIVE_WAY_EVERY_S if give_way else math.inf
+        self.give_way_at = now + _GIVE_WAY_EVERY_SECONDS if give_way else math.inf
         self.steps = 0
         self.calls = 0
         self.produced = 0
@@ -159,11 +169,11 @@ class _Budget:
             self.check_time()
         if now > self.give_way_at:
             time.sleep(0)  # releases the GIL: whoever waits for it runs now
-            self.give_way_at = now + _GIVE_WAY_EVERY_S
+            self.give_way_at = now + _GIVE_WAY_EVERY_SECONDS
 
     def check_time(self) -> None:
         if _monotonic() > self.deadline:
-            raise _OverBudget(f"rendering took longer than {self.time_limit_s:g} s")
+            raise _OverBudget(f"rendering took longer than {self.time_limit_seconds:g} s")
 
     def made(self, value: Any) -> Any:
         """Count ``value``, just built, against the budget; return it."""
@@ -839,17 +849,17 @@ def render(
     source: str,
     values: dict[str, Any],
     *,
-    time_limit_s: float = RENDER_SECONDS,
+    time_limit_seconds: float = RENDER_SECONDS,
     deadline: float | None = None,
 ) -> str:
     """Render ``source`` with ``values`` on a budget; any failure becomes
     :class:`TemplateProblem` (:class:`TemplateTooExpensive` when the budget is spent).
 
-    The render may take ``time_limit_s`` of wall-clock time, and must end by ``deadline``
+    The render may take ``time_limit_seconds`` of wall-clock time, and must end by ``deadline``
     (``time.monotonic()``) if one is given.
     """
     compiled = _compiled(source)
-    budget = _Budget(time_limit_s, deadline, give_way=_render_thread.active)
+    budget = _Budget(time_limit_seconds, deadline, give_way=_render_thread.active)
     token = _BUDGET.set(budget)
     chunks: list[str] = []
     size = 0

@@ -27,7 +27,7 @@ class Reply:
     content: str | None = None
     status: int = 200
     headers: dict[str, str] = field(default_factory=dict)
-    delay_s: float = 0.0
+    delay_seconds: float = 0.0
     error: str = "error"
 
 
@@ -82,8 +82,8 @@ class FakeGroq:
         self.requests.append(body)
         self.headers.append(dict(request.headers))
         reply = self.replies.pop(0) if self.replies else self.default(body)
-        if reply.delay_s:
-            await asyncio.sleep(reply.delay_s)
+        if reply.delay_seconds:
+            await asyncio.sleep(reply.delay_seconds)
         if reply.status != 200:
             return web.json_response(
                 {"error": {"message": reply.error, "type": "api_error"}},

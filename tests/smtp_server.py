@@ -35,13 +35,13 @@ class Received:
 @dataclass
 class Rule:
     """Reply ``reply`` to RCPT (or DATA when ``at_data``, MAIL when ``at_mail``) for the first
-    ``times`` attempts; at RCPT, ``delay_s`` after the command."""
+    ``times`` attempts; at RCPT, ``delay_seconds`` after the command."""
 
     reply: str
     times: int | None = None  # None: always
     at_data: bool = False
     at_mail: bool = False  # keyed by the sender's address
-    delay_s: float = 0.0
+    delay_seconds: float = 0.0
     seen: int = 0
 
     def fires(self) -> bool:
@@ -55,7 +55,7 @@ class RecordingSMTPServer:
     port: int = 0
     received: list[Received] = field(default_factory=list)
     rules: dict[str, Rule] = field(default_factory=dict)
-    data_delay_s: float = 0.0
+    data_delay_seconds: float = 0.0
     connections: int = 0
     _server: asyncio.AbstractServer | None = None
 
@@ -77,7 +77,7 @@ class RecordingSMTPServer:
     def reset(self) -> None:
         self.received.clear()
         self.rules.clear()
-        self.data_delay_s = 0.0
+        self.data_delay_seconds = 0.0
         self.connections = 0
 
     # -- aiosmtpd hooks --------------------------------------------------------------------
@@ -97,14 +97,14 @@ class RecordingSMTPServer:
     ) -> str:
         rule = self.rules.get(address.lower())
         if rule is not None and not (rule.at_data or rule.at_mail) and rule.fires():
-            await asyncio.sleep(rule.delay_s)
+            await asyncio.sleep(rule.delay_seconds)
             return rule.reply
         envelope.rcpt_tos.append(address)
         return "250 OK"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
-        if self.data_delay_s:
-            await asyncio.sleep(self.data_delay_s)
+        if self.data_delay_seconds:
+            await asyncio.sleep(self.data_delay_seconds)
         for address in envelope.rcpt_tos:
             rule = self.rules.get(address.lower())
             if rule is not None and rule.at_data and rule.fires():

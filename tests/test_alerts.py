@@ -246,11 +246,11 @@ class Prometheus:
                 out.setdefault(alert["labels"]["alertname"], []).append(alert)
         return out
 
-    async def wait_firing(self, name: str, timeout_s: float) -> list[dict[str, Any]]:
+    async def wait_firing(self, name: str, timeout_seconds: float) -> list[dict[str, Any]]:
         async def fires() -> bool:
             return name in await self.firing()
 
-        await wait_until(fires, timeout_s, f"{name} to fire")
+        await wait_until(fires, timeout_seconds, f"{name} to fire")
         return (await self.firing())[name]
 
     async def metric_names(self) -> set[str]:

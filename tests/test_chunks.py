@@ -126,7 +126,7 @@ async def test_one_slow_address_does_not_hold_the_rest_of_its_chunk(
 ) -> None:
     url = settings.database_url or ""
     slow = settings.model_copy(update={"worker_concurrency": 4, "job_timeout_seconds": 10})
-    smtp.rules["stuck@example.org"] = Rule("451 4.4.2 slow", times=1, delay_s=3.0)
+    smtp.rules["stuck@example.org"] = Rule("451 4.4.2 slow", times=1, delay_seconds=3.0)
     addresses = ["stuck@example.org", *(f"r{i}@example.org" for i in range(20))]
     await _batch(db, addresses)
     worker = asyncio.create_task(drain(slow))
@@ -149,7 +149,7 @@ async def test_cancelling_mid_chunk_stops_what_has_not_been_sent(
 ) -> None:
     url = settings.database_url or ""
     one_at_a_time = settings.model_copy(update={"worker_concurrency": 1})
-    smtp.data_delay_s = 0.2
+    smtp.data_delay_seconds = 0.2
     addresses = [f"r{i}@example.org" for i in range(10)]
     batch_id = await _batch(db, addresses)
     worker = asyncio.create_task(drain(one_at_a_time))
@@ -215,7 +215,7 @@ async def test_a_send_in_flight_when_its_batch_is_cancelled_is_not_retried_after
     db: Database, settings: Settings, smtp: RecordingSMTPServer
 ) -> None:
     url = settings.database_url or ""
-    slow = Rule("451 4.3.0 try again later", times=1, delay_s=1.0)
+    slow = Rule("451 4.3.0 try again later", times=1, delay_seconds=1.0)
     smtp.rules["slow@example.org"] = slow
     batch_id = await _batch(db, ["slow@example.org"])
     worker = asyncio.create_task(drain(settings))

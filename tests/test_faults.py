@@ -167,7 +167,7 @@ async def test_sigterm_mid_batch_exits_0_within_the_grace_and_loses_nothing(
     db: Database, settings: Settings, smtp: RecordingSMTPServer
 ) -> None:
     settings = fast_recovery(settings, shutdown_grace_seconds=5.0, worker_concurrency=4)
-    smtp.data_delay_s = 0.3  # slow enough that work is in flight when the signal lands
+    smtp.data_delay_seconds = 0.3  # slow enough that work is in flight when the signal lands
     addresses = await enqueue(db, 40)
     async with worker_process(settings) as proc:
         await wait_until(
@@ -201,7 +201,7 @@ async def test_a_shutdown_past_the_grace_requeues_without_spending_an_attempt(
     settings = fast_recovery(
         settings, shutdown_grace_seconds=0.5, worker_concurrency=2, job_timeout_seconds=30
     )
-    smtp.data_delay_s = 5  # every send outlasts the grace period
+    smtp.data_delay_seconds = 5  # every send outlasts the grace period
     await enqueue(db, 2)
     async with worker_process(settings) as proc:
         await wait_until(
@@ -223,7 +223,7 @@ async def test_a_second_signal_exits_at_once_and_the_sweep_recovers_the_jobs(
     db: Database, settings: Settings, smtp: RecordingSMTPServer
 ) -> None:
     settings = fast_recovery(settings, shutdown_grace_seconds=30, worker_concurrency=2)
-    smtp.data_delay_s = 3
+    smtp.data_delay_seconds = 3
     addresses = await enqueue(db, 2)
     async with worker_process(settings) as proc:
         await wait_until(
@@ -235,7 +235,7 @@ async def test_a_second_signal_exits_at_once_and_the_sweep_recovers_the_jobs(
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), 10) != 0
         assert time.monotonic() - started < 2
-    smtp.data_delay_s = 0
+    smtp.data_delay_seconds = 0
     async with worker_process(settings) as proc:
         await wait_until(all_sent(settings, len(addresses)), 60, "recovery by the sweep")
         proc.send_signal(signal.SIGTERM)
@@ -280,7 +280,7 @@ async def test_a_hung_smtp_server_times_out_and_the_job_is_retried(
 async def test_an_attempt_longer_than_the_job_time_limit_is_cut_off_as_transient(
     db: Database, settings: Settings, smtp: RecordingSMTPServer
 ) -> None:
-    smtp.data_delay_s = 3  # answers, but too slowly for the job's time limit
+    smtp.data_delay_seconds = 3  # answers, but too slowly for the job's time limit
     await enqueue(db, 1)
     await drain(fast_recovery(settings, job_timeout_seconds=0.5, smtp_timeout_seconds=10))
     row = await query(settings.database_url or "", "SELECT status, last_error FROM recipients")
@@ -308,7 +308,7 @@ async def test_a_postgresql_restart_mid_run_loses_nothing(
         url = await asyncio.to_thread(ensure_database, admin, "mailroom")
         await migrate(url)
         settings = fast_recovery(make_settings(url, smtp.port), worker_concurrency=4)
-        smtp.data_delay_s = 0.02
+        smtp.data_delay_seconds = 0.02
         async with make_pool(url, max_size=2, name="test") as pool:
             addresses = await enqueue(Database(pool), 300)
         log = tmp_path / "worker.log"
@@ -343,7 +343,7 @@ async def test_the_sweep_requeues_orphaned_jobs_on_time_behind_a_large_email_bac
     settings = fast_recovery(settings, stalled_after_seconds=2, worker_concurrency=1)
     url = settings.database_url or ""
     await enqueue(Database(db.pool, chunk_size=1), 5000)  # one job per email
-    smtp.data_delay_s = 0.01  # 5,000 jobs take far longer than the sweep's deadline
+    smtp.data_delay_seconds = 0.01  # 5,000 jobs take far longer than the sweep's deadline
 
     async def _has(items: Awaitable[list[int]], count: int) -> bool:
         return len(await items) >= count
@@ -385,8 +385,8 @@ async def test_the_sweep_requeues_orphaned_jobs_on_time_behind_a_large_email_bac
 
             # The deadline; the assertion below is the bound. 1 s of slack covers fetching and
             # running the sweep job and this test's own polling (every 0.2 s).
-            bound_s = settings.stalled_after_seconds + settings.sweep_interval_seconds + 1.0
-            await wait_until(requeued, bound_s + 10, "the orphaned job to be requeued")
+            bound_seconds = settings.stalled_after_seconds + settings.sweep_interval_seconds + 1.0
+            await wait_until(requeued, bound_seconds + 10, "the orphaned job to be requeued")
             requeued_after = time.monotonic() - killed_at
             backlog = await query(
                 url, "SELECT count(*) FROM procrastinate_jobs WHERE status = 'todo'"
@@ -394,5 +394,5 @@ async def test_the_sweep_requeues_orphaned_jobs_on_time_behind_a_large_email_bac
             rescuer.send_signal(signal.SIGTERM)
             assert await asyncio.wait_for(rescuer.wait(), 30) == 0
     print(f"\norphaned job requeued {requeued_after:.1f} s after its worker was killed")
-    assert requeued_after <= bound_s, f"requeued {requeued_after:.1f} s after the kill"
+    assert requeued_after <= bound_seconds, f"requeued {requeued_after:.1f} s after the kill"
     assert backlog[0][0] > 1000, "the backlog was still there when the sweep ran"

@@ -72,7 +72,7 @@ async def test_two_workers_racing_on_one_recipient_send_once(
     for _ in range(3):
         await _duplicate_job(url, recipient_id)
     # A slow server keeps the first claim open while the duplicates arrive and wait on it.
-    smtp.data_delay_s = 0.5
+    smtp.data_delay_seconds = 0.5
     await asyncio.gather(drain(settings), drain(settings), drain(settings))
     assert len(smtp.received) == 1
     assert await query(url, "SELECT count(*) FROM processed_jobs") == [(1,)]

@@ -200,7 +200,7 @@ async def test_a_429_is_retried_no_sooner_than_retry_after(
     [
         (Reply(status=500, error="boom"), "LLM server error (500)"),
         (Reply(status=503, error="overloaded"), "LLM server error (503)"),
-        (Reply(VALID, delay_s=2.0), "LLM request timed out"),
+        (Reply(VALID, delay_seconds=2.0), "LLM request timed out"),
     ],
 )
 async def test_server_errors_and_timeouts_are_transient(

@@ -155,7 +155,7 @@ async def test_smtp_failures_are_counted_by_reply_class(
 async def test_a_451_to_mail_shows_the_slow_down_and_when_it_ends(
     settings: Settings, smtp: RecordingSMTPServer
 ) -> None:
-    mailer = SmtpMailer(SmtpServer.from_settings(settings), size=4, slowdown_hold_s=1.5)
+    mailer = SmtpMailer(SmtpServer.from_settings(settings), size=4, slowdown_hold_seconds=1.5)
     try:
         assert _worker("mailroom_smtp_slowed_down") == 0
         assert _worker("mailroom_smtp_slowdown_until_timestamp_seconds") == 0
@@ -243,7 +243,7 @@ async def test_dead_letters_are_counted_by_reason(
 async def test_busy_slots_follow_the_sends_in_flight(
     db: Database, settings: Settings, smtp: RecordingSMTPServer
 ) -> None:
-    smtp.data_delay_s = 1.0
+    smtp.data_delay_seconds = 1.0
     await _batch(db, [f"slot{i}@example.org" for i in range(10)])
     async with worker_runtime(settings) as (app, deps):
         worker = asyncio.create_task(
@@ -256,7 +256,7 @@ async def test_busy_slots_follow_the_sends_in_flight(
 
             await wait_until(all_slots_busy, 20, "every send slot to be busy")
             assert _worker("mailroom_worker_concurrency") == settings.worker_concurrency
-            smtp.data_delay_s = 0.0
+            smtp.data_delay_seconds = 0.0
 
             async def all_sent_and_idle() -> bool:
                 rows = await query(
@@ -361,7 +361,7 @@ async def _orphaned_then_swept(
     client: TestClient, db: Database, settings: Settings, smtp: RecordingSMTPServer
 ) -> None:
     url = settings.database_url or ""
-    smtp.data_delay_s = 10.0  # the first worker's sends hang until it is killed
+    smtp.data_delay_seconds = 10.0  # the first worker's sends hang until it is killed
     await _batch(db, ["orphan1@example.org", "orphan2@example.org"])
     async with worker_process(settings) as doomed:
 
@@ -399,7 +399,7 @@ async def _orphaned_then_swept(
         < orphan_seen_at
     )
 
-    smtp.data_delay_s = 0.0
+    smtp.data_delay_seconds = 0.0
     async with worker_process(settings) as rescuer:
 
         async def recovered() -> bool:

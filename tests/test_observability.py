@@ -135,7 +135,7 @@ async def test_the_collector_reports_down_instead_of_failing_the_scrape(
 ) -> None:
     from shared.metrics import QueueCollector
 
-    broken = QueueCollector(settings.database_url + "_nope", stalled_after_s=30)  # type: ignore[operator]
+    broken = QueueCollector(settings.database_url + "_nope", stalled_after_seconds=30)  # type: ignore[operator]
     families = {f.name: f for f in broken.collect()}
     assert set(families) == {"mailroom_collector_up"}
     assert families["mailroom_collector_up"].samples[0].value == 0

@@ -24,7 +24,7 @@ from tests.smtp_server import RecordingSMTPServer, Rule
 from tests.test_faults import all_sent, enqueue
 from worker.failures import RateLimited, TransientFailure
 from worker.retry import RETRY_PRIORITY, BackoffRetry
-from worker.smtp import PACE_MIN_S, OutgoingMessage, SmtpMailer, SmtpServer, build_message
+from worker.smtp import PACE_MIN_SECONDS, OutgoingMessage, SmtpMailer, SmtpServer, build_message
 
 
 @pytest.fixture
@@ -124,7 +124,7 @@ def test_a_rate_limited_job_comes_back_when_its_window_ends() -> None:
 
 
 def test_a_backlog_held_back_again_and_again_spreads_wider_each_time() -> None:
-    spread = BackoffRetry.rate_limit_spread_s
+    spread = BackoffRetry.rate_limit_spread_seconds
     assert [spread(1, n) for n in range(4)] == [1, 2, 4, 8]
     assert spread(1, 30) == 900, "never more than fifteen minutes"
     assert spread(86_400, 0) == 60, "a day's window does not spread the next day over a day"
@@ -203,7 +203,7 @@ async def test_refusals_at_mail_halve_the_concurrency_once_per_burst_and_success
             with pytest.raises(TransientFailure, match="451"):
                 await mailer.send(_message("again@example.org"))
             assert mailer.concurrency_limit == expected and _limit_gauge() == expected
-        assert mailer.pace_s == 0
+        assert mailer.pace_seconds == 0
 
         # The server takes mail again: one step up per `limit` successes, so 1 + 2 + ... + 7.
         del smtp.rules["sender@example.com"]
@@ -230,14 +230,14 @@ async def test_a_server_that_throttles_a_single_connection_gets_paced_sends(
     try:
         started = time.monotonic()
         await asyncio.gather(*(mailer.send(_message(f"fast{i}@example.org")) for i in range(4)))
-        assert time.monotonic() - started < 1.0 and mailer.pace_s == 0
+        assert time.monotonic() - started < 1.0 and mailer.pace_seconds == 0
 
         # 451 at DATA: about the message stream, not the recipient (RCPT was accepted).
         smtp.rules["first@example.org"] = Rule("451 4.7.1 slow down, please", at_data=True)
-        for limit, pace in ((1, 0.0), (1, PACE_MIN_S), (1, 2 * PACE_MIN_S)):
+        for limit, pace in ((1, 0.0), (1, PACE_MIN_SECONDS), (1, 2 * PACE_MIN_SECONDS)):
             with pytest.raises(TransientFailure, match="451"):
                 await mailer.send(_message("first@example.org"))
-            assert (mailer.concurrency_limit, mailer.pace_s) == (limit, pace)
+            assert (mailer.concurrency_limit, mailer.pace_seconds) == (limit, pace)
 
         # Each success halves the pace: the first send waits out 0.5 s after the last refusal,
         # the second 0.5 s after the first (the pace it started under), the third not at all;
@@ -246,9 +246,9 @@ async def test_a_server_that_throttles_a_single_connection_gets_paced_sends(
         started = time.monotonic()
         await asyncio.gather(*(mailer.send(_message(f"slow{i}@example.org")) for i in range(3)))
         elapsed = time.monotonic() - started
-        assert mailer.pace_s == 0 and mailer.concurrency_limit == 2
+        assert mailer.pace_seconds == 0 and mailer.concurrency_limit == 2
     finally:
         await mailer.close()
     times = [r.received_at for r in smtp.received]
-    assert times[1] - times[0] >= 2 * PACE_MIN_S - 0.02, times
-    assert elapsed >= 3 * PACE_MIN_S, elapsed
+    assert times[1] - times[0] >= 2 * PACE_MIN_SECONDS - 0.02, times
+    assert elapsed >= 3 * PACE_MIN_SECONDS, elapsed

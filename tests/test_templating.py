@@ -113,7 +113,7 @@ def test_a_render_stops_at_its_time_limit() -> None:
     )
     started = time.perf_counter()
     with pytest.raises(TemplateTooExpensive, match=r"took longer than 0\.3 s"):
-        render(source, VALUES, time_limit_s=0.3)
+        render(source, VALUES, time_limit_seconds=0.3)
     assert time.perf_counter() - started < 0.6
 
 

@@ -67,8 +67,8 @@ def test_templates_render_fields_without_escaping_text() -> None:
 
 
 def test_backoff_ceiling_doubles_from_the_base_up_to_the_cap() -> None:
-    policy = BackoffRetry(max_attempts=8, base_s=5, cap_s=3600)
-    assert [policy.ceiling_s(n) for n in range(1, 11)] == [
+    policy = BackoffRetry(max_attempts=8, base_seconds=5, cap_seconds=3600)
+    assert [policy.ceiling_seconds(n) for n in range(1, 11)] == [
         5,
         10,
         20,
@@ -80,21 +80,21 @@ def test_backoff_ceiling_doubles_from_the_base_up_to_the_cap() -> None:
         1280,
         2560,
     ]
-    assert policy.ceiling_s(11) == 3600
-    assert policy.ceiling_s(10_000) == 3600  # no overflow on absurd attempt counts
+    assert policy.ceiling_seconds(11) == 3600
+    assert policy.ceiling_seconds(10_000) == 3600  # no overflow on absurd attempt counts
 
 
 def test_full_jitter_spreads_delays_across_the_whole_window() -> None:
-    policy = BackoffRetry(base_s=5, cap_s=3600, rng=random.Random(7))
-    delays = [policy.delay_s(3) for _ in range(2000)]
+    policy = BackoffRetry(base_seconds=5, cap_seconds=3600, rng=random.Random(7))
+    delays = [policy.delay_seconds(3) for _ in range(2000)]
     assert all(0 <= d <= 20 for d in delays)
     assert min(delays) < 2 and max(delays) > 18  # full jitter, not "base ± a little"
 
 
 def test_a_longer_retry_after_wins_but_never_beyond_the_cap() -> None:
-    policy = BackoffRetry(base_s=1, cap_s=60, rng=random.Random(1))
-    assert policy.delay_s(1, retry_after_s=30) >= 30
-    assert policy.delay_s(1, retry_after_s=10_000) == 60
+    policy = BackoffRetry(base_seconds=1, cap_seconds=60, rng=random.Random(1))
+    assert policy.delay_seconds(1, retry_after_seconds=30) >= 30
+    assert policy.delay_seconds(1, retry_after_seconds=10_000) == 60
 
 
 def _job(attempts: int) -> SimpleNamespace:
@@ -105,7 +105,7 @@ def test_retries_wait_behind_fresh_jobs_and_shutdown_requeues_at_once() -> None:
     import asyncio
     import datetime
 
-    policy = BackoffRetry(max_attempts=3, base_s=10, cap_s=10)
+    policy = BackoffRetry(max_attempts=3, base_seconds=10, cap_seconds=10)
     decision = policy.get_retry_decision(exception=TransientFailure("451"), job=_job(0))  # type: ignore[arg-type]
     assert decision is not None and decision.priority == -1
     requeue = policy.get_retry_decision(exception=asyncio.CancelledError(), job=_job(5))  # type: ignore[arg-type]
@@ -117,7 +117,7 @@ def test_retries_wait_behind_fresh_jobs_and_shutdown_requeues_at_once() -> None:
 def test_infrastructure_failures_never_use_up_the_budget() -> None:
     from worker.failures import InfrastructureFailure
 
-    policy = BackoffRetry(max_attempts=3, base_s=1, cap_s=10)
+    policy = BackoffRetry(max_attempts=3, base_seconds=1, cap_seconds=10)
     decision = policy.get_retry_decision(exception=InfrastructureFailure("db"), job=_job(50))  # type: ignore[arg-type]
     assert decision is not None
     assert not policy.gives_up(InfrastructureFailure("db"), attempt=99)
@@ -125,14 +125,14 @@ def test_infrastructure_failures_never_use_up_the_budget() -> None:
 
 
 def test_the_recipients_attempt_count_decides_when_to_stop() -> None:
-    policy = BackoffRetry(max_attempts=3, base_s=1, cap_s=10)
+    policy = BackoffRetry(max_attempts=3, base_seconds=1, cap_seconds=10)
     failure = TransientFailure("451")
     assert policy.get_retry_decision(exception=failure.at_attempt(3), job=_job(0)) is None  # type: ignore[arg-type]
     assert policy.get_retry_decision(exception=failure.at_attempt(2), job=_job(7)) is not None  # type: ignore[arg-type]
 
 
 def test_only_transient_failures_are_retried_and_only_up_to_max_attempts() -> None:
-    policy = BackoffRetry(max_attempts=3, base_s=1, cap_s=10)
+    policy = BackoffRetry(max_attempts=3, base_seconds=1, cap_seconds=10)
     transient = TransientFailure("451")
     assert policy.get_retry_decision(exception=transient, job=_job(0)) is not None  # type: ignore[arg-type]
     assert policy.get_retry_decision(exception=transient, job=_job(1)) is not None  # type: ignore[arg-type]

@@ -108,7 +108,7 @@ def create_app(
     registry.register(PoolCollector(lambda: app[DB].pool if DB in app else None))
     if settings.database_url:
         collector = QueueCollector(
-            settings.database_url, stalled_after_s=settings.stalled_after_seconds
+            settings.database_url, stalled_after_seconds=settings.stalled_after_seconds
         )
         registry.register(collector)
         app.on_cleanup.append(lambda _: asyncio.to_thread(collector.close))

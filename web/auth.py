@@ -8,7 +8,7 @@ all of these hold:
 - its signature verifies (changing ``MAILROOM_SECRET_KEY`` ends every session, and so did the
   move to :mod:`shared.signing`: every session lives in ``web_sessions`` under a random id
   anyway, so a cookie of the earlier format is refused and its owner logs in again);
-- it has not expired (``SESSION_TTL_S``);
+- it has not expired (``SESSION_TTL_SECONDS``);
 - its fingerprint is the current token's (rotating ``MAILROOM_API_TOKEN`` ends every session:
   whoever logged in with a token that leaked is logged out with it). The fingerprint is an
   HMAC of the token under a key of its own, so a cookie reveals nothing to test guesses of the
@@ -33,7 +33,7 @@ from aiohttp import web
 from shared.signing import Purpose, SignedValues
 
 SESSION_COOKIE = "mailroom_session"
-SESSION_TTL_S = 12 * 3600
+SESSION_TTL_SECONDS = 12 * 3600
 
 
 @dataclass(frozen=True)
@@ -84,7 +84,7 @@ class Authenticator:
         """A new session and its cookie value; the caller records it (``start_session``)."""
         session = Session(
             id=secrets.token_urlsafe(32),
-            expires_at=time.time() + SESSION_TTL_S,
+            expires_at=time.time() + SESSION_TTL_SECONDS,
             csrf_token=secrets.token_urlsafe(24),
         )
         claims = {

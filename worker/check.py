@@ -17,7 +17,7 @@ from shared.settings import ConfigError, Settings
 from worker.dkim import DkimSigner
 from worker.smtp import build_message
 
-DNS_TIMEOUT_S = 3.0
+DNS_TIMEOUT_SECONDS = 3.0
 Lookup = Callable[[str], list[str] | None]
 
 
@@ -98,7 +98,7 @@ def _txt_records(name: str) -> list[str] | None:
     import dns.resolver
 
     try:
-        answer = dns.resolver.resolve(name, "TXT", lifetime=DNS_TIMEOUT_S)
+        answer = dns.resolver.resolve(name, "TXT", lifetime=DNS_TIMEOUT_SECONDS)
     except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
         return []
     except dns.exception.DNSException:

@@ -71,7 +71,7 @@ def storable(draft: Draft) -> Draft:
 class TemplateDrafter:
     """Renders the batch's subject and body templates with the recipient's fields (offline).
 
-    Both renders share one budget of ``time_limit_s`` (``DRAFT_SECONDS``, or half the job's
+    Both renders share one budget of ``time_limit_seconds`` (``DRAFT_SECONDS``, or half the job's
     time limit if that is less, so the render stops before the attempt's timeout would give
     up on it). A template with loops, calls or costly filters renders in a render thread, off
     the event loop; a simple one (``Hello {{ name }}``) renders in place, where it costs a few
@@ -82,9 +82,13 @@ class TemplateDrafter:
     # with the attempt's outcome rather than in a round trip of its own before the send.
     store_before_send = False
 
-    def __init__(self, *, job_timeout_s: float | None = None) -> None:
-        limit = DRAFT_SECONDS if job_timeout_s is None else min(DRAFT_SECONDS, job_timeout_s / 2)
-        self.time_limit_s = limit
+    def __init__(self, *, job_timeout_seconds: float | None = None) -> None:
+        limit = (
+            DRAFT_SECONDS
+            if job_timeout_seconds is None
+            else min(DRAFT_SECONDS, job_timeout_seconds / 2)
+        )
+        self.time_limit_seconds = limit
 
     async def draft(self, recipient: RecipientForSend) -> Draft:
         values = template_values(recipient.fields, recipient.email)
@@ -100,9 +104,9 @@ class TemplateDrafter:
 
     def _render(self, templates: tuple[str, str], values: dict[str, Any]) -> tuple[str, str]:
         # The clock starts when rendering does, not while the render waits for a thread.
-        deadline = time.monotonic() + self.time_limit_s
+        deadline = time.monotonic() + self.time_limit_seconds
         subject_template, body_template = templates
-        limit = self.time_limit_s
-        subject = render(subject_template, values, time_limit_s=limit, deadline=deadline)
-        body = render(body_template, values, time_limit_s=limit, deadline=deadline)
+        limit = self.time_limit_seconds
+        subject = render(subject_template, values, time_limit_seconds=limit, deadline=deadline)
+        body = render(body_template, values, time_limit_seconds=limit, deadline=deadline)
         return subject, body

@@ -29,7 +29,7 @@ class DeliveryFailure(Exception):
         message: str,
         *,
         smtp_code: int | None = None,
-        retry_after_s: float | None = None,
+        retry_after_seconds: float | None = None,
         attempt: int | None = None,
         mailbox_unknown: bool = False,
         stage: str | None = None,
@@ -38,7 +38,7 @@ class DeliveryFailure(Exception):
         self.message = message
         self.smtp_code = smtp_code
         # How long the far side asked us to wait, if it said (an HTTP Retry-After, say).
-        self.retry_after_s = retry_after_s
+        self.retry_after_seconds = retry_after_seconds
         # Which attempt of the recipient this was (1-based), given by the task
         # (``at_attempt``): the retry policy counts the recipient's attempts, not the job's.
         self.attempt = attempt
@@ -54,7 +54,7 @@ class DeliveryFailure(Exception):
         return type(self)(
             self.message,
             smtp_code=self.smtp_code,
-            retry_after_s=self.retry_after_s,
+            retry_after_seconds=self.retry_after_seconds,
             attempt=attempt,
             mailbox_unknown=self.mailbox_unknown,
             stage=self.stage,

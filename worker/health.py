@@ -45,7 +45,7 @@ async def healthz(request: web.Request) -> web.Response:
     worker_id, db = current
     try:
         async with asyncio.timeout(3):
-            age = await db.heartbeat_age_s(worker_id)
+            age = await db.heartbeat_age_seconds(worker_id)
     except (psycopg.Error, TimeoutError) as exc:
         return web.json_response(
             {"status": "database unreachable", "error": type(exc).__name__}, status=503

@@ -206,7 +206,7 @@ class LlmDrafter:
         if isinstance(exc, groq.APIConnectionError):
             return TransientFailure(f"LLM unreachable: {type(exc).__name__}")
         if isinstance(exc, groq.RateLimitError):
-            return TransientFailure("LLM rate limit (429)", retry_after_s=_retry_after(exc))
+            return TransientFailure("LLM rate limit (429)", retry_after_seconds=_retry_after(exc))
         if isinstance(
             exc, groq.AuthenticationError | groq.PermissionDeniedError | groq.NotFoundError
         ):

@@ -43,7 +43,7 @@ log = structlog.get_logger(__name__)
 # Connections beyond one per concurrent job: procrastinate's fetch/finish queries, the
 # heartbeat and abort polling share the pool (LISTEN uses its own connection).
 POOL_HEADROOM = 3
-RESTART_BACKOFF_MAX_S = 30.0
+RESTART_BACKOFF_MAX_SECONDS = 30.0
 EXIT_FORCED = 1
 
 
@@ -71,7 +71,7 @@ async def worker_runtime(
     # Only the default drafters need a Groq client; a caller's own drafters never use one.
     llm_options = LlmOptions.from_settings(settings) if drafters is None else None
     llm = LlmDrafter(llm_options) if llm_options is not None else None
-    template = TemplateDrafter(job_timeout_s=settings.job_timeout_seconds)
+    template = TemplateDrafter(job_timeout_seconds=settings.job_timeout_seconds)
     deps = WorkerDeps(
         settings=settings,
         db=Database(pool, chunk_size=settings.chunk_size),
@@ -155,7 +155,7 @@ async def _supervise(
     current: list[tuple[Worker, WorkerDeps]],
     overrides: dict[str, Any],
 ) -> None:
-    backoff_s = 1.0
+    backoff_seconds = 1.0
     while not stopping.is_set():
         try:
             async with worker_runtime(settings) as (app, deps):
@@ -179,20 +179,20 @@ async def _supervise(
                         reason="MAILROOM_PUBLIC_URL is not set; bulk senders need one-click"
                         " unsubscribe (RFC 8058) to reach Gmail and Yahoo inboxes",
                     )
-                backoff_s = 1.0
+                backoff_seconds = 1.0
                 await run_reporting_up(worker)
         except Exception as exc:
             log.error(
-                "worker_crashed", error=f"{type(exc).__name__}: {exc}", restart_in_s=backoff_s
+                "worker_crashed", error=f"{type(exc).__name__}: {exc}", restart_in_s=backoff_seconds
             )
         else:
             if not stopping.is_set():
-                log.error("worker_stopped_unexpectedly", restart_in_s=backoff_s)
+                log.error("worker_stopped_unexpectedly", restart_in_s=backoff_seconds)
         finally:
             current.clear()
         if not stopping.is_set():
-            await _sleep_unless(stopping, backoff_s)
-            backoff_s = min(backoff_s * 2, RESTART_BACKOFF_MAX_S)
+            await _sleep_unless(stopping, backoff_seconds)
+            backoff_seconds = min(backoff_seconds * 2, RESTART_BACKOFF_MAX_SECONDS)
 
 
 async def run_reporting_up(worker: Worker) -> None:

@@ -30,8 +30,8 @@ from worker.failures import (
 
 __all__ = ["RETRY_PRIORITY", "BackoffRetry"]
 
-RATE_LIMIT_SPREAD_BASE_S = 60
-RATE_LIMIT_SPREAD_MAX_S = 900.0
+RATE_LIMIT_SPREAD_BASE_SECONDS = 60
+RATE_LIMIT_SPREAD_MAX_SECONDS = 900.0
 
 
 @dataclass
@@ -39,27 +39,27 @@ class BackoffRetry(BaseRetryStrategy):
     """Full-jitter exponential backoff; see the module docstring. Times in seconds."""
 
     max_attempts: int = 8
-    base_s: float = 5.0
-    cap_s: float = 3600.0
+    base_seconds: float = 5.0
+    cap_seconds: float = 3600.0
     rng: random.Random = field(default_factory=random.Random)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> BackoffRetry:
         return cls(
             max_attempts=settings.retry_max_attempts,
-            base_s=settings.retry_base_seconds,
-            cap_s=settings.retry_cap_seconds,
+            base_seconds=settings.retry_base_seconds,
+            cap_seconds=settings.retry_cap_seconds,
         )
 
-    def ceiling_s(self, attempt: int) -> float:
+    def ceiling_seconds(self, attempt: int) -> float:
         """The longest wait after failed attempt number ``attempt`` (1-based)."""
-        return float(min(self.cap_s, self.base_s * 2.0 ** min(attempt - 1, 62)))
+        return float(min(self.cap_seconds, self.base_seconds * 2.0 ** min(attempt - 1, 62)))
 
-    def delay_s(self, attempt: int, retry_after_s: float | None = None) -> float:
+    def delay_seconds(self, attempt: int, retry_after_seconds: float | None = None) -> float:
         """A jittered wait after attempt ``attempt``; a longer ``Retry-After`` wins."""
-        delay = float(self.rng.uniform(0, self.ceiling_s(attempt)))
-        if retry_after_s is not None:
-            delay = max(delay, min(retry_after_s, self.cap_s))
+        delay = float(self.rng.uniform(0, self.ceiling_seconds(attempt)))
+        if retry_after_seconds is not None:
+            delay = max(delay, min(retry_after_seconds, self.cap_seconds))
         return delay
 
     def is_last(self, attempt: int) -> bool:
@@ -75,16 +75,16 @@ class BackoffRetry(BaseRetryStrategy):
         return self.is_last(attempt or failure.attempt or 1)
 
     @staticmethod
-    def rate_limit_spread_s(window_s: int, times_held: int) -> float:
+    def rate_limit_spread_seconds(window_seconds: int, times_held: int) -> float:
         """How widely a job held back by a full window is spread after the window ends.
 
         Not all at once: a backlog far larger than the limit would otherwise come back in
         every window, be fetched and be put back again, working the database hard to send a
         few messages. The spread doubles each time the same job is held back (up to
-        ``RATE_LIMIT_SPREAD_MAX_S``), so a large backlog settles into a trickle of fetches.
+        ``RATE_LIMIT_SPREAD_MAX_SECONDS``), so a large backlog settles into a trickle of fetches.
         """
-        base = min(window_s, RATE_LIMIT_SPREAD_BASE_S)
-        return float(min(RATE_LIMIT_SPREAD_MAX_S, base * 2.0 ** min(times_held, 20)))
+        base = min(window_seconds, RATE_LIMIT_SPREAD_BASE_SECONDS)
+        return float(min(RATE_LIMIT_SPREAD_MAX_SECONDS, base * 2.0 ** min(times_held, 20)))
 
     def get_retry_decision(self, *, exception: BaseException, job: Job) -> RetryDecision | None:
         if isinstance(exception, asyncio.CancelledError | Interrupted):
@@ -93,7 +93,7 @@ class BackoffRetry(BaseRetryStrategy):
             # straight back to the queue.
             return RetryDecision(retry_at=_now())
         if isinstance(exception, RateLimited):
-            widest = self.rate_limit_spread_s(exception.limit.window_s, job.attempts)
+            widest = self.rate_limit_spread_seconds(exception.limit.window_seconds, job.attempts)
             spread = datetime.timedelta(seconds=self.rng.uniform(0, widest))
             return RetryDecision(retry_at=exception.resume_at + spread, priority=RETRY_PRIORITY)
         if not isinstance(exception, TransientFailure):
@@ -102,7 +102,9 @@ class BackoffRetry(BaseRetryStrategy):
         attempt = exception.attempt or job.attempts + 1
         if self.gives_up(exception, attempt):
             return None
-        delay = datetime.timedelta(seconds=self.delay_s(attempt, exception.retry_after_s))
+        delay = datetime.timedelta(
+            seconds=self.delay_seconds(attempt, exception.retry_after_seconds)
+        )
         return RetryDecision(retry_at=_now() + delay, priority=RETRY_PRIORITY)
 
 

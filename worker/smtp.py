@@ -3,7 +3,7 @@
 A :class:`Mailer` is anything with ``send(message) -> reply``; :class:`SmtpMailer` is the real
 one. Connections are reused (on loopback a new connection per message costs about twice as
 much) and replaced after an error, after ``max_messages_per_connection`` sends, or when idle
-for longer than ``idle_timeout_s``.
+for longer than ``idle_timeout_seconds``.
 """
 
 from __future__ import annotations
@@ -45,20 +45,20 @@ from worker.failures import (
 )
 
 MAX_MESSAGES_PER_CONNECTION = 100
-IDLE_TIMEOUT_S = 30.0
+IDLE_TIMEOUT_SECONDS = 30.0
 # When the server asks to slow down (worker.failures.asks_to_slow_down), the number of sends in
-# flight halves, down to one; below one, sends are paced: PACE_MIN_S apart at first, twice as far
-# apart after each further request, up to PACE_MAX_S. The cap is low on purpose: the jobs
-# queued behind the one slot (up to the worker's concurrency of them) must still finish within
-# their time limit, and a server that refuses everything for a while then costs one attempt
-# per two seconds (the retries' own backoff spreads them further). Successes undo it step by
-# step, see SmtpMailer.
-PACE_MIN_S = 0.25
-PACE_MAX_S = 2.0
+# flight halves, down to one; below one, sends are paced: PACE_MIN_SECONDS apart at first, twice
+# as far apart after each further request, up to PACE_MAX_SECONDS. The cap is low on purpose: the
+# jobs queued behind the one slot (up to the worker's concurrency of them) must still finish
+# within their time limit, and a server that refuses everything for a while then costs one attempt
+# per two seconds (the retries' own backoff spreads them further). Successes undo it step by step,
+# see SmtpMailer.
+PACE_MIN_SECONDS = 0.25
+PACE_MAX_SECONDS = 2.0
 # A slow-down also ends by itself this long after the last reply that asked for it: a worker
 # that goes quiet (no sends, so no successes to undo it) starts its next batch at full speed,
 # and the metric of the slow-down has an end to show.
-SLOWDOWN_HOLD_S = 300.0
+SLOWDOWN_HOLD_SECONDS = 300.0
 
 # RFC 5322: a line is at most 998 characters and should be at most 78.
 _MAX_LINE = 998
@@ -394,15 +394,15 @@ class SmtpMailer:
     """Sends through one SMTP server with at most ``size`` connections, reused.
 
     How many messages are in flight adapts to the server (additive increase, multiplicative
-    decrease, as TCP does): a reply that asks this sender to slow down halves the limit, down
-    to one, then paces the sends (PACE_MIN_S, doubling up to PACE_MAX_S); every ``limit``
-    successes with no such reply in between undo one step (halve the pace, or add one to the
-    limit, up to ``size``), and ``slowdown_hold_s`` after the last reply that asked for it the
-    slow-down ends whatever happened since. A reply about one recipient (a greylisting 451 to
-    RCPT) or any other failure changes nothing. Sends that started before the last decrease
-    went out at the old limit: their replies are counted (the metric) but change nothing, so a
-    burst of refusals from the sends in flight halves the limit once, and their successes do
-    not undo it.
+    decrease, as TCP does): a reply that asks this sender to slow down halves the limit, down to
+    one, then paces the sends (PACE_MIN_SECONDS, doubling up to PACE_MAX_SECONDS); every
+    ``limit`` successes with no such reply in between undo one step (halve the pace, or add one
+    to the limit, up to ``size``), and ``slowdown_hold_seconds`` after the last reply that asked
+    for it the slow-down ends whatever happened since. A reply about one recipient (a
+    greylisting 451 to RCPT) or any other failure changes nothing. Sends that started before the
+    last decrease went out at the old limit: their replies are counted (the metric) but change
+    nothing, so a burst of refusals from the sends in flight halves the limit once, and their
+    successes do not undo it.
     """
 
     def __init__(
@@ -411,21 +411,21 @@ class SmtpMailer:
         *,
         size: int,
         max_messages_per_connection: int = MAX_MESSAGES_PER_CONNECTION,
-        idle_timeout_s: float = IDLE_TIMEOUT_S,
+        idle_timeout_seconds: float = IDLE_TIMEOUT_SECONDS,
         signer: DkimSigner | None = None,
-        slowdown_hold_s: float = SLOWDOWN_HOLD_S,
+        slowdown_hold_seconds: float = SLOWDOWN_HOLD_SECONDS,
     ) -> None:
         self._server = server
         self._signer = signer
         self._limiter = AdaptiveLimiter(size)
         self._epoch = 0  # one more at each decrease
         self._successes = 0  # in this epoch, since the last change
-        self._pace_s = 0.0
+        self._pace_seconds = 0.0
         self._next_send_at = 0.0
         self._idle: list[_Connection] = []
         self._max_messages = max_messages_per_connection
-        self._idle_timeout_s = idle_timeout_s
-        self._hold_s = slowdown_hold_s
+        self._idle_timeout_seconds = idle_timeout_seconds
+        self._hold_seconds = slowdown_hold_seconds
         self._slowed_until = 0.0  # time.monotonic() when the slow-down ends; 0: none
         SMTP_CONCURRENCY_LIMIT.set(size)
         # Read at scrape time, so an idle worker's slow-down shows as over once its time is up.
@@ -439,14 +439,14 @@ class SmtpMailer:
         return self._limiter.limit
 
     @property
-    def pace_s(self) -> float:
+    def pace_seconds(self) -> float:
         """The least time between two sends now (0: not paced)."""
-        return self._pace_s
+        return self._pace_seconds
 
     @property
     def slowed_down(self) -> bool:
         """Whether this mailer sends slower than it may because the server asked it to."""
-        slower = bool(self._pace_s) or self._limiter.limit < self._limiter.size
+        slower = bool(self._pace_seconds) or self._limiter.limit < self._limiter.size
         return slower and self._slowed_until > time.monotonic()
 
     def _slowdown_until_unix(self) -> float:
@@ -459,10 +459,10 @@ class SmtpMailer:
         self._end_slowdown_if_over()
         async with self._limiter:
             self._end_slowdown_if_over()  # it may have ended while this send waited
-            if self._pace_s:
+            if self._pace_seconds:
                 # Paced only at a limit of one: the holders of the one slot take turns here.
                 await asyncio.sleep(max(0.0, self._next_send_at - time.monotonic()))
-                self._next_send_at = time.monotonic() + self._pace_s
+                self._next_send_at = time.monotonic() + self._pace_seconds
             epoch = self._epoch
             try:
                 reply = await self._send(message)
@@ -477,17 +477,17 @@ class SmtpMailer:
 
     def _slow_down(self, failure: DeliveryFailure, epoch: int) -> None:
         SMTP_THROTTLED.inc()
-        self._slowed_until = time.monotonic() + self._hold_s
+        self._slowed_until = time.monotonic() + self._hold_seconds
         if epoch != self._epoch:
             return  # started before the last decrease, which already answered this burst
         self._epoch += 1
         self._successes = 0
-        old_limit, old_pace = self._limiter.limit, self._pace_s
+        old_limit, old_pace = self._limiter.limit, self._pace_seconds
         if old_limit > 1:
             self._limiter.set_limit(old_limit // 2)
         else:
-            self._pace_s = min(PACE_MAX_S, max(PACE_MIN_S, old_pace * 2))
-            self._next_send_at = time.monotonic() + self._pace_s
+            self._pace_seconds = min(PACE_MAX_SECONDS, max(PACE_MIN_SECONDS, old_pace * 2))
+            self._next_send_at = time.monotonic() + self._pace_seconds
         SMTP_CONCURRENCY_LIMIT.set(self._limiter.limit)
         log.warning(
             "smtp_throttled",
@@ -496,13 +496,13 @@ class SmtpMailer:
             old_limit=old_limit,
             new_limit=self._limiter.limit,
             old_pace_s=old_pace,
-            pace_s=self._pace_s,
+            pace_s=self._pace_seconds,
         )
 
     def _succeeded(self, epoch: int) -> None:
         if epoch != self._epoch:
             return  # sent at the limit before the last decrease: says nothing of the new one
-        limit, pace = self._limiter.limit, self._pace_s
+        limit, pace = self._limiter.limit, self._pace_seconds
         if not pace and limit >= self._limiter.size:
             return
         self._successes += 1
@@ -510,30 +510,30 @@ class SmtpMailer:
             return
         self._successes = 0
         if pace:
-            self._pace_s = pace / 2 if pace / 2 >= PACE_MIN_S else 0.0
+            self._pace_seconds = pace / 2 if pace / 2 >= PACE_MIN_SECONDS else 0.0
         else:
             self._limiter.set_limit(limit + 1)
             SMTP_CONCURRENCY_LIMIT.set(self._limiter.limit)
-        if not self._pace_s and self._limiter.limit >= self._limiter.size:
+        if not self._pace_seconds and self._limiter.limit >= self._limiter.size:
             self._slowed_until = 0.0
         log.info(
             "smtp_recovered",
             old_limit=limit,
             new_limit=self._limiter.limit,
             old_pace_s=pace,
-            pace_s=self._pace_s,
+            pace_s=self._pace_seconds,
         )
 
     def _end_slowdown_if_over(self) -> None:
         if not self._slowed_until or time.monotonic() < self._slowed_until:
             return
         self._slowed_until = 0.0
-        if not self._pace_s and self._limiter.limit >= self._limiter.size:
+        if not self._pace_seconds and self._limiter.limit >= self._limiter.size:
             return
-        old_limit, old_pace = self._limiter.limit, self._pace_s
+        old_limit, old_pace = self._limiter.limit, self._pace_seconds
         self._epoch += 1  # replies to sends started while slowed down change nothing now
         self._successes = 0
-        self._pace_s = 0.0
+        self._pace_seconds = 0.0
         self._limiter.set_limit(self._limiter.size)
         SMTP_CONCURRENCY_LIMIT.set(self._limiter.limit)
         log.info(
@@ -541,7 +541,7 @@ class SmtpMailer:
             old_limit=old_limit,
             new_limit=self._limiter.limit,
             old_pace_s=old_pace,
-            held_s=self._hold_s,
+            held_s=self._hold_seconds,
         )
 
     async def _send(self, message: OutgoingMessage) -> str:
@@ -604,7 +604,7 @@ class SmtpMailer:
         now = time.monotonic()
         while self._idle and not fresh:
             conn = self._idle.pop()
-            if conn.client.is_connected and now - conn.last_used < self._idle_timeout_s:
+            if conn.client.is_connected and now - conn.last_used < self._idle_timeout_seconds:
                 return conn, True
             await self._discard(conn)
         return await self._connect(), False

@@ -294,7 +294,9 @@ async def _wait_in_own_job(
 ) -> str:
     """Not this email's fault: it waits for the window to end in a job of its own, its
     attempt given back; the rest of the chunk goes on."""
-    spread = deps.retry.rng.uniform(0, deps.retry.rate_limit_spread_s(waiting.limit.window_s, 0))
+    spread = deps.retry.rng.uniform(
+        0, deps.retry.rate_limit_spread_seconds(waiting.limit.window_seconds, 0)
+    )
     resume_at = waiting.resume_at + timedelta(seconds=spread)
     await deps.db.give_back_attempt(recipient.id, note=waiting.note, own_job_at=resume_at)
     _count_rate_limited(waiting)
@@ -446,7 +448,7 @@ def _own_retry_at(
     deps: WorkerDeps, recipient: RecipientForSend, failure: DeliveryFailure
 ) -> datetime:
     """When the job of its own of a recipient that leaves its chunk runs: the retry's backoff."""
-    delay = deps.retry.delay_s(recipient.attempts, failure.retry_after_s)
+    delay = deps.retry.delay_seconds(recipient.attempts, failure.retry_after_seconds)
     return datetime.now(UTC) + timedelta(seconds=delay)
 
 

@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 from aiohttp import web
 from yarl import URL
 
-from web.auth import SESSION_COOKIE, SESSION_TTL_S
+from web.auth import SESSION_COOKIE, SESSION_TTL_SECONDS
 from web.keys import AUTH, DB, LOGIN_LIMITER, SESSION, SETTINGS
 from web.pages.html import read_checked_form, read_form, render, text_field
 
@@ -79,7 +79,7 @@ async def login(request: web.Request) -> web.StreamResponse:
     response.set_cookie(
         SESSION_COOKIE,
         cookie,
-        max_age=SESSION_TTL_S,
+        max_age=SESSION_TTL_SECONDS,
         httponly=True,
         samesite="Lax",
         secure=is_https(request),
