@@ -24,7 +24,6 @@ from pathlib import Path
 
 import structlog
 from aiohttp import web
-from procrastinate.worker import Worker
 from pydantic import SecretStr
 
 from mailroom.capture import MailCapture
@@ -37,7 +36,7 @@ from shared.stopping import StopRequests
 from web.app import create_app
 from web.captured_mail import CapturedMail
 from worker.health import bound_port, serve_health
-from worker.main import run_reporting_up, worker_options, worker_runtime
+from worker.main import MailroomWorker, run_reporting_up, worker_options, worker_runtime
 
 log = structlog.get_logger(__name__)
 
@@ -150,7 +149,7 @@ async def _serve(
             )
             return 1
         async with worker_runtime(settings) as (app, deps):
-            worker = Worker(
+            worker = MailroomWorker(
                 app=app, **worker_options(settings, deps, install_signal_handlers=False)
             )
 

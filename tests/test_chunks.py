@@ -231,3 +231,45 @@ async def test_a_send_in_flight_when_its_batch_is_cancelled_is_not_retried_after
 
 async def _seen(rule: Rule) -> bool:
     return rule.seen > 0
+
+
+async def test_a_worker_that_stops_for_any_reason_starts_no_new_send_in_its_chunks(
+    db: Database, settings: Settings, smtp: RecordingSMTPServer
+) -> None:
+    # procrastinate ends its run loop by itself when it loses the database (its side-task
+    # monitor calls stop()), with no signal for Mailroom to see: the chunk must still stop
+    # starting sends, or the ones started during the grace are cut off mid-send at its end.
+    from procrastinate.worker import Worker
+
+    from worker.main import MailroomWorker, worker_options, worker_runtime
+
+    assert issubclass(MailroomWorker, Worker)
+    settings = settings.model_copy(update={"worker_concurrency": 1})
+    smtp.data_delay_seconds = 0.2
+    await _batch(db, [f"r{i}@example.org" for i in range(20)])
+    async with worker_runtime(settings) as (app, deps):
+        worker = MailroomWorker(
+            app=app, **worker_options(settings, deps, install_signal_handlers=False)
+        )
+        running = asyncio.create_task(worker.run())  # type: ignore[no-untyped-call]
+
+        async def two_sent() -> bool:
+            return len(smtp.received) >= 2
+
+        await wait_until(two_sent, 30, "two emails to be sent")
+        at_stop = len(smtp.received)
+        worker.stop()  # type: ignore[no-untyped-call]
+        await asyncio.wait_for(running, 30)
+    assert len(smtp.received) <= at_stop + 1  # the one in flight, no more
+    assert deps.stopping.is_set()
+    rows = await query(
+        settings.database_url or "", "SELECT status, attempts FROM recipients ORDER BY id"
+    )
+    sent = [r for r in rows if r[0] == "sent"]
+    assert len(sent) == len(smtp.received)
+    # What was not started goes back with its chunk, its attempt given back.
+    assert {r for r in rows if r[0] != "sent"} == {("queued", 0)}
+
+    smtp.data_delay_seconds = 0.0
+    await drain(settings)
+    assert sorted(smtp.to_addresses().values()) == [1] * 20

@@ -98,6 +98,25 @@ async def worker_runtime(
         await pool.close()
 
 
+class MailroomWorker(Worker):
+    """procrastinate's worker, which tells Mailroom's chunks when it starts to shut down.
+
+    However the run loop ends (a signal, or the database lost under the listener or a fetch),
+    procrastinate waits for the running jobs up to the shutdown grace, then cancels them. A
+    chunk that went on starting sends meanwhile would have them cut off mid-send at the end of
+    the grace: accepted by the server, not recorded, sent again later. Setting
+    ``WorkerDeps.stopping`` first makes every way out a stop that waits for the sends in flight
+    only. ``_shutdown`` is procrastinate's own step for this (checked against procrastinate
+    3.10, the version pyproject.toml allows; see shared.procrastinate_sql.CHECKED_AGAINST).
+    """
+
+    async def _shutdown(self, side_tasks: list[asyncio.Task[Any]]) -> None:
+        deps = (self.additional_context or {}).get(DEPS_KEY)
+        if isinstance(deps, WorkerDeps):
+            deps.stopping.set()
+        await super()._shutdown(side_tasks)  # type: ignore[no-untyped-call]
+
+
 def worker_options(settings: Settings, deps: WorkerDeps, **overrides: Any) -> dict[str, Any]:
     """The options every Mailroom worker runs with (overridable for tests and dev)."""
     options: dict[str, Any] = {
@@ -159,7 +178,7 @@ async def _supervise(
     while not stopping.is_set():
         try:
             async with worker_runtime(settings) as (app, deps):
-                worker = Worker(
+                worker = MailroomWorker(
                     app=app,
                     **worker_options(settings, deps, install_signal_handlers=False, **overrides),
                 )

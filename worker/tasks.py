@@ -208,10 +208,19 @@ async def send_chunk(context: JobContext, batch_id: str, recipient_ids: list[int
 
 @dataclass
 class _ChunkProgress:
-    """What a chunk's recipients came to so far, and which of them have not finished."""
+    """What a chunk's recipients came to so far, and which of them have not finished.
+
+    ``lost_database`` is set when an outcome could not be recorded: the chunk then starts no
+    further send. Its job fails and runs again, and every send started after the database
+    went away would widen the window in which an email is accepted but not recorded (a
+    worker that lost its database waits for its jobs only up to the shutdown grace, then
+    cancels them mid-send).
+    """
 
     outcomes: Counter[str]
     unfinished: set[int]
+    not_started: set[int] = field(default_factory=set)
+    lost_database: bool = False
 
     @classmethod
     def of(cls, recipients: list[RecipientForSend], *, skipped: int) -> _ChunkProgress:
@@ -219,7 +228,9 @@ class _ChunkProgress:
         return cls(outcomes, {r.id for r in recipients if r.status != "suppressed"})
 
     def record(self, recipient_id: int, outcome: str) -> None:
-        if outcome != "not_started":
+        if outcome == "not_started":
+            self.not_started.add(recipient_id)
+        else:
             self.unfinished.discard(recipient_id)
         self.outcomes[outcome] += 1
 
@@ -235,11 +246,19 @@ async def _attempt_all(
 ) -> list[BaseException]:
     """Attempt every recipient of the chunk at once; returns the outcomes not recorded."""
 
+    def halted() -> bool:
+        return deps.stopping.is_set() or progress.lost_database
+
     async def attempt(recipient: RecipientForSend) -> None:
         if recipient.status == "suppressed":
             progress.record(recipient.id, _suppressed())
-        else:
-            progress.record(recipient.id, await _send_in_chunk(deps, recipient, ready_at))
+            return
+        try:
+            outcome = await _send_in_chunk(deps, recipient, ready_at, halted)
+        except psycopg.Error:
+            progress.lost_database = True
+            raise
+        progress.record(recipient.id, outcome)
 
     try:
         results = await asyncio.gather(*map(attempt, recipients), return_exceptions=True)
@@ -259,7 +278,16 @@ async def _finish_chunk(
         # An outcome that could not be recorded leaves its recipient to this chunk: run the
         # chunk again later (recipients recorded meanwhile are skipped then).
         # The error's type only: a database error's text can quote the row it failed on.
-        log.warning("chunk_incomplete", unrecorded=len(errors), error=type(errors[0]).__name__)
+        log.warning(
+            "chunk_incomplete",
+            unrecorded=len(errors),
+            not_started=len(progress.not_started),
+            error=type(errors[0]).__name__,
+        )
+        # What was not started gets its attempt back if the database answers again by now.
+        if progress.not_started:
+            with contextlib.suppress(psycopg.Error):
+                await deps.db.give_back_attempt(sorted(progress.not_started))
         raise InfrastructureFailure.database_unavailable(errors[0])
     if progress.unfinished:
         # The worker is stopping: what was not started goes back with the chunk.
@@ -269,7 +297,10 @@ async def _finish_chunk(
 
 
 async def _send_in_chunk(
-    deps: WorkerDeps, recipient: RecipientForSend, ready_at: datetime | None
+    deps: WorkerDeps,
+    recipient: RecipientForSend,
+    ready_at: datetime | None,
+    halted: Callable[[], bool],
 ) -> str:
     # Runs in a task of its own (asyncio.gather), so these bindings stay with this recipient.
     structlog.contextvars.bind_contextvars(
@@ -278,7 +309,7 @@ async def _send_in_chunk(
     _observe_wait(ready_at or recipient.enqueued_at)
     started = time.perf_counter()
     try:
-        outcome = await _attempt(deps, recipient, in_chunk=True)
+        outcome = await _attempt(deps, recipient, halted=halted)
     except Interrupted:
         return "not_started"
     except RateLimited as waiting:
@@ -357,12 +388,18 @@ async def _recorded(
 # -- what both do for one recipient --------------------------------------------------------------
 
 
-async def _attempt(deps: WorkerDeps, recipient: RecipientForSend, *, in_chunk: bool = False) -> str:
+async def _attempt(
+    deps: WorkerDeps,
+    recipient: RecipientForSend,
+    *,
+    halted: Callable[[], bool] | None = None,
+) -> str:
     """Draft (once) and send one email; every problem comes out as a DeliveryFailure.
 
     The draft and the send each get ``job_timeout_seconds``; waiting for a free send slot in a
     busy worker is not counted against either. In a chunk, a send that has not started when
-    the worker is asked to stop raises :class:`Interrupted` instead.
+    ``halted()`` is true (the worker is stopping, or the chunk lost its database) raises
+    :class:`Interrupted` instead.
     """
     limit = deps.settings.job_timeout_seconds
     try:
@@ -373,9 +410,9 @@ async def _attempt(deps: WorkerDeps, recipient: RecipientForSend, *, in_chunk: b
                     return "drafted"
                 stored = True
         async with deps.sending, asyncio.timeout(limit):
-            if in_chunk and deps.stopping.is_set():
+            if halted is not None and halted():
                 raise Interrupted()
-            return await _send_drafted(deps, recipient, draft, stored=stored)
+            return await _send_drafted(deps, recipient, draft, stored=stored, halted=halted)
     except TimeoutError:
         raise TransientFailure(f"attempt took longer than {limit:g} s") from None
     except psycopg.Error as exc:
@@ -399,11 +436,16 @@ async def _park_for_review(
 
 
 async def _send_drafted(
-    deps: WorkerDeps, recipient: RecipientForSend, draft: Draft, *, stored: bool
+    deps: WorkerDeps,
+    recipient: RecipientForSend,
+    draft: Draft,
+    *,
+    stored: bool,
+    halted: Callable[[], bool] | None,
 ) -> str:
     """Send the draft; a draft not stored yet is stored with the outcome, sent or failed."""
     try:
-        return await _deliver(deps, recipient, draft, store=not stored)
+        return await _deliver(deps, recipient, draft, store=not stored, halted=halted)
     except DeliveryFailure:
         if not stored:  # the dead letter or retry shows what was attempted
             with contextlib.suppress(psycopg.Error):
@@ -517,12 +559,17 @@ async def _save(deps: WorkerDeps, recipient: RecipientForSend, draft: Draft) -> 
 
 
 async def _deliver(
-    deps: WorkerDeps, recipient: RecipientForSend, draft: Draft, *, store: bool
+    deps: WorkerDeps,
+    recipient: RecipientForSend,
+    draft: Draft,
+    *,
+    store: bool,
+    halted: Callable[[], bool] | None,
 ) -> str:
     """Build the message, take a sending-rate slot and send it once: ``sent``, or why not."""
     message = _message_for(deps, recipient, draft)
     await _take_send_slot(deps, recipient.email)
-    return await _send_once(deps, recipient.id, message, draft if store else None)
+    return await _send_once(deps, recipient.id, message, draft if store else None, halted)
 
 
 def _message_for(deps: WorkerDeps, recipient: RecipientForSend, draft: Draft) -> OutgoingMessage:
@@ -549,13 +596,23 @@ async def _take_send_slot(deps: WorkerDeps, address: str) -> None:
 
 
 async def _send_once(
-    deps: WorkerDeps, recipient_id: int, message: OutgoingMessage, draft: Draft | None
+    deps: WorkerDeps,
+    recipient_id: int,
+    message: OutgoingMessage,
+    draft: Draft | None,
+    halted: Callable[[], bool] | None,
 ) -> str:
-    """Send while holding the recipient's claim; ``draft`` is stored with ``sent`` if given."""
+    """Send while holding the recipient's claim; ``draft`` is stored with ``sent`` if given.
+
+    The claim can wait for a connection while the database is away; a chunk halted meanwhile
+    (the worker stopping) rolls the claim back rather than start a send the stop may cut off.
+    """
     async with deps.db.claim_delivery(recipient_id) as claim:
         if not claim.claimed:
             # Sent already (a duplicate job, a chunk run again), or cancelled while it waited.
             return "cancelled" if claim.status == "cancelled" else "duplicate"
+        if halted is not None and halted():
+            raise Interrupted()
         reply = await deps.mailer.send(message)
         await claim.mark_sent(
             message.message_id, reply, draft=(draft.subject, draft.body) if draft else None
