@@ -8,6 +8,7 @@ rolled-back transaction it works with workers that open their own connections).
 
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
 import tempfile
@@ -151,6 +152,22 @@ async def drain(settings: Settings, *, drafters: Any = None, **overrides: Any) -
         await app.run_worker_async(
             **worker_options(settings, deps, wait=False, install_signal_handlers=False, **overrides)
         )
+
+
+async def retries_due(database_url: str, timeout_s: float = 10.0) -> None:
+    """Wait until every job scheduled for later (a retry in its backoff) is due, and no longer.
+
+    How long is read from the jobs' own ``scheduled_at``, so a test waits out exactly the
+    backoff the worker chose instead of a fixed guess at it.
+    """
+    rows = await query(
+        database_url,
+        "SELECT extract(epoch FROM max(scheduled_at) - now())::float FROM procrastinate_jobs"
+        " WHERE status = 'todo' AND scheduled_at > now()",
+    )
+    wait_s = rows[0][0] or 0.0
+    assert wait_s <= timeout_s, f"a job is scheduled {wait_s:.1f} s from now"
+    await asyncio.sleep(wait_s)
 
 
 async def query(database_url: str, text: str, *params: Any) -> list[tuple[Any, ...]]:

@@ -7,7 +7,7 @@ import uuid
 
 from shared.db import Database, NewBatch, NewRecipient
 from shared.settings import Settings
-from tests.conftest import drain, query
+from tests.conftest import drain, query, retries_due
 from tests.smtp_server import RecordingSMTPServer, Rule
 
 
@@ -93,7 +93,7 @@ async def test_a_failed_send_rolls_the_claim_back_and_a_retry_sends(
     assert row[0][0] == "retrying" and row[0][1] == 1
     assert "451" in row[0][2]
     # The retry is scheduled with backoff (a fraction of a second in these settings).
-    await asyncio.sleep(settings.retry_cap_seconds + 0.05)
+    await retries_due(url)
     await drain(settings)
     assert len(smtp.received) == 1
     assert await query(url, "SELECT status, attempts, last_error FROM recipients") == [

@@ -25,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from shared.db import Database
 from shared.settings import Settings
-from tests.conftest import API_TOKEN, AUTH, drain, make_settings, query
+from tests.conftest import API_TOKEN, AUTH, drain, make_settings, query, retries_due
 from tests.processes import free_port
 from tests.smtp_server import RecordingSMTPServer, Rule
 from worker.health import start_health_server
@@ -83,7 +83,7 @@ async def test_metrics_move_as_a_batch_with_faults_goes_through(
     assert value(queued, "mailroom_oldest_ready_job_age_seconds", queue="emails") >= 0
 
     await drain(settings)
-    await asyncio.sleep(settings.retry_cap_seconds + 0.05)
+    await retries_due(settings.database_url or "")
     await drain(settings)
     after = await scrape(client)
 
