@@ -52,6 +52,18 @@ def pg_admin_uri() -> Iterator[str]:
             yield server.start()
 
 
+@pytest.fixture
+def pg_data_parent() -> Iterator[Path]:
+    """Where a test puts the data directory of a PostgreSQL server of its own.
+
+    Not under ``tmp_path``: as root, the server runs as another user that must traverse every
+    parent directory, and pytest makes its shared base directory private (0700) again whenever
+    another pytest session on the machine starts, which cuts a running server off its files.
+    """
+    with tempfile.TemporaryDirectory(prefix="mailroom-test-pg-") as tmp:
+        yield Path(tmp)
+
+
 @pytest.fixture(scope="session")
 async def template_db(pg_admin_uri: str) -> AsyncIterator[str]:
     """A migrated database that every test database is cloned from."""

@@ -303,7 +303,7 @@ async def _count(settings: Settings, where: str, at_least: int) -> bool:
 
 
 async def test_a_postgresql_restart_mid_run_loses_nothing(
-    smtp: RecordingSMTPServer, tmp_path: Path
+    smtp: RecordingSMTPServer, tmp_path: Path, pg_data_parent: Path
 ) -> None:
     # A server of the test's own, so it can be taken down without disturbing other tests.
     from mailroom.embedded import EmbeddedPostgres, ensure_database
@@ -311,7 +311,7 @@ async def test_a_postgresql_restart_mid_run_loses_nothing(
     from shared.schema import migrate
     from tests.conftest import make_settings
 
-    with EmbeddedPostgres(tmp_path / "pgdata", durable=False) as server:
+    with EmbeddedPostgres(pg_data_parent / "pgdata", durable=False) as server:
         admin = await asyncio.to_thread(server.start)
         url = await asyncio.to_thread(ensure_database, admin, "mailroom")
         await migrate(url)
@@ -341,7 +341,9 @@ async def test_a_postgresql_restart_mid_run_loses_nothing(
         duplicates = sum(received.values()) - len(addresses)
         print(f"\npostgres restart: {duplicates} duplicate deliveries")
         assert duplicates <= settings.worker_concurrency
-    assert not (tmp_path / "pgdata" / "postmaster.pid").exists(), "the restarted server is stopped"
+    assert not (pg_data_parent / "pgdata" / "postmaster.pid").exists(), (
+        "the restarted server is stopped"
+    )
 
 
 async def test_the_sweep_requeues_orphaned_jobs_on_time_behind_a_large_email_backlog(
