@@ -4,13 +4,19 @@ PostgreSQL is ``MAILROOM_TEST_DATABASE_URL`` when set (a server you run), otherw
 embedded server started once per session in a temporary directory. The schema is migrated once
 into a template database; each test gets ``CREATE DATABASE … TEMPLATE`` (fast, and unlike a
 rolled-back transaction it works with workers that open their own connections).
+
+A test that starts a process (a worker, ``mailroom dev``, promtool, Prometheus, a browser) must
+be marked ``slow``, so ``-m "not slow"`` runs only in-process tests: an audit hook sees every
+process start, and such a test fails at teardown without the marker.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import platform
 import secrets
+import sys
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -32,6 +38,49 @@ from worker.main import worker_options, worker_runtime
 
 API_TOKEN = "test-token-" + "x" * 20
 TEST_DB_ENV = "MAILROOM_TEST_DATABASE_URL"
+
+
+# The audit events (PEP 578) that start another program; asyncio's subprocesses go through
+# subprocess.Popen, multiprocessing through os.fork or os.posix_spawn.
+_PROCESS_STARTS = frozenset(
+    {"subprocess.Popen", "os.posix_spawn", "os.spawn", "os.fork", "os.forkpty", "os.exec"}
+    | {"os.system", "pty.spawn"}
+)
+# What the running test started (None outside a test); written by the audit hook, from any
+# thread the test started.
+process_starts: list[str] | None = None
+
+
+def _see_process_starts(event: str, args: tuple[Any, ...]) -> None:
+    if event in _PROCESS_STARTS and process_starts is not None:
+        process_starts.append(f"{event}: {args[0] if args else ''}")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # The platform module runs `uname -p` once per process, the first time anything (the Groq
+    # client's headers) asks what it runs on: ask now, so no test is charged for it.
+    platform.processor()
+    sys.addaudithook(_see_process_starts)
+
+
+@pytest.fixture(autouse=True)
+def slow_if_it_starts_a_process(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fail a test that starts a process (in its body or function-scoped fixtures) unmarked.
+
+    Session fixtures (the embedded PostgreSQL) are set up before this one and do not count.
+    """
+    global process_starts
+    process_starts = []
+    try:
+        yield
+    finally:
+        started, process_starts = process_starts, None
+    if started and request.node.get_closest_marker("slow") is None:
+        pytest.fail(
+            "this test starts a process, so it must be marked @pytest.mark.slow: "
+            + "; ".join(started[:3]),
+            pytrace=False,
+        )
 
 
 @pytest.fixture(scope="session", autouse=True)

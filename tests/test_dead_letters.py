@@ -234,6 +234,7 @@ def _cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.slow
 async def test_the_cli_lists_redrives_and_discards(
     client: TestClient, settings: Settings, smtp: RecordingSMTPServer
 ) -> None:

@@ -306,6 +306,7 @@ def _binary(name: str) -> str:
     return path
 
 
+@pytest.mark.slow
 def test_promtool_accepts_the_rules_and_the_config(promtool: str) -> None:
     for args in (
         ["check", "rules", str(ALERTS)],
@@ -315,6 +316,7 @@ def test_promtool_accepts_the_rules_and_the_config(promtool: str) -> None:
         assert result.returncode == 0, result.stdout + result.stderr
 
 
+@pytest.mark.slow
 def test_every_alert_has_a_passing_promtool_unit_test(promtool: str) -> None:
     tests = ROOT / "deploy/prometheus/alerts_test.yml"
     tested = set(re.findall(r"alertname: (\w+)", tests.read_text()))
@@ -326,6 +328,7 @@ def test_every_alert_has_a_passing_promtool_unit_test(promtool: str) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+@pytest.mark.slow
 async def test_prometheus_scrapes_the_live_exporters_and_answers_the_main_queries(
     client: TestClient, settings: Settings, smtp: RecordingSMTPServer, tmp_path: Path
 ) -> None:
