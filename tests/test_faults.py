@@ -18,7 +18,7 @@ import pytest
 
 from shared.db import Database, NewBatch, NewRecipient
 from shared.settings import Settings
-from tests.conftest import drain, query, retries_due
+from tests.conftest import NO_RETRY_WITHIN_A_DRAIN, drain, query, retries_due
 from tests.processes import wait_until, worker_process
 from tests.smtp_server import RecordingSMTPServer, Rule
 
@@ -262,7 +262,9 @@ async def test_a_hung_smtp_server_times_out_and_the_job_is_retried(
     silent = await asyncio.start_server(never_answer, "127.0.0.1", 0)
     port = silent.sockets[0].getsockname()[1]
     try:
-        hung = fast_recovery(settings, smtp_port=port, smtp_timeout_seconds=1.0)
+        hung = fast_recovery(
+            settings, smtp_port=port, smtp_timeout_seconds=1.0, **NO_RETRY_WITHIN_A_DRAIN
+        )
         await enqueue(db, 1)
         started = time.monotonic()
         await drain(hung)
@@ -290,7 +292,10 @@ async def test_an_attempt_longer_than_the_job_time_limit_is_cut_off_as_transient
 ) -> None:
     smtp.data_delay_s = 1.5  # answers, but too slowly for the job's time limit
     await enqueue(db, 1)
-    await drain(fast_recovery(settings, job_timeout_seconds=0.5, smtp_timeout_seconds=10))
+    cut_off = fast_recovery(
+        settings, job_timeout_seconds=0.5, smtp_timeout_seconds=10, **NO_RETRY_WITHIN_A_DRAIN
+    )
+    await drain(cut_off)
     row = await query(settings.database_url or "", "SELECT status, last_error FROM recipients")
     assert row == [("retrying", "attempt took longer than 0.5 s")]
 
