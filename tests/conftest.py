@@ -4,12 +4,18 @@ PostgreSQL is ``MAILROOM_TEST_DATABASE_URL`` when set (a server you run), otherw
 embedded server started once per session in a temporary directory. The schema is migrated once
 into a template database; each test gets ``CREATE DATABASE … TEMPLATE`` (fast, and unlike a
 rolled-back transaction it works with workers that open their own connections).
+
+A test that starts a process (a worker, ``mailroom dev``, promtool, Prometheus, a browser) must
+be marked ``slow``, so ``-m "not slow"`` runs only in-process tests: an audit hook sees every
+process start, and such a test fails at teardown without the marker.
 """
 
 from __future__ import annotations
 
 import os
+import platform
 import secrets
+import sys
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -33,6 +39,49 @@ API_TOKEN = "test-token-" + "x" * 20
 TEST_DB_ENV = "MAILROOM_TEST_DATABASE_URL"
 
 
+# The audit events (PEP 578) that start another program; asyncio's subprocesses go through
+# subprocess.Popen, multiprocessing through os.fork or os.posix_spawn.
+_PROCESS_STARTS = frozenset(
+    {"subprocess.Popen", "os.posix_spawn", "os.spawn", "os.fork", "os.forkpty", "os.exec"}
+    | {"os.system", "pty.spawn"}
+)
+# What the running test started (None outside a test); written by the audit hook, from any
+# thread the test started.
+process_starts: list[str] | None = None
+
+
+def _see_process_starts(event: str, args: tuple[Any, ...]) -> None:
+    if event in _PROCESS_STARTS and process_starts is not None:
+        process_starts.append(f"{event}: {args[0] if args else ''}")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # The platform module runs `uname -p` once per process, the first time anything (the Groq
+    # client's headers) asks what it runs on: ask now, so no test is charged for it.
+    platform.processor()
+    sys.addaudithook(_see_process_starts)
+
+
+@pytest.fixture(autouse=True)
+def slow_if_it_starts_a_process(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fail a test that starts a process (in its body or function-scoped fixtures) unmarked.
+
+    Session fixtures (the embedded PostgreSQL) are set up before this one and do not count.
+    """
+    global process_starts
+    process_starts = []
+    try:
+        yield
+    finally:
+        started, process_starts = process_starts, None
+    if started and request.node.get_closest_marker("slow") is None:
+        pytest.fail(
+            "this test starts a process, so it must be marked @pytest.mark.slow: "
+            + "; ".join(started[:3]),
+            pytrace=False,
+        )
+
+
 @pytest.fixture(scope="session", autouse=True)
 def production_logging() -> None:
     """Log as the processes do (structlog through stdlib), so caplog sees every line."""
@@ -49,6 +98,18 @@ def pg_admin_uri() -> Iterator[str]:
     with tempfile.TemporaryDirectory(prefix="mailroom-test-pg-") as tmp:
         with EmbeddedPostgres(Path(tmp) / "pgdata", durable=False) as server:
             yield server.start()
+
+
+@pytest.fixture
+def pg_data_parent() -> Iterator[Path]:
+    """Where a test puts the data directory of a PostgreSQL server of its own.
+
+    Not under ``tmp_path``: as root, the server runs as another user that must traverse every
+    parent directory, and pytest makes its shared base directory private (0700) again whenever
+    another pytest session on the machine starts, which cuts a running server off its files.
+    """
+    with tempfile.TemporaryDirectory(prefix="mailroom-test-pg-") as tmp:
+        yield Path(tmp)
 
 
 @pytest.fixture(scope="session")
@@ -151,6 +212,29 @@ async def drain(settings: Settings, *, drafters: Any = None, **overrides: Any) -
         await app.run_worker_async(
             **worker_options(settings, deps, wait=False, install_signal_handlers=False, **overrides)
         )
+
+
+# For a test that checks what one attempt left behind: a drain goes on until no job is ready,
+# so it runs a retry it has just scheduled when the wait full jitter picked is almost nothing,
+# which the usual waits of up to 50 ms here sometimes are. One drawn from an hour practically
+# never is, and waits for ``retries_due``.
+NO_RETRY_WITHIN_A_DRAIN: dict[str, Any] = {
+    "retry_base_seconds": 3600.0,
+    "retry_cap_seconds": 3600.0,
+}
+
+
+async def retries_due(database_url: str) -> None:
+    """Make every job waiting out a backoff due now, as if the backoff had passed.
+
+    For tests that drive a retry but are not about how long its backoff is: no sleep, and no
+    guess at the wait the worker picked.
+    """
+    await query(
+        database_url,
+        "UPDATE procrastinate_jobs SET scheduled_at = now()"
+        " WHERE status = 'todo' AND scheduled_at > now()",
+    )
 
 
 async def query(database_url: str, text: str, *params: Any) -> list[tuple[Any, ...]]:

@@ -118,9 +118,9 @@ def _free(port: int) -> bool:
 async def wait_until(
     check: Callable[[], Awaitable[bool]], timeout_seconds: float, what: str = "the condition"
 ) -> None:
-    """Poll ``check`` every 0.2 s until it is true; fail after ``timeout_seconds``."""
+    """Poll ``check`` every 0.1 s until it is true; fail after ``timeout_seconds``."""
     deadline = time.monotonic() + timeout_seconds
     while not await check():
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_seconds} s waiting for {what}")
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(0.1)

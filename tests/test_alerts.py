@@ -73,6 +73,7 @@ def binary(name: str) -> str:
 # -- the rules and their unit tests ----------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_the_promtool_unit_tests_pass() -> None:
     result = subprocess.run(
         [binary("promtool"), "test", "rules", str(ALERTS_TEST)],
@@ -145,6 +146,7 @@ def test_every_summary_names_the_delay_it_really_has() -> None:
             assert "30 s" in summary, f"{rule['alert']}: heartbeat staleness not in the summary"
 
 
+@pytest.mark.slow
 def test_the_scrape_config_sets_the_runbook_base_and_passes_promtool() -> None:
     config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
     base = config["global"]["external_labels"]["runbook_base"]

@@ -16,6 +16,8 @@ from email.parser import BytesParser
 from email.policy import compat32
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import query
 from worker.bounces import findings_in, read_mbox
 
@@ -145,6 +147,7 @@ def _mailroom(*args: str, database_url: str) -> subprocess.CompletedProcess[str]
     )
 
 
+@pytest.mark.slow
 def test_mailroom_bounces_process_suppresses_once_and_says_what_it_did(
     tmp_path: Path, database_url: str
 ) -> None:
@@ -163,6 +166,7 @@ def test_mailroom_bounces_process_suppresses_once_and_says_what_it_did(
     assert "0 newly suppressed" in again.stderr
 
 
+@pytest.mark.slow
 async def test_the_suppressions_land_in_the_database(tmp_path: Path, database_url: str) -> None:
     path = write_mbox(tmp_path / "b.mbox", [dsn("Gone@Example.org"), arf("grace@example.org")])
     result = _mailroom("bounces", "process", "--mbox", str(path), database_url=database_url)
@@ -171,6 +175,7 @@ async def test_the_suppressions_land_in_the_database(tmp_path: Path, database_ur
     assert rows == [("Gone@example.org", "hard_bounce"), ("grace@example.org", "complaint")]
 
 
+@pytest.mark.slow
 def test_a_missing_mbox_is_one_clear_line_and_exit_2(tmp_path: Path, database_url: str) -> None:
     result = _mailroom(
         "bounces", "process", "--mbox", str(tmp_path / "nope.mbox"), database_url=database_url

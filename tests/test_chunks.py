@@ -15,7 +15,7 @@ from typing import Any
 from shared.db import Database, NewBatch, NewRecipient, Selection
 from shared.queue import SEND_CHUNK_TASK, SEND_EMAIL_TASK
 from shared.settings import Settings
-from tests.conftest import drain, query
+from tests.conftest import NO_RETRY_WITHIN_A_DRAIN, drain, query
 from tests.processes import wait_until
 from tests.smtp_server import RecordingSMTPServer, Rule
 
@@ -55,6 +55,7 @@ async def test_a_chunk_with_mixed_outcomes_leaves_each_recipient_in_its_own_stat
     db: Database, settings: Settings, smtp: RecordingSMTPServer
 ) -> None:
     url = settings.database_url or ""
+    settings = settings.model_copy(update=NO_RETRY_WITHIN_A_DRAIN)
     smtp.rules["gone@example.org"] = Rule("550 5.1.1 no such user")
     smtp.rules["later@example.org"] = Rule("451 4.3.0 try again later", times=1)
     await _batch(db, ["a@example.org", "gone@example.org", "later@example.org", "b@example.org"])
@@ -87,6 +88,7 @@ async def test_a_chunk_that_runs_again_skips_what_was_sent_and_what_left_it(
     db: Database, settings: Settings, smtp: RecordingSMTPServer
 ) -> None:
     url = settings.database_url or ""
+    settings = settings.model_copy(update=NO_RETRY_WITHIN_A_DRAIN)
     smtp.rules["later@example.org"] = Rule("451 4.3.0 try again later", times=1)
     batch_id = await _batch(db, ["a@example.org", "later@example.org", "b@example.org"])
     await drain(settings)

@@ -25,6 +25,7 @@ def mailroom(
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", [[], ["dev"], ["web"], ["worker"], ["migrate"]])
 def test_every_command_has_help(command: list[str]) -> None:
     result = mailroom(*command, "--help")
@@ -33,6 +34,7 @@ def test_every_command_has_help(command: list[str]) -> None:
     assert len(result.stdout.splitlines()) > 4
 
 
+@pytest.mark.slow
 def test_no_command_is_a_usage_error() -> None:
     result = mailroom()
     assert result.returncode == 2
@@ -42,6 +44,7 @@ def test_no_command_is_a_usage_error() -> None:
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("env", "command", "variable", "fragment"),
     [
@@ -160,6 +163,7 @@ def test_configuration_errors_exit_2_with_one_clear_line(
     assert variable in lines[0] and fragment in lines[0]
 
 
+@pytest.mark.slow
 def test_secrets_are_never_echoed_in_configuration_errors() -> None:
     result = mailroom(
         "worker",
@@ -173,6 +177,7 @@ def test_secrets_are_never_echoed_in_configuration_errors() -> None:
     assert "hunter2" not in result.stderr
 
 
+@pytest.mark.slow
 def test_an_unreachable_database_is_a_clear_error(tmp_path) -> None:  # type: ignore[no-untyped-def]
     result = mailroom(
         "migrate", env={"MAILROOM_DATABASE_URL": f"postgresql://nobody@/x?host={tmp_path}"}
@@ -187,6 +192,7 @@ def test_settings_object_validates_in_process() -> None:
         load_settings(web_port="eighty", _env_file=None)
 
 
+@pytest.mark.slow
 async def test_migrate_twice_is_a_no_op(database_url: str) -> None:
     result = mailroom("migrate", env={"MAILROOM_DATABASE_URL": database_url})
     assert result.returncode == 0, result.stderr

@@ -536,6 +536,7 @@ def _signature_tags(signed: bytes) -> dict[bytes, bytes]:
     return dict(parse_tag_value(header.group(1)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("openssl", "message"),
     [
@@ -579,6 +580,7 @@ def test_a_dkim_signature_survives_a_relay_refolding_headers(dkim_key: Path) -> 
     assert reworded != relayed and not dkim.verify(reworded, dnsfunc=lambda name, timeout=5: record)
 
 
+@pytest.mark.slow
 def test_mailroom_check_verifies_the_key_offline_and_prints_the_record(dkim_key: Path) -> None:
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("MAILROOM_")},

@@ -121,6 +121,7 @@ def test_compose_mounts_the_monitoring_configuration(services: dict[str, Any]) -
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("missing", ["POSTGRES_PASSWORD", "GRAFANA_ADMIN_PASSWORD"])
 def test_compose_refuses_to_run_without_each_password(missing: str, tmp_path: Path) -> None:
     # An env file with every password but one: compose must name the one that is missing.
@@ -160,6 +161,7 @@ def unit(name: str) -> dict[str, list[str]]:
     return directives
 
 
+@pytest.mark.slow
 def test_every_unit_passes_systemd_analyze_verify_without_a_word(tmp_path: Path) -> None:
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
@@ -219,6 +221,7 @@ def test_the_migration_unit_is_a_oneshot() -> None:
 # -- Dockerfile -----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_the_dockerfile_passes_hadolint() -> None:
     hadolint = Path(sys.executable).parent / "hadolint"
     result = subprocess.run(

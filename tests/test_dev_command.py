@@ -80,9 +80,9 @@ async def running_dev(
 
 
 async def test_dev_delivers_a_batch_to_its_capture_and_stops_cleanly_on_sigterm(
-    tmp_path: Path,
+    pg_data_parent: Path,
 ) -> None:
-    data_dir = tmp_path / "data"
+    data_dir = pg_data_parent / "data"  # holds the embedded PostgreSQL's data directory
     recipients = [f"dev{i}@example.org" for i in range(5)]
     async with running_dev(data_dir) as (proc, base, token, _):
         auth = {"Authorization": f"Bearer {token}"}
@@ -102,7 +102,7 @@ async def test_dev_delivers_a_batch_to_its_capture_and_stops_cleanly_on_sigterm(
                         "messages"
                     ]
             assert sorted(m["to"][0] for m in messages) == recipients  # type: ignore[index]
-            assert (tmp_path / "data" / "mail" / "new").is_dir()
+            assert (data_dir / "mail" / "new").is_dir()
 
         assert postgres_processes(data_dir)
         proc.send_signal(signal.SIGTERM)

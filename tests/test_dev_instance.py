@@ -35,6 +35,7 @@ def test_a_recorded_live_instance_is_found_and_forgotten_once_removed(tmp_path: 
     assert find_running(tmp_path) is None
 
 
+@pytest.mark.slow
 def test_an_instance_whose_process_is_gone_is_not_found(tmp_path: Path) -> None:
     dead = subprocess.run(
         [sys.executable, "-c", "import os; print(os.getpid())"],

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -12,7 +11,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from shared.db import Database
 from shared.settings import Settings
-from tests.conftest import AUTH, drain, make_settings, query
+from tests.conftest import AUTH, drain, make_settings, query, retries_due
 from tests.fake_groq import FakeGroq, Reply
 from tests.smtp_server import RecordingSMTPServer, Rule
 from web.app import create_app
@@ -76,7 +75,7 @@ async def settle(settings: Settings, rounds: int = 12) -> None:
         )
         if pending == [(0,)]:
             return
-        await asyncio.sleep(settings.retry_cap_seconds + 0.05)
+        await retries_due(settings.database_url or "")
 
 
 async def rows(settings: Settings) -> list[tuple[Any, ...]]:

@@ -25,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from shared.db import Database
 from shared.metrics import WORKER_REGISTRY, render
 from shared.settings import Settings
-from tests.conftest import API_TOKEN, AUTH, drain, make_settings, query
+from tests.conftest import API_TOKEN, AUTH, drain, make_settings, query, retries_due
 from tests.processes import free_port
 from tests.smtp_server import RecordingSMTPServer, Rule
 from worker.health import start_health_server
@@ -87,7 +87,7 @@ async def test_metrics_move_as_a_batch_with_faults_goes_through(
     assert value(queued, "mailroom_oldest_ready_job_age_seconds", queue="emails") >= 0
 
     await drain(settings)
-    await asyncio.sleep(settings.retry_cap_seconds + 0.05)
+    await retries_due(settings.database_url or "")
     await drain(settings)
     after = await scrape(client) | worker_scrape()
 
@@ -228,6 +228,7 @@ def _binary(name: str) -> str:
     return path
 
 
+@pytest.mark.slow
 def test_promtool_accepts_the_rules_and_the_config(promtool: str) -> None:
     for args in (
         ["check", "rules", str(ALERTS)],
@@ -237,6 +238,7 @@ def test_promtool_accepts_the_rules_and_the_config(promtool: str) -> None:
         assert result.returncode == 0, result.stdout + result.stderr
 
 
+@pytest.mark.slow
 async def test_prometheus_scrapes_the_live_exporters_and_answers_the_main_queries(
     client: TestClient, settings: Settings, smtp: RecordingSMTPServer, tmp_path: Path
 ) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import math
 import time
 from collections import Counter
 from typing import Any
@@ -25,6 +26,10 @@ from tests.test_faults import all_sent, enqueue
 from worker.failures import RateLimited, TransientFailure
 from worker.retry import RETRY_PRIORITY, BackoffRetry
 from worker.smtp import PACE_MIN_SECONDS, OutgoingMessage, SmtpMailer, SmtpServer, build_message
+
+# The longest a test allows between a message's slot in a window and its acceptance by the
+# SMTP server; see test_a_per_second_limit_holds_across_two_worker_processes.
+SLOT_TO_ACCEPTANCE_SECONDS = 1.0
 
 
 @pytest.fixture
@@ -90,21 +95,31 @@ async def test_a_per_second_limit_holds_across_two_worker_processes(
             proc.terminate()
         await asyncio.gather(*(proc.wait() for proc in workers))
     assert sorted(smtp.to_addresses()) == sorted(addresses)
-    # Exactly: no window counted more than the limit (both processes took slots in them).
-    windows = await query(settings.database_url or "", "SELECT sent FROM send_windows")
-    assert max(n for (n,) in windows) <= per_second and sum(n for (n,) in windows) == total
-    # And as the SMTP server saw it: 60 messages at 15 a window need four windows, so the first
-    # and the last are more than two seconds apart (unlimited, they take a fraction of one).
-    # The exact guarantee is the window table above; the server's clock sees it later. A slot
-    # is taken in the database's window and the message is accepted a moment after, so a
-    # message can land in the next clock second. Bounded by that lag (under a second, even on
-    # a loaded machine), what arrives in two consecutive clock seconds took its slots in at
-    # most three windows; unlimited, all 60 would arrive within one.
+    # Exactly, where the design guarantees it: both processes took their slots in the same
+    # windows, and no window ever counted more than the limit.
+    windows = await query(
+        settings.database_url or "",
+        "SELECT extract(epoch FROM window_start)::bigint, sent FROM send_windows"
+        " WHERE scope LIKE 'sender:%' ORDER BY 1",
+    )
+    assert max(n for _, n in windows) <= per_second and sum(n for _, n in windows) == total
+    assert len(windows) >= total // per_second, windows
+    first_window, last_window = windows[0][0], windows[-1][0]
+    # And, within a tolerance, as the SMTP server's clock saw it. A message is accepted a
+    # moment after its slot was taken: the claim's transaction, then MAIL, RCPT and DATA on
+    # loopback, some milliseconds. Allow up to SLOT_TO_ACCEPTANCE_SECONDS of that lag (a hundred
+    # times what it takes on an idle machine, room for a loaded one). Then a clock second's
+    # messages took their slots in that second's window or the one before it (two windows'
+    # worth), and the last message, whose slot is in the last window, arrived at least
+    # (last - first - 1 - lag) seconds after the first, whose slot ended with the first
+    # window. Unlimited, all 60 arrive within a fraction of one second.
     times = sorted(r.received_at for r in smtp.received)
-    assert times[-1] - times[0] >= (total / per_second) - 2 - 0.1
     per_clock_second = Counter(int(t) for t in times)
-    for second, n in per_clock_second.items():
-        assert n + per_clock_second.get(second + 1, 0) <= 3 * per_second, per_clock_second
+    windows_per_clock_second = 1 + math.ceil(SLOT_TO_ACCEPTANCE_SECONDS)
+    assert max(per_clock_second.values()) <= windows_per_clock_second * per_second, per_clock_second
+    least_span = (last_window - first_window) - 1 - SLOT_TO_ACCEPTANCE_SECONDS
+    assert least_span >= 1, "four windows at least, so the bound above says something"
+    assert times[-1] - times[0] >= least_span, (times[-1] - times[0], windows)
     attempts = await query(settings.database_url or "", "SELECT max(attempts) FROM recipients")
     assert attempts == [(1,)], "waiting for a window spends no attempt"
 
@@ -249,6 +264,10 @@ async def test_a_server_that_throttles_a_single_connection_gets_paced_sends(
         assert mailer.pace_seconds == 0 and mailer.concurrency_limit == 2
     finally:
         await mailer.close()
+    # The pace spaces the starts of the sends; the server's clock sees their acceptance, each a
+    # few milliseconds (MAIL, RCPT, DATA on loopback, in this process) after its start. Allow
+    # the first to have taken up to 0.1 s longer than the second: still well above PACE_MIN_SECONDS,
+    # the spacing a pace halved once too often would give.
     times = [r.received_at for r in smtp.received]
-    assert times[1] - times[0] >= 2 * PACE_MIN_SECONDS - 0.02, times
+    assert times[1] - times[0] >= 2 * PACE_MIN_SECONDS - 0.1, times
     assert elapsed >= 3 * PACE_MIN_SECONDS, elapsed

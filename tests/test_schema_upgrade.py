@@ -185,6 +185,7 @@ async def test_a_recorded_migration_this_procrastinate_does_not_ship_is_refused(
     assert sorted(await _recorded(database_url)) == before
 
 
+@pytest.mark.slow
 async def test_the_command_names_the_unknown_migration_and_exits_1(database_url: str) -> None:
     future = PROCRASTINATE_PREFIX + "03.99.00_01_pre_something_new"
     await query(database_url, "INSERT INTO mailroom_migrations (name) VALUES (%s)", future)
@@ -196,6 +197,7 @@ async def test_the_command_names_the_unknown_migration_and_exits_1(database_url:
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 async def test_the_command_with_pre_says_what_it_left(empty_database_url: str) -> None:
     to_apply = await _build_old_database(empty_database_url, version=(3, 3, 0))
     env = {"MAILROOM_DATABASE_URL": empty_database_url}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import sys
 from email.parser import BytesParser
 from email.policy import default
 from types import SimpleNamespace
@@ -570,3 +571,24 @@ def test_a_signal_delivered_twice_at_once_is_one_stop_request(
     monkeypatch.setattr(stopping.time, "monotonic", lambda: next(clock))
     requests = stopping.StopRequests()
     assert [requests.received() for _ in range(4)] == ["first", "duplicate", "again", "again"]
+
+
+# -- the test suite's own rule: a test that starts a process is marked slow ------------------------
+
+
+def test_the_suite_sees_a_process_start_through_the_audit_hook() -> None:
+    from tests import conftest
+
+    assert conftest.process_starts == [], "recording for this test, and nothing started yet"
+    sys.audit("subprocess.Popen", "/bin/true", ["true"], None, None)
+    assert conftest.process_starts == ["subprocess.Popen: /bin/true"]
+    conftest.process_starts.clear()  # it was only the event: this test started nothing
+
+
+@pytest.mark.slow
+async def test_an_asyncio_subprocess_is_recorded_as_a_process_start() -> None:
+    from tests import conftest
+
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", "pass")
+    assert await proc.wait() == 0
+    assert conftest.process_starts == [f"subprocess.Popen: {sys.executable}"]

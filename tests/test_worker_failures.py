@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from shared.db import Database, NewBatch, NewRecipient, RecipientForSend
 from shared.settings import Settings
-from tests.conftest import drain, query
+from tests.conftest import drain, query, retries_due
 from tests.smtp_server import RecordingSMTPServer
 from worker.drafting import Draft
 
@@ -37,7 +35,7 @@ async def test_a_database_error_at_the_start_of_an_attempt_is_retried(
     # More tries than the attempt budget: database errors do not spend it.
     for _ in range(settings.retry_max_attempts + 2):
         await drain(settings)
-        await asyncio.sleep(settings.retry_cap_seconds + 0.05)
+        await retries_due(url)
     jobs = await query(
         url, "SELECT status::text, attempts FROM procrastinate_jobs WHERE queue_name = 'emails'"
     )
@@ -45,7 +43,7 @@ async def test_a_database_error_at_the_start_of_an_attempt_is_retried(
     assert jobs[0][1] > settings.retry_max_attempts
     assert await query(url, "SELECT status, attempts FROM recipients") == [("queued", 0)]
     await query(url, "DROP TRIGGER refuse ON recipients")
-    await asyncio.sleep(settings.retry_cap_seconds + 0.05)
+    await retries_due(url)
     await drain(settings)
     assert await query(url, "SELECT status FROM recipients") == [("sent",)]
     assert len(smtp.received) == 1
