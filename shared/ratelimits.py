@@ -38,7 +38,9 @@ def sender_limits(settings: Settings) -> list[Limit]:
         ("per hour", 3600, settings.rate_per_hour),
         ("per day", 86_400, settings.rate_per_day),
     ]
-    return [Limit(name, f"sender:{sender}", w, n) for name, w, n in found if n is not None]
+    # The window's length is part of the scope: send_windows is keyed by (scope, start), and the
+    # second, the hour and the day that start at the same moment must not share a row.
+    return [Limit(name, f"sender:{sender}:{w}s", w, n) for name, w, n in found if n is not None]
 
 
 def limits_for(settings: Settings, recipient: str) -> list[Limit]:

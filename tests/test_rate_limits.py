@@ -17,7 +17,7 @@ from procrastinate.jobs import Job
 
 from shared.db import Database
 from shared.metrics import WORKER_REGISTRY
-from shared.ratelimits import Limit
+from shared.ratelimits import Limit, limits_for
 from shared.settings import Settings
 from tests.conftest import AUTH, drain, make_settings, query
 from tests.processes import start, wait_until
@@ -122,6 +122,24 @@ async def test_a_per_second_limit_holds_across_two_worker_processes(
     assert times[-1] - times[0] >= least_span, (times[-1] - times[0], windows)
     attempts = await query(settings.database_url or "", "SELECT max(attempts) FROM recipients")
     assert attempts == [(1,)], "waiting for a window spends no attempt"
+
+
+async def test_each_limit_counts_in_a_window_of_its_own(db: Database, settings: Settings) -> None:
+    # The second, the hour and the day that start at the same instant (each hour's first
+    # second, each day's first hour) must not share a row, or one message counts twice.
+    settings = settings.model_copy(
+        update={
+            "rate_per_second": 5,
+            "rate_per_hour": 100,
+            "rate_per_day": 1000,
+            "rate_per_domain_per_minute": 50,
+        }
+    )
+    limits = limits_for(settings, "a@example.org")
+    assert len({limit.scope for limit in limits}) == len(limits) == 4
+    assert await db.take_send_slot(limits) is None
+    rows = await query(settings.database_url or "", "SELECT scope, sent FROM send_windows")
+    assert sorted(n for _, n in rows) == [1, 1, 1, 1]
 
 
 def test_a_rate_limited_job_comes_back_when_its_window_ends() -> None:
