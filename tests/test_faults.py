@@ -212,7 +212,12 @@ async def test_a_shutdown_past_the_grace_requeues_without_spending_an_attempt(
             lambda: _count(settings, "status = 'sending'", at_least=2), 30, "sends in flight"
         )
         proc.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
         assert await asyncio.wait_for(proc.wait(), 30) == 0
+        took = time.monotonic() - signalled
+    # The grace, then the cut-off sends' connections closed at once: a polite QUIT would wait
+    # for the DATA reply still owed (5 s here) up to its own 2 s timeout.
+    assert took < settings.shutdown_grace_seconds + 1.8, f"exit {took:.2f} s after SIGTERM"
     rows = await query(settings.database_url or "", "SELECT status, attempts FROM recipients")
     assert rows == [("queued", 0), ("queued", 0)]
     jobs = await query(

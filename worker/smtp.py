@@ -561,11 +561,11 @@ class SmtpMailer:
             except _StaleConnection as again:
                 await self._discard(conn)
                 raise classify_smtp(again.cause, stage="mail") from again.cause
-            except BaseException:
-                await self._discard(conn)
+            except BaseException as exc:
+                await self._drop(conn, exc)
                 raise
-        except BaseException:
-            await self._discard(conn)
+        except BaseException as exc:
+            await self._drop(conn, exc)
             raise
         SMTP_SEND.observe(time.perf_counter() - started)
         if conn.sent >= self._max_messages:
@@ -625,6 +625,20 @@ class SmtpMailer:
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
             raise classify_smtp(exc, stage="connect") from exc
         return _Connection(client=client, last_used=time.monotonic())
+
+    async def _drop(self, conn: _Connection, exc: BaseException) -> None:
+        """Get rid of a connection a send failed on.
+
+        Cut off mid-command (the job cancelled at the end of a shutdown's grace, or no reply in
+        time), the connection is closed at once: a QUIT would first wait for the reply still
+        owed, up to its own timeout, and hold the shutdown. Otherwise it is closed politely.
+        """
+        if isinstance(exc, asyncio.CancelledError | TimeoutError) or isinstance(
+            exc.__cause__, aiosmtplib.SMTPTimeoutError
+        ):
+            conn.client.close()
+        else:
+            await self._discard(conn)
 
     async def _discard(self, conn: _Connection) -> None:
         try:
