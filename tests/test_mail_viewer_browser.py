@@ -2,10 +2,11 @@
 
 The real worker sends a batch through the real dev capture (``mailroom.capture``); the operator
 opens the list, searches it, reads a message decoded, follows its unsubscribe link to the
-site's unsubscribe page and unsubscribes. A captured message whose HTML part carries a script,
-a remote image and a remote stylesheet is opened too: nothing in it runs or loads (a local
-server sees every request it would make, and the same HTML opened outside the viewer proves
-that server would be reached). Screenshots land in test-artifacts/viewer/ (look at them).
+site's unsubscribe page and unsubscribes, and at the end deletes every message. A captured
+message whose HTML part carries a script, a remote image and a remote stylesheet is opened
+too: nothing in it runs or loads (a local server sees every request it would make, and the
+same HTML opened outside the viewer proves that server would be reached). Screenshots land in
+test-artifacts/viewer/ (look at them).
 """
 
 from __future__ import annotations
@@ -202,6 +203,16 @@ async def test_an_operator_reads_captured_mail_and_unsubscribes_from_it(
             await expect(control.locator("#ran")).to_have_text("the script ran")
             async with asyncio.timeout(10):
                 await xhr_seen.wait()
+            await control.close()
+
+            await page.goto(base + "/dev/mail")
+            await page.click("button:has-text('Delete all…')")
+            await expect(page.locator("h1")).to_have_text("Delete all captured mail?")
+            await expect(page.locator("main")).to_contain_text("all 3 captured messages")
+            await page.screenshot(path=ARTIFACTS / f"{device}-6-delete.png", full_page=True)
+            await page.click("button:has-text('Delete all')")
+            await expect(page.locator("main")).to_contain_text("Nothing captured yet.")
+            assert CapturedMail(capture.directory).page().total == 0
             await browser.close()
         assert overflowing == {}, f"pages that scroll sideways at {width} px: {overflowing}"
     finally:
