@@ -115,3 +115,27 @@ def test_search_pages_and_deletes(mail: CapturedMail) -> None:
 
     assert mail.delete_all() == 30
     assert mail.page().total == 0
+
+
+def test_mailto_and_list_unsubscribe_links_are_offered_and_linked_in_the_text(
+    mail: CapturedMail,
+) -> None:
+    message = build_message(
+        sender="sender@example.com",
+        to="ann@example.org",
+        subject="Hi",
+        body="Write to us, or see https://ok.example/a.",
+        message_id="<4.abc@example.com>",
+        unsubscribe_url=UNSUBSCRIBE,
+        unsubscribe_mailto="leave@example.com",
+    ).data
+    _file(mail, "4.M1.host", message, 1_700_000_000)
+
+    view = mail.view("4.M1.host")
+
+    assert view is not None
+    assert view.links[:1] == ["https://ok.example/a"]
+    assert {UNSUBSCRIBE, "mailto:leave@example.com?subject=unsubscribe"} <= set(view.links)
+    parts = view.text_parts()
+    assert ("https://ok.example/a", "https://ok.example/a") in parts
+    assert (".", None) not in parts[:1] and "".join(p for p, _ in parts) == view.text

@@ -384,9 +384,12 @@ async def test_the_captured_mail_list_survives_any_captured_file(
     links = re.findall(r'href="/dev/mail/([^"]+)"', text)
     assert len(links) >= len(HOSTILE_MAIL)
     for key in links:
-        raw = await client.get(f"/dev/mail/{key}")
+        shown = await client.get(f"/dev/mail/{key}")
+        assert shown.status == 200, (key, shown.status)
+        assert "<script>alert(1)</script>" not in await shown.text()
+        raw = await client.get(f"/dev/mail/{key}/raw")
         assert raw.status == 200, (key, raw.status)
-        assert raw.content_type == "text/plain"
+        assert raw.content_type == "message/rfc822"
     api = await client.get("/api/dev/messages", headers=AUTH)
     assert api.status == 200, await api.text()
     messages = (await api.json())["messages"]

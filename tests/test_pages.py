@@ -187,8 +187,8 @@ async def test_dev_mode_shows_captured_mail(dev_client: TestClient) -> None:
     assert "Hi &lt;b&gt;a@example.org&lt;/b&gt;" in page
     key = re.search(r'href="/dev/mail/([^"]+)"', page)
     assert key
-    raw = await dev_client.get(f"/dev/mail/{key.group(1)}")
-    assert raw.content_type == "text/plain"
+    raw = await dev_client.get(f"/dev/mail/{key.group(1)}/raw")
+    assert raw.content_type == "message/rfc822"
     assert "Message-ID: <mailroom." in await raw.text()
     assert (await dev_client.get("/dev/mail/no-such-key")).status == 404
 

@@ -54,6 +54,11 @@ class MessageView:
     links: list[str] = field(default_factory=list)
     attachments: list[str] = field(default_factory=list)
 
+    def text_parts(self) -> list[tuple[str, str | None]]:
+        """The text part cut into ``(text, href)`` pieces: ``href`` is set on a link of
+        :attr:`links` (http, https or mailto) and ``None`` on the text between links."""
+        return linked_text(self.text or "", set(self.links))
+
 
 class CapturedMail:
     """The messages in the Maildir at ``directory``, newest first."""
@@ -88,7 +93,7 @@ class CapturedMail:
 
     def view(self, key: str) -> MessageView | None:
         """The message under ``key`` decoded for reading, or ``None`` if there is none."""
-        if not _LINKABLE_KEY.match(key):
+        if not _LINKABLE_KEY.fullmatch(key):
             return None
         raw = self.raw(key)
         summary = self._summary_of(key)
@@ -108,7 +113,9 @@ class CapturedMail:
             for part in message.walk()
             if part.get_content_disposition() == "attachment"
         ]
-        return MessageView(summary, headers, text, html, _links(text, html), attachments)
+        unsubscribe = [value for name, value in headers if name.lower() == "list-unsubscribe"]
+        links = _links(text, html, unsubscribe)
+        return MessageView(summary, headers, text, html, links, attachments)
 
     def delete_all(self) -> int:
         """Remove every captured message; return how many there were."""
@@ -144,6 +151,8 @@ class CapturedMail:
 
     def raw(self, key: str) -> bytes | None:
         """The whole message as received, or ``None`` if there is no such (readable) key."""
+        if not _LINKABLE_KEY.fullmatch(key):
+            return None
         try:
             return self._maildir.get_bytes(key)
         except (KeyError, OSError):
@@ -179,7 +188,7 @@ class CapturedMail:
         raw = {name.lower(): value for name, value in reversed(items)}  # the first one wins
         to = [display_text(value) for name, value in items if name.lower() == "to"]
         return CapturedMessage(
-            key=key if _LINKABLE_KEY.match(key) else None,
+            key=key if _LINKABLE_KEY.fullmatch(key) else None,
             message_id=display_text(raw.get("message-id", "")),
             to=_addresses(to),
             subject=display_text(raw.get("subject", "")),
@@ -187,7 +196,9 @@ class CapturedMail:
         )
 
 
-_LINKABLE_KEY = re.compile(r"^[A-Za-z0-9._,=+-]{1,255}$")
+# The file names a link (and the API's ``{key}``) may carry: nothing that is a path.
+KEY_PATTERN = r"^[A-Za-z0-9._,=+-]{1,255}$"
+_LINKABLE_KEY = re.compile(KEY_PATTERN)
 _FOLDING = re.compile(r"\r?\n[ \t]*|[\r\n]")
 _SURROGATES = re.compile("[\ud800-\udfff]")
 MAX_SHOWN_CHARS = 1000
@@ -259,6 +270,17 @@ def _decoded(payload: bytes) -> str:
 
 
 _URL = re.compile(r"https?://[^\s<>\"'()]+", re.IGNORECASE)
+_MAILTO = re.compile(r"mailto:[^\s<>\"'()]+", re.IGNORECASE)
+_ANGLED = re.compile(r"<([^<>\s]+)>")
+_TRAILING = ".,;:!?"
+
+
+def safe_link(link: str) -> str | None:
+    """``link`` if it is an http, https or mailto URL, stripped; else ``None``."""
+    link = link.strip()
+    if _URL.fullmatch(link) or _MAILTO.fullmatch(link):
+        return link
+    return None
 
 
 class _Hrefs(HTMLParser):
@@ -271,13 +293,14 @@ class _Hrefs(HTMLParser):
             self.found.extend(value for name, value in attrs if name == "href" and value)
 
 
-def _links(text: str | None, html: str | None) -> list[str]:
-    """The http(s) links in the text and HTML parts, each once, in order, made safe to show.
+def _links(text: str | None, html: str | None, unsubscribe: list[str] | None = None) -> list[str]:
+    """The links in the text and HTML parts and in ``List-Unsubscribe``, each once, in order,
+    made safe to show.
 
-    Only http and https links are kept: a ``javascript:`` or ``data:`` href is never shown as
-    a link, whatever the message says.
+    Only http, https and mailto links are kept: a ``javascript:`` or ``data:`` href is never
+    shown as a link, whatever the message says.
     """
-    found = _URL.findall(text or "")
+    found = [link.rstrip(_TRAILING) for link in _URL.findall(text or "")]
     if html:
         hrefs = _Hrefs()
         try:
@@ -285,6 +308,27 @@ def _links(text: str | None, html: str | None) -> list[str]:
             hrefs.close()
         except Exception:
             pass
-        found += [h.strip() for h in hrefs.found if _URL.fullmatch(h.strip())]
-    unique = list(dict.fromkeys(link.rstrip(".,;:!?") for link in found))
-    return [display_text(link) for link in unique[:MAX_LINKS]]
+        found += [link for link in map(safe_link, hrefs.found) if link]
+    for value in unsubscribe or []:
+        found += [link for link in map(safe_link, _ANGLED.findall(value)) if link]
+    unique = list(dict.fromkeys(link for link in found if link))
+    # A link longer than a header may be shown is not offered at all: cut short, it would
+    # lead somewhere else.
+    return [link for link in unique if len(link) <= MAX_SHOWN_CHARS][:MAX_LINKS]
+
+
+def linked_text(text: str, links: set[str]) -> list[tuple[str, str | None]]:
+    """``text`` cut into ``(text, href)`` pieces, ``href`` set on each URL found in ``links``."""
+    parts: list[tuple[str, str | None]] = []
+    done = 0
+    for match in _URL.finditer(text):
+        link = match.group(0).rstrip(_TRAILING)
+        if link not in links:
+            continue
+        if match.start() > done:
+            parts.append((text[done : match.start()], None))
+        parts.append((link, link))
+        done = match.start() + len(link)
+    if done < len(text) or not parts:
+        parts.append((text[done:], None))
+    return parts

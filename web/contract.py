@@ -40,6 +40,7 @@ from pydantic import (
 
 from shared.db import MAX_ID, RECIPIENT_STATUSES, SUPPRESSION_REASONS, BatchSummary
 from shared.headers import lone_surrogate_message, unsafe_message
+from web.captured_mail import KEY_PATTERN
 
 MAX_PAGE_SIZE = 500
 DEFAULT_PAGE_SIZE = 100
@@ -48,6 +49,8 @@ MAX_ADDRESSES = 10_000
 MAX_ADDRESS_CHARS = 254
 MAX_EDITED_SUBJECT_CHARS = 255
 MAX_EDITED_BODY_CHARS = 100_000
+MAX_SEARCH_CHARS = 200
+DEFAULT_MAIL_PAGE_SIZE = 50
 
 RecipientStatus = Literal[
     "queued", "sending", "drafted", "sent", "retrying", "dead", "cancelled", "suppressed"
@@ -308,11 +311,25 @@ class DeadLettersQuery(PageQuery):
     batch_id: uuid.UUID | None = None
 
 
+class DevMessagesQuery(BaseModel):
+    """``?q=&offset=&limit=`` of ``GET /api/dev/messages``: the captured messages whose
+    recipients or subject contain ``q`` (any case), newest first.
+
+    A Maildir has no ids in order, so this list pages by position: ``next_offset`` of one page
+    is the next's ``offset``. A message captured meanwhile moves the rest one place on.
+    """
+
+    q: Annotated[str, Field(max_length=MAX_SEARCH_CHARS)] = ""
+    offset: Annotated[int, Field(ge=0, le=MAX_ID)] = 0
+    limit: Annotated[int, Field(ge=1, le=MAX_PAGE_SIZE)] = DEFAULT_MAIL_PAGE_SIZE
+
+
 class PathIds(BaseModel):
     """What the ids in the API's paths are (the document's path parameters)."""
 
     batch_id: uuid.UUID
     recipient_id: int
+    key: Annotated[str, Field(pattern=KEY_PATTERN, description="a captured message's file name")]
 
 
 # -- responses --------------------------------------------------------------------------------
@@ -497,6 +514,10 @@ class SuppressionsRemoved(BaseModel):
 
 
 class CapturedMessage(BaseModel):
+    """A captured message's summary; ``key`` is ``None`` for a file whose name cannot be part
+    of a path (it is listed, but cannot be fetched)."""
+
+    key: str | None
     message_id: str
     to: list[str]
     subject: str
@@ -504,7 +525,32 @@ class CapturedMessage(BaseModel):
 
 
 class CapturedMessages(BaseModel):
+    """One page of ``GET /api/dev/messages``; ``total`` counts every match (among the newest
+    20,000 messages when searching), ``next_offset`` is ``None`` on the last page."""
+
     messages: list[CapturedMessage]
+    total: int
+    offset: int
+    limit: int
+    next_offset: int | None
+
+
+class CapturedHeader(BaseModel):
+    name: str
+    value: str
+
+
+class CapturedMessageView(CapturedMessage):
+    """A captured message decoded for reading. ``text`` and ``html`` are the parts as the
+    sender wrote them (``None`` when absent): the HTML is a sender's markup, never safe to
+    render as is. ``links`` are the http, https and mailto links of the parts and of
+    ``List-Unsubscribe``."""
+
+    headers: list[CapturedHeader]
+    text: str | None
+    html: str | None
+    links: list[str]
+    attachments: list[str]
 
 
 class Health(BaseModel):

@@ -26,9 +26,11 @@ from web.contract import (
     BatchRequest,
     Cancelled,
     CapturedMessages,
+    CapturedMessageView,
     Created,
     DeadLetterPage,
     DeadLettersQuery,
+    DevMessagesQuery,
     Discarded,
     DraftEdit,
     DraftSaved,
@@ -194,8 +196,23 @@ OPERATIONS = [
     Operation(
         "GET",
         "/api/dev/messages",
-        "What the mail capture received (only in `mailroom dev`)",
+        "What the mail capture received (only in `mailroom dev`), searched and paged",
         {200: (CapturedMessages, "Captured messages, newest first")},
+        errors=(404,),
+        query=DevMessagesQuery,
+    ),
+    Operation(
+        "DELETE",
+        "/api/dev/messages",
+        "Delete every captured message (only in `mailroom dev`)",
+        {204: (None, "Deleted")},
+        errors=(404,),
+    ),
+    Operation(
+        "GET",
+        "/api/dev/messages/{key}",
+        "One captured message, decoded (only in `mailroom dev`)",
+        {200: (CapturedMessageView, "The message's headers, parts and links")},
         errors=(404,),
     ),
     Operation(
@@ -290,7 +307,9 @@ def _operation(
         }
     responses: dict[str, Any] = {}
     for status, (model, description) in operation.answers.items():
-        if model is None:
+        if status == 204:
+            responses[str(status)] = {"description": description}
+        elif model is None:
             media, anything = ("text/plain", "string") if operation.text else _ANY_JSON
             responses[str(status)] = {
                 "description": description,
