@@ -24,6 +24,7 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
+from shared.composition import Composition
 from shared.procrastinate_sql import (
     CANCEL_WAITING_JOBS,
     DEFER_CHUNKS_OF_ROWS,
@@ -122,6 +123,7 @@ class NewBatch:
     context: str | None = None
     review: bool = False
     send_at: datetime | None = None
+    composition: Composition = field(default_factory=Composition)
 
 
 @dataclass(frozen=True)
@@ -181,13 +183,18 @@ class RecipientForSend:
     context: str | None = None
     # True while the batch waits for an operator: draft, then stop.
     hold_for_review: bool = False
+    # The batch's shared.composition choices (None: the worker's settings).
+    body_format: str = "text"
+    from_name: str | None = None
+    reply_to: str | None = None
 
 
 # What :class:`RecipientForSend` is made of, from ``recipients r`` and its ``batches b``.
 _FOR_SEND = (
     "r.id, r.batch_id, r.email, r.fields, r.status, r.attempts, r.subject, r.body, b.drafter,"
     " b.subject_template, b.body_template, r.enqueued_at, b.request_id, b.context,"
-    " (b.review AND b.approved_at IS NULL) AS hold_for_review"
+    " (b.review AND b.approved_at IS NULL) AS hold_for_review,"
+    " b.body_format, b.from_name, b.reply_to"
 )
 
 
@@ -392,8 +399,9 @@ class Database:
         async with self.pool.connection() as conn, conn.transaction():
             await conn.execute(
                 "INSERT INTO batches (id, created_by, request_id, drafter, subject_template,"
-                " body_template, total, context, review, send_at)"
-                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                " body_template, total, context, review, send_at,"
+                " body_format, from_name, reply_to)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
                 (
                     batch_id,
                     batch.created_by,
@@ -405,6 +413,9 @@ class Database:
                     batch.context,
                     batch.review,
                     batch.send_at,
+                    batch.composition.body_format,
+                    batch.composition.from_name,
+                    batch.composition.reply_to,
                 ),
             )
             if idempotency is not None:

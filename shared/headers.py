@@ -13,6 +13,10 @@ U+009F), U+2028 and U+2029, and lone surrogates (U+D800 to U+DFFF). A tab is leg
 in an unstructured header (RFC 5322), so a subject may carry one (``allow_tab=True``); no other
 value Mailroom writes into a header (an address, a URL, a Message-ID) may.
 
+A display name (the sender's, ``"Name" <address>``) also refuses Unicode's bidirectional
+controls (:func:`display_name_message`): an override or isolate inside a name can make it read
+as something else, an address say, in the recipient's mail program.
+
 Positions in messages count characters from 1.
 """
 
@@ -23,6 +27,9 @@ import re
 _UNSAFE_IN_TEXT = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
 _UNSAFE_IN_TOKEN = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+# Unicode's Bidi_Control characters: the marks, embeddings, overrides and isolates.
+_BIDI_CONTROL = re.compile("[\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+MAX_DISPLAY_NAME_CHARS = 100
 
 _C0_NAMES = (
     "NUL",
@@ -63,6 +70,18 @@ _OTHER_NAMES = {
     "\x85": "next line",
     "\u2028": "line separator",
     "\u2029": "paragraph separator",
+    "\u061c": "arabic letter mark",
+    "\u200e": "left-to-right mark",
+    "\u200f": "right-to-left mark",
+    "\u202a": "left-to-right embedding",
+    "\u202b": "right-to-left embedding",
+    "\u202c": "pop directional formatting",
+    "\u202d": "left-to-right override",
+    "\u202e": "right-to-left override",
+    "\u2066": "left-to-right isolate",
+    "\u2067": "right-to-left isolate",
+    "\u2068": "first strong isolate",
+    "\u2069": "pop directional isolate",
 }
 
 
@@ -118,3 +137,21 @@ def lone_surrogate_message(value: str) -> str | None:
         f"character {describe_character(match.group())} at position {match.start() + 1} "
         "is not valid Unicode text"
     )
+
+
+def display_name_message(value: str) -> str | None:
+    """Why ``value`` cannot be a display name in ``From``, or ``None`` if it can: what
+    :func:`unsafe_message` refuses (a tab too), a bidirectional control, or more than
+    ``MAX_DISPLAY_NAME_CHARS`` characters."""
+    not_allowed = unsafe_message(value)
+    if not_allowed is not None:
+        return not_allowed
+    match = _BIDI_CONTROL.search(value)
+    if match is not None:
+        return (
+            f"character {describe_character(match.group())} at position {match.start() + 1} "
+            "is not allowed in a display name"
+        )
+    if len(value) > MAX_DISPLAY_NAME_CHARS:
+        return f"at most {MAX_DISPLAY_NAME_CHARS} characters (got {len(value)})"
+    return None

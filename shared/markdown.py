@@ -5,8 +5,9 @@ two parts of the email. The input is a sender's text with recipients' fields in 
 HTML is safe twice over: markdown-it renders with raw HTML off (``<b>`` comes out as text) and
 refuses ``javascript:``, ``vbscript:``, ``file:`` and ``data:`` links, then nh3 (the Ammonia
 sanitizer) keeps only a fixed list of tags and attributes and http(s)/mailto link targets.
-Bare URLs become links in the HTML; in the text part every link is written out after its text,
-so both parts have clickable links.
+Bare URLs become links in the HTML; in the text part every link the HTML keeps is written out
+after its text (one it dropped, ``ftp:`` say, shows as its text alone), so both parts have the
+same clickable links.
 
 Rendering is linear in the size of the body, and nesting is capped (markdown-it's
 ``maxNesting``), so a body's size limit bounds its cost.
@@ -14,6 +15,7 @@ Rendering is linear in the size of the body, and nesting is capped (markdown-it'
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +29,7 @@ _ALLOWED_TAGS = {
 }  # fmt: skip
 _ALLOWED_ATTRIBUTES = {"a": {"href", "title"}, "img": {"src", "alt", "title"}, "ol": {"start"}}
 _URL_SCHEMES = {"http", "https", "mailto"}
+_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*):")  # RFC 3986 3.1
 
 
 def _parser() -> MarkdownIt:
@@ -124,6 +127,13 @@ class _PlainText:
         return token.type == "paragraph_close" and token.hidden
 
 
+def _kept_in_html(href: str) -> bool:
+    """Whether the sanitizer keeps this target: the text part shows no link the HTML dropped
+    (``ftp:``, ``tel:`` …); a target without a scheme is kept by both."""
+    scheme = _SCHEME.match(href)
+    return scheme is None or scheme.group(1).lower() in _URL_SCHEMES
+
+
 def _inline_text(children: list[Token]) -> str:
     out: list[str] = []
     link: dict[str, Any] | None = None
@@ -141,7 +151,7 @@ def _inline_text(children: list[Token]) -> str:
             label = "".join(link["text"]).strip()
             href = link["href"]
             shown = href.removeprefix("mailto:")
-            if href and label not in (href, shown):
+            if href and label not in (href, shown) and _kept_in_html(href):
                 out.append(f" ({href})")
             link = None
         elif kind == "image":

@@ -16,6 +16,7 @@ from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_vali
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.addresses import InvalidAddress, normalize_address
+from shared.composition import checked_reply_to, from_name_problem
 from shared.headers import find_unsafe, unsafe_message
 from shared.queue import DEFAULT_CHUNK_SIZE
 
@@ -74,6 +75,10 @@ class Settings(BaseSettings):
     smtp_security: SmtpSecurity = SmtpSecurity.NONE
     smtp_timeout_seconds: float = Field(default=30.0, gt=0, le=600)
     from_address: str | None = None
+    # The sender's display name ("News" <news@example.org>) and a Reply-To address, for every
+    # batch that does not give its own.
+    from_name: str | None = None
+    reply_to: str | None = None
     # The web tier's address as recipients reach it (https://mail.example.org): unsubscribe
     # links point there. Unset, messages carry no unsubscribe link.
     public_url: str | None = None
@@ -141,6 +146,27 @@ class Settings(BaseSettings):
         _header_safe(value)
         try:
             return normalize_address(value)
+        except InvalidAddress as exc:
+            raise ValueError(str(exc)) from None
+
+    @field_validator("from_name")
+    @classmethod
+    def _a_display_name(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        name = value.strip(" ")
+        problem = from_name_problem(name)
+        if problem is not None:
+            raise ValueError(problem)
+        return name
+
+    @field_validator("reply_to")
+    @classmethod
+    def _one_address(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        try:
+            return checked_reply_to(value)
         except InvalidAddress as exc:
             raise ValueError(str(exc)) from None
 

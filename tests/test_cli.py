@@ -70,6 +70,31 @@ def test_no_command_is_a_usage_error() -> None:
             "line breaks",
         ),
         (
+            {"MAILROOM_FROM_NAME": "News\nBcc: x@y.org"},
+            "worker",
+            "MAILROOM_FROM_NAME",
+            "U+000A (line feed)",
+        ),
+        (
+            {"MAILROOM_FROM_NAME": "gro.elpmaxe\u202e"},
+            "worker",
+            "MAILROOM_FROM_NAME",
+            "U+202E (right-to-left override)",
+        ),
+        ({"MAILROOM_FROM_NAME": "n" * 101}, "worker", "MAILROOM_FROM_NAME", "at most 100"),
+        (
+            {"MAILROOM_REPLY_TO": "a@example.org, b@example.org"},
+            "worker",
+            "MAILROOM_REPLY_TO",
+            "@-sign",
+        ),
+        (
+            {"MAILROOM_REPLY_TO": "a@example.org\r\nBcc: x@y.org"},
+            "worker",
+            "MAILROOM_REPLY_TO",
+            "U+000D (carriage return)",
+        ),
+        (
             {"MAILROOM_DATABASE_URL": "mysql://x"},
             "migrate",
             "MAILROOM_DATABASE_URL",

@@ -446,7 +446,7 @@ def _signer(key: Path) -> DkimSigner:
     return signer
 
 
-def _built(subject: str, body: str) -> bytes:
+def _built(subject: str, body: str, **composition: str) -> bytes:
     message = build_message(
         sender="news@example.org",
         to="ada@example.com",
@@ -454,6 +454,7 @@ def _built(subject: str, body: str) -> bytes:
         body=body,
         message_id="<mailroom.1.2@example.org>",
         unsubscribe_url=PUBLIC_URL + "/u/token",
+        **composition,
     )
     return message.data
 
@@ -470,6 +471,13 @@ DKIM_MESSAGES = {
     "non-ASCII subject, QP body": _built("Nouvelles — décembre", "Café crème à 8 h.\n\nÀ bientôt"),
     "long encoded subject": _built("Überschrift " * 12, "Zeile " * 60 + "\n" + "x" * 300),
     "empty built body": _built("Hello", ""),
+    "Markdown, a sender name and Reply-To": _built(
+        "Nouvelles",
+        "**Café** crème, [le menu](https://example.org/menu?a=1&b=2).\n\n- un\n- deux",
+        body_format="markdown",
+        from_name='Zoë "Café" de la Gare, ' + "Société anonyme " * 4 + "SA",
+        reply_to="replies@example.org",
+    ),
     "folded headers": _raw(
         "From: News <news@example.org>",
         "To: ada@example.com,\r\n\tgrace@example.com,\r\n   linus@example.com",

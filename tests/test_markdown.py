@@ -54,6 +54,25 @@ def test_raw_html_and_script_links_come_out_as_text_never_as_markup() -> None:
     assert "&lt;script&gt;" in body.html  # shown, not run
 
 
+def test_the_text_part_shows_only_the_links_the_html_keeps() -> None:
+    body = render_markdown(
+        "[files](ftp://files.example/x) [call](tel:+1555) [mail](mailto:ann@example.org)"
+        " [site](HTTPS://example.org/) [here](/relative?a=b:c)"
+    )
+    hrefs = [a.get("href") for tag, a in _tags(body.html) if tag == "a"]
+    assert hrefs == [
+        None,
+        None,
+        "mailto:ann@example.org",
+        "HTTPS://example.org/",
+        "/relative?a=b:c",
+    ]
+    assert body.text == (
+        "files call mail (mailto:ann@example.org) site (HTTPS://example.org/)"
+        " here (/relative?a=b:c)\n"
+    )
+
+
 # Text that leans on every construct that could smuggle markup: brackets, angle brackets,
 # quotes, backticks, entity-looking text and URL schemes.
 _PIECES = [*"<>\"'`&;:=()[]!*_#-\n /\\", "javascript", "on", "data", "img", "script", "href", "src"]

@@ -38,6 +38,7 @@ from pydantic import (
     model_serializer,
 )
 
+from shared.composition import BodyFormat
 from shared.db import MAX_ID, RECIPIENT_STATUSES, SUPPRESSION_REASONS, BatchSummary
 from shared.headers import lone_surrogate_message, unsafe_message
 from web.captured_mail import KEY_PATTERN
@@ -189,6 +190,16 @@ class BatchRequest(BaseModel):
         None,
         description="when to start sending, ISO 8601 with an offset",
         json_schema_extra={"format": "date-time"},
+    )
+    # How the messages are written (shared.composition); checked by web/validation.py.
+    body_format: BodyFormat = Field(
+        "text", description="text: the body as written; markdown: CommonMark, sanitized"
+    )
+    from_name: StrictStr | None = Field(
+        None, description="the sender's display name (default: MAILROOM_FROM_NAME)"
+    )
+    reply_to: StrictStr | None = Field(
+        None, description="one address replies go to (default: MAILROOM_REPLY_TO)"
     )
 
 

@@ -11,13 +11,14 @@ import csv
 import io
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from pydantic import ValidationError
 
 from shared.addresses import InvalidAddress, dedupe_key, normalize_address
+from shared.composition import BODY_FORMATS, Composition, checked_reply_to, from_name_problem
 from shared.db import NewBatch, NewRecipient
 from shared.headers import lone_surrogate_message, unsafe_message
 from shared.templating import (
@@ -70,6 +71,7 @@ class Submission:
     context: str | None = None
     review: bool = False
     send_at: datetime | None = None
+    composition: Composition = field(default_factory=Composition)
 
     def to_new_batch(self, *, created_by: str, request_id: str | None) -> NewBatch:
         return NewBatch(
@@ -82,6 +84,7 @@ class Submission:
             context=self.context,
             review=self.review,
             send_at=self.send_at,
+            composition=self.composition,
         )
 
 
@@ -120,7 +123,9 @@ def from_json(payload: Any, *, limits: Limits) -> Submission:
     entries = [_Entry(raw=item, position=i) for i, item in enumerate(batch.recipients)]
     problems: list[Problem] = []
     send_at = _send_at(batch.send_at, problems, naive_is_utc=False)
-    return _validate(
+    composition = _composition(batch.body_format, batch.from_name, batch.reply_to, problems)
+
+    submission = _validate(
         entries,
         subject=batch.subject,
         body=batch.body,
@@ -131,6 +136,7 @@ def from_json(payload: Any, *, limits: Limits) -> Submission:
         problems=problems,
         limits=limits,
     )
+    return replace(submission, composition=composition)
 
 
 def from_form(form: dict[str, str], *, limits: Limits, csv_text: str | None = None) -> Submission:
@@ -145,7 +151,11 @@ def from_form(form: dict[str, str], *, limits: Limits, csv_text: str | None = No
     if csv_text is not None:
         entries += _csv_entries(csv_text, problems)
     send_at = _send_at(form.get("send_at") or None, problems, naive_is_utc=True)
-    return _validate(
+    composition = _composition(
+        form.get("body_format") or "text", form.get("from_name"), form.get("reply_to"), problems
+    )
+
+    submission = _validate(
         entries,
         subject=form.get("subject"),
         body=form.get("body"),
@@ -155,6 +165,30 @@ def from_form(form: dict[str, str], *, limits: Limits, csv_text: str | None = No
         send_at=send_at,
         problems=problems,
         limits=limits,
+    )
+    return replace(submission, composition=composition)
+
+
+def _composition(
+    body_format: Any, from_name: Any, reply_to: Any, problems: list[Problem]
+) -> Composition:
+    """The batch's body format, sender name and Reply-To (``shared.composition``); a blank
+    name or Reply-To is none (the settings' then). Only spaces are trimmed: a line break or
+    another control character at either end is refused like one inside. Problems name
+    ``body_format``, ``from_name`` or ``reply_to``."""
+    if body_format not in BODY_FORMATS:
+        problems.append(Problem("body_format", f"must be one of: {', '.join(BODY_FORMATS)}"))
+    name = from_name.strip(" ") if isinstance(from_name, str) else None
+    if name and (problem := from_name_problem(name)) is not None:
+        problems.append(Problem("from_name", problem))
+    address = reply_to.strip(" ") if isinstance(reply_to, str) else None
+    if address:
+        try:
+            address = checked_reply_to(address)
+        except InvalidAddress as exc:
+            problems.append(Problem("reply_to", f"must be one email address: {exc}"))
+    return Composition(
+        body_format=str(body_format), from_name=name or None, reply_to=address or None
     )
 
 

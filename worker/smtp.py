@@ -24,7 +24,10 @@ from typing import Protocol
 import aiosmtplib
 import structlog
 
+from shared.addresses import InvalidAddress
+from shared.composition import BODY_FORMATS, checked_reply_to, from_name_problem
 from shared.headers import header_pattern
+from shared.markdown import render_markdown
 from shared.metrics import (
     SMTP_CONCURRENCY_LIMIT,
     SMTP_FAILURES,
@@ -69,6 +72,9 @@ _FOLD_AT = 78
 _UNSAFE_IN_TEXT = header_pattern(allow_tab=True)
 _UNSAFE_IN_TOKEN = header_pattern(allow_tab=False)
 _OVERLONG_QP_LINE = re.compile(rb"^(.{74,75})(=09|=20)$", re.MULTILINE)
+# The marker as a Markdown link's target ([unsubscribe]({{ unsubscribe_url }})): markdown-it
+# percent-encodes the "%" of a URL.
+_MARKER_AS_TARGET = UNSUBSCRIBE_MARKER.replace("%", "%25")
 _PART_HEADERS = (
     b'Content-Type: text/%s; charset="utf-8"\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\n'
 )
@@ -137,8 +143,20 @@ def build_message(
     message_id: str,
     unsubscribe_url: str | None = None,
     unsubscribe_mailto: str | None = None,
+    from_name: str | None = None,
+    reply_to: str | None = None,
+    body_format: str = "text",
 ) -> OutgoingMessage:
     """A multipart/alternative message: the text as written, and the same text as safe HTML.
+
+    With ``body_format="markdown"`` the body is CommonMark instead: its sanitized HTML
+    (:func:`shared.markdown.render_markdown`) is the HTML part, and the plain text made from it,
+    each link's target written after its text, is the text part. That rendering is linear in
+    the body's length; callers run a Markdown message off the event loop.
+
+    ``from_name`` makes ``From: "Name" <sender>`` (RFC 5322 quoting, RFC 2047 encoded words for
+    non-ASCII text); ``reply_to`` adds a ``Reply-To`` of that one address. A name or address
+    :mod:`shared.composition` refuses is a :class:`PermanentFailure`.
 
     Both parts are UTF-8 in quoted-printable; a non-ASCII subject is RFC 2047 encoded (an
     address with non-ASCII characters is written as UTF-8, RFC 6532: the mailer then needs the
@@ -164,9 +182,12 @@ def build_message(
         ("Message-ID", message_id),
         ("List-Unsubscribe", unsubscribe_url),
         ("List-Unsubscribe", unsubscribe_mailto),
+        ("Reply-To", reply_to),
     ):
         if value:
             _check_header(name, value, _UNSAFE_IN_TOKEN)
+    if body_format not in BODY_FORMATS:
+        raise PermanentFailure(f"unknown body format {body_format!r}")
     targets = []
     if unsubscribe_url:
         targets.append(f"<{unsubscribe_url}>")
@@ -174,20 +195,25 @@ def build_message(
         targets.append(f"<mailto:{unsubscribe_mailto}?subject=unsubscribe>")
     boundary = "=_" + os.urandom(12).hex()  # "=_" never occurs in quoted-printable text
     lines = [
-        _single_line("From", sender),
+        _from(sender, from_name),
         _single_line("To", to),
         _subject(subject),
         "Date: " + formatdate(usegmt=True),
         _single_line("Message-ID", message_id),
     ]
+    if reply_to:
+        lines.append(_single_line("Reply-To", _reply_to(reply_to)))
     if targets:
         lines.append(_list_header("List-Unsubscribe", targets))
     if unsubscribe_url:
         lines.append("List-Unsubscribe-Post: List-Unsubscribe=One-Click")
     lines += ["MIME-Version: 1.0", f'Content-Type: multipart/alternative; boundary="{boundary}"']
 
-    text, markup = body, text_to_html(body)
-    if UNSUBSCRIBE_MARKER in body:
+    if body_format == "markdown":
+        text, markup, placed = _markdown_parts(body, unsubscribe_url)
+    else:
+        text, markup, placed = body, text_to_html(body), UNSUBSCRIBE_MARKER in body
+    if placed:
         # The body placed the link itself ({{ unsubscribe_url }}): no footer of ours.
         link = unsubscribe_url or ""
         anchor = f'<a href="{html.escape(link)}">{html.escape(link)}</a>' if link else ""
@@ -219,6 +245,54 @@ def build_message(
         )
     )
     return OutgoingMessage(sender=sender, recipient=to, message_id=message_id, data=data)
+
+
+def _from(sender: str, name: str | None) -> str:
+    """``From: sender``, or ``From: "Name" <sender>`` with the name quoted or encoded."""
+    if not name:
+        return _single_line("From", sender)
+    problem = from_name_problem(name)
+    if problem is not None:
+        raise PermanentFailure(f"unsafe header: From (display name: {problem})")
+    if name.isascii() and "=?" not in name:
+        # A quoted-string (RFC 5322 3.2.4): a backslash and a double quote are escaped.
+        phrase = '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    else:
+        # Encoded words, as for the subject: each one is an atom, so a phrase may hold it.
+        phrase = Header(name, "utf-8", header_name="From").encode(linesep="\r\n", maxlinelen=76)
+    header = f"From: {phrase} <{sender}>"
+    if len(header.rsplit("\r\n", 1)[-1]) > _FOLD_AT:
+        header = f"From: {phrase}\r\n <{sender}>"
+    if max(len(line) for line in header.split("\r\n")) > _MAX_LINE:
+        raise PermanentFailure("header too long: From")
+    return header
+
+
+def _reply_to(address: str) -> str:
+    # Checked again here (defence in depth): one address, nothing a list or a name could add.
+    try:
+        checked_reply_to(address)
+    except InvalidAddress:
+        raise PermanentFailure("invalid header: Reply-To is not a single address") from None
+    return address
+
+
+def _markdown_parts(body: str, unsubscribe_url: str | None) -> tuple[str, str, bool]:
+    """The text and HTML parts of a Markdown body with the recipient's unsubscribe link in
+    place of the marker, and whether the marker was there (in the text part, which holds
+    every link target: a marker lost in rendering, an unused link reference, gets the footer).
+
+    As a link's target the marker becomes the link; as text, a link to it. Its anchor quotes
+    with ``'``, so one that lands inside an attribute (a link's title) stays inside it.
+    """
+    rendered = render_markdown(body)
+    placed = UNSUBSCRIBE_MARKER in rendered.text or _MARKER_AS_TARGET in rendered.text
+    link = unsubscribe_url or ""
+    shown = html.escape(link)
+    anchor = f"<a href='{shown}'>{shown}</a>" if link else ""
+    text = rendered.text.replace(_MARKER_AS_TARGET, link).replace(UNSUBSCRIBE_MARKER, link)
+    markup = rendered.html.replace(_MARKER_AS_TARGET, shown).replace(UNSUBSCRIBE_MARKER, anchor)
+    return text, _html_document(markup), placed
 
 
 def _check_header(name: str, value: str, unsafe: re.Pattern[str]) -> None:
@@ -316,6 +390,11 @@ def text_to_html(body: str) -> str:
         "<p>" + "<br>\n".join(html.escape(line) for line in p.split("\n")) + "</p>"
         for p in paragraphs
     )
+    return _html_document(inner)
+
+
+def _html_document(inner: str) -> str:
+    """The HTML part around the body's markup (the footer goes before ``</body>``)."""
     return f"<!doctype html>\n<html><body>\n{inner}\n</body></html>\n"
 
 

@@ -61,6 +61,7 @@ from shared.queue import (
 )
 from shared.ratelimits import limits_for
 from shared.settings import Settings
+from shared.templating import in_render_thread
 from shared.unsubscribe import make_token, unsubscribe_url
 from worker.drafting import Draft, Drafter, storable
 from worker.failures import (
@@ -567,7 +568,11 @@ async def _deliver(
     halted: Callable[[], bool] | None,
 ) -> str:
     """Build the message, take a sending-rate slot and send it once: ``sent``, or why not."""
-    message = _message_for(deps, recipient, draft)
+    if recipient.body_format == "markdown":
+        # Rendering Markdown costs time linear in the body: off the event loop, as templates.
+        message = await in_render_thread(_message_for, deps, recipient, draft)
+    else:
+        message = _message_for(deps, recipient, draft)
     await _take_send_slot(deps, recipient.email)
     return await _send_once(deps, recipient.id, message, draft if store else None, halted)
 
@@ -583,6 +588,10 @@ def _message_for(deps: WorkerDeps, recipient: RecipientForSend, draft: Draft) ->
         message_id=message_id_for(recipient.id, recipient.batch_id, sender_domain(sender)),
         unsubscribe_url=_unsubscribe_url(deps.settings, recipient.email, sender),
         unsubscribe_mailto=deps.settings.unsubscribe_mailto,
+        # The batch's own sender name and Reply-To win over the settings'.
+        from_name=recipient.from_name or deps.settings.from_name,
+        reply_to=recipient.reply_to or deps.settings.reply_to,
+        body_format=recipient.body_format,
     )
 
 

@@ -23,6 +23,9 @@ routes = web.RouteTableDef()
 RECENT_BATCHES = 20
 FORM_FIELDS = ("recipients", "subject", "body", "drafter", "context", "review", "send_at")
 
+# The "How the emails are written" fieldset (shared.composition).
+COMPOSITION_FIELDS = ("body_format", "from_name", "reply_to")
+
 
 @routes.get("/")
 async def index(request: web.Request) -> web.Response:
@@ -36,6 +39,8 @@ async def _index(
     context = {
         "batches": [Batch.of(b).model_dump(mode="json") for b in batches],
         "max_batch_size": request.app[SETTINGS].max_batch_size,
+        "default_from_name": request.app[SETTINGS].from_name,
+        "default_reply_to": request.app[SETTINGS].reply_to,
         **values,
     }
     return render(request, "index.html", context, status=status)
@@ -44,7 +49,7 @@ async def _index(
 @routes.post("/batches")
 async def submit_batch(request: web.Request) -> web.StreamResponse:
     form = await read_checked_form(request)
-    fields = {name: text_field(form, name) for name in FORM_FIELDS}
+    fields = {name: text_field(form, name) for name in (*FORM_FIELDS, *COMPOSITION_FIELDS)}
     csv_text = uploaded_csv(form.get("csv"), request.app[SETTINGS].max_upload_bytes)
     try:
         # Validation dry-runs the templates, which must not hold up the event loop.
