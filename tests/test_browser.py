@@ -87,7 +87,7 @@ async def test_an_operator_uploads_fixes_watches_and_redrives(
             await page.fill("#subject", "Hello {{ name }}")
             await page.fill("#body", "Hi {{ name }}, <b>welcome</b>.")
             await page.click("#new-batch button[type=submit]")
-            await expect(page.locator(".field-error")).to_contain_text("CSV line 3:")
+            await expect(page.locator(".field-error")).to_contain_text("CSV file, line 3:")
             await page.screenshot(path=ARTIFACTS / "2-csv-error.png", full_page=True)
             assert await query(settings.database_url or "", "SELECT count(*) FROM batches") == [
                 (0,)

@@ -99,9 +99,9 @@ async def test_form_errors_name_each_bad_line_and_keep_the_input(
     )
     assert response.status == 422
     page = await response.text()
-    assert "Line 2:" in page and "Line 4:" in page
-    assert "Line 1:" not in page and "Line 5:" not in page
-    assert page.index("Line 2:") < page.index("Line 4:")
+    assert "Recipients, line 2:" in page and "Recipients, line 4:" in page
+    assert "Recipients, line 1:" not in page and "Recipients, line 5:" not in page
+    assert page.index("Recipients, line 2:") < page.index("Recipients, line 4:")
     assert "must be a single line" in page
     assert "template error" in page
     # Echoed input is escaped and preserved in the textarea.
