@@ -250,12 +250,19 @@ async def test_the_dead_letters_page_redrives_and_discards(
     ):
         assert (await client.post("/dead-letters", data={"csrf_token": csrf, **bad})).status == 400
     smtp.rules.clear()
-    await client.post(
-        "/dead-letters", data={"csrf_token": csrf, "action": "redrive", "target": str(ids[0])}
-    )
-    await client.post(
-        "/dead-letters", data={"csrf_token": csrf, "action": "discard", "target": str(ids[1])}
-    )
+    for action, target in (("redrive", ids[0]), ("discard", ids[1])):
+        asked = await client.post(
+            "/dead-letters", data={"csrf_token": csrf, "action": action, "target": str(target)}
+        )
+        assert asked.status == 200 and f"Yes, {action} 1 dead letter" in await asked.text()
+        done = await client.post(
+            "/dead-letters",
+            data={"csrf_token": csrf, "action": action, "target": str(target), "confirm": "1"},
+        )
+        assert done.status == 200
+        assert f"1 dead letter {'requeued' if action == 'redrive' else 'discarded'}." in (
+            await done.text()
+        )
     await drain(settings)
     rows = await query(
         settings.database_url or "", "SELECT email, status FROM recipients ORDER BY id"
