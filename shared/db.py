@@ -1000,6 +1000,27 @@ class Database:
             )
             return await cursor.fetchall()
 
+    async def count_dead_letters(self, selection: Selection) -> int:
+        """How many dead letters ``selection`` names (what a redrive or discard would touch)."""
+        async with self.pool.connection() as conn:
+            cursor = await conn.execute(
+                f"SELECT count(*) FROM recipients WHERE status = 'dead' AND {_SELECTED}",
+                selection.params(),
+            )
+            row = await cursor.fetchone()
+        return int(row[0]) if row else 0
+
+    async def recipients_by_ids(self, ids: Sequence[int]) -> list[dict[str, Any]]:
+        """The recipients with these ids as they are now (id, batch, address, status), by id."""
+        async with self.pool.connection() as conn:
+            cursor = conn.cursor(row_factory=dict_row)
+            await cursor.execute(
+                "SELECT id, batch_id, email, status FROM recipients"
+                " WHERE id = ANY(%s::bigint[]) ORDER BY id",
+                (list(ids),),
+            )
+            return await cursor.fetchall()
+
     async def redrive(self, selection: Selection) -> int:
         """Requeue the selected dead letters with a fresh attempt budget; return how many.
 

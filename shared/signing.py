@@ -26,6 +26,8 @@ class Purpose(enum.StrEnum):
     UNSUBSCRIBE = "mailroom.unsubscribe"
     # The API token's fingerprint in a session cookie: nothing to test guesses of it against.
     API_TOKEN_FINGERPRINT = "mailroom.api-token-fingerprint"
+    # What a page says a form did, carried by the redirect to it (web/pages/feedback.py).
+    NOTICE = "mailroom.notice"
 
 
 class SignedValues:

@@ -87,7 +87,7 @@ async def test_an_operator_uploads_fixes_watches_and_redrives(
             await page.fill("#subject", "Hello {{ name }}")
             await page.fill("#body", "Hi {{ name }}, <b>welcome</b>.")
             await page.click("#new-batch button[type=submit]")
-            await expect(page.locator(".field-error")).to_contain_text("CSV line 3:")
+            await expect(page.locator(".field-error")).to_contain_text("CSV file, line 3:")
             await page.screenshot(path=ARTIFACTS / "2-csv-error.png", full_page=True)
             assert await query(settings.database_url or "", "SELECT count(*) FROM batches") == [
                 (0,)
@@ -112,8 +112,10 @@ async def test_an_operator_uploads_fixes_watches_and_redrives(
             await page.screenshot(path=ARTIFACTS / "4-dead-letters.png", full_page=True)
 
             smtp.rules.clear()  # the mailbox exists now
+            page.once("dialog", lambda dialog: dialog.accept())  # "Redrive all 1 …?"
             await page.click("button:has-text('Redrive all')")
-            await expect(page.locator("main")).to_contain_text("No dead letters.")
+            await expect(page.locator("main")).to_contain_text("1 dead letter requeued.")
+            await expect(page.locator("#requeued")).to_contain_text("bounce@example.org")
             for _ in range(100):
                 if "bounce@example.org" in smtp.to_addresses():
                     break

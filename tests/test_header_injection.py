@@ -232,7 +232,8 @@ async def test_the_form_refuses_a_pasted_address_with_such_a_character(
     assert response.status == 422
     page = await response.text()
     # Lines are counted as the browser shows them: the character does not start a new one.
-    assert "Line 1:" in page and "Line 2:" in page and "Line 3:" not in page
+    assert "Recipients, line 1:" in page and "Recipients, line 2:" in page
+    assert "Recipients, line 3:" not in page
     await _nothing_written(settings)
 
 
@@ -276,7 +277,7 @@ async def test_a_csv_cell_the_subject_reads_is_refused_by_line(
     response = await client.post("/batches", data=data)
     assert response.status == 422
     page = await response.text()
-    assert "CSV line 3:" in page and "CSV line 2:" not in page
+    assert "CSV file, line 3:" in page and "CSV file, line 2:" not in page
     assert "field &#39;name&#39;" in page
     assert f"character {code(char)}" in page and "at position 4 " in page
     await _nothing_written(settings)

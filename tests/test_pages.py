@@ -99,9 +99,9 @@ async def test_form_errors_name_each_bad_line_and_keep_the_input(
     )
     assert response.status == 422
     page = await response.text()
-    assert "Line 2:" in page and "Line 4:" in page
-    assert "Line 1:" not in page and "Line 5:" not in page
-    assert page.index("Line 2:") < page.index("Line 4:")
+    assert "Recipients, line 2:" in page and "Recipients, line 4:" in page
+    assert "Recipients, line 1:" not in page and "Recipients, line 5:" not in page
+    assert page.index("Recipients, line 2:") < page.index("Recipients, line 4:")
     assert "must be a single line" in page
     assert "template error" in page
     # Echoed input is escaped and preserved in the textarea.
@@ -250,12 +250,19 @@ async def test_the_dead_letters_page_redrives_and_discards(
     ):
         assert (await client.post("/dead-letters", data={"csrf_token": csrf, **bad})).status == 400
     smtp.rules.clear()
-    await client.post(
-        "/dead-letters", data={"csrf_token": csrf, "action": "redrive", "target": str(ids[0])}
-    )
-    await client.post(
-        "/dead-letters", data={"csrf_token": csrf, "action": "discard", "target": str(ids[1])}
-    )
+    for action, target in (("redrive", ids[0]), ("discard", ids[1])):
+        asked = await client.post(
+            "/dead-letters", data={"csrf_token": csrf, "action": action, "target": str(target)}
+        )
+        assert asked.status == 200 and f"Yes, {action} 1 dead letter" in await asked.text()
+        done = await client.post(
+            "/dead-letters",
+            data={"csrf_token": csrf, "action": action, "target": str(target), "confirm": "1"},
+        )
+        assert done.status == 200
+        assert f"1 dead letter {'requeued' if action == 'redrive' else 'discarded'}." in (
+            await done.text()
+        )
     await drain(settings)
     rows = await query(
         settings.database_url or "", "SELECT email, status FROM recipients ORDER BY id"

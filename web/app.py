@@ -89,8 +89,9 @@ def create_app(
         middlewares=[
             metrics_middleware,
             request_id_middleware,
-            error_middleware,
+            # Outside the error middleware, so error pages carry the security headers too.
             security_headers_middleware,
+            error_middleware,
             auth_middleware,
         ],
     )

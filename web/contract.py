@@ -27,7 +27,6 @@ from pydantic import (
     ConfigDict,
     Field,
     PlainSerializer,
-    SerializerFunctionWrapHandler,
     SkipValidation,
     StrictBool,
     StrictInt,
@@ -35,7 +34,6 @@ from pydantic import (
     ValidationError,
     WithJsonSchema,
     create_model,
-    model_serializer,
 )
 
 from shared.composition import BodyFormat
@@ -81,12 +79,19 @@ class Problem:
     ``field`` is ``None`` for the request body as a whole (one that is not a JSON object).
     ``position`` is the 0-based index in a JSON list; ``line`` the 1-based line of a form's
     textarea or CSV file.
+
+    One problem may stand for many entries that fail the same way (a template field missing on
+    47 recipients): then ``count`` says how many, ``position`` (or ``line``) is the first of
+    them and ``positions`` (or ``lines``) the first few, in order.
     """
 
     field: str | None
     message: str
     position: int | None = None
     line: int | None = None
+    positions: tuple[int, ...] | None = None
+    lines: tuple[int, ...] | None = None
+    count: int | None = None
 
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"field": self.field, "message": self.message}
@@ -94,6 +99,12 @@ class Problem:
             out["position"] = self.position
         if self.line is not None:
             out["line"] = self.line
+        if self.positions is not None:
+            out["positions"] = list(self.positions)
+        if self.lines is not None:
+            out["lines"] = list(self.lines)
+        if self.count is not None:
+            out["count"] = self.count
         return out
 
     def sentence(self) -> str:
@@ -354,19 +365,11 @@ def respond(body: BaseModel, *, status: int = 200) -> web.Response:
 class Created(BaseModel):
     id: uuid.UUID
     total: int
-    # Unknown when an Idempotency-Key replays the batch: then the field is left out.
-    duplicates_removed: int | None = None
+    duplicates_removed: int
     status_url: str
 
-    @model_serializer(mode="wrap")
-    def _without_unknowns(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        out: dict[str, Any] = handler(self)
-        if out["duplicates_removed"] is None:
-            del out["duplicates_removed"]
-        return out
-
     @classmethod
-    def of(cls, batch_id: uuid.UUID, total: int, duplicates_removed: int | None) -> Self:
+    def of(cls, batch_id: uuid.UUID, total: int, duplicates_removed: int) -> Self:
         return cls(
             id=batch_id,
             total=total,

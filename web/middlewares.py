@@ -1,4 +1,5 @@
-"""Request middlewares: request ids, one JSON error shape for the API, security headers, auth."""
+"""Request middlewares: request ids, one JSON error shape for the API and error pages in the
+site's layout for everything else, security headers, auth."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from aiohttp import web
 from shared.metrics import HTTP_DURATION, HTTP_REQUESTS
 from web.errors import ApiError, api_error
 from web.keys import AUTH, AUTH_KIND, DB, LOGIN_LIMITER, REQUEST_ID, SESSION
+from web.pages.html import render
 
 log = structlog.get_logger(__name__)
 
@@ -65,6 +67,41 @@ async def request_id_middleware(request: web.Request, handler: Handler) -> web.S
     return response
 
 
+# Error pages: their title, and what to say when the handler gave no reason of its own.
+_ERROR_PAGES = {
+    400: ("Bad request", "The request could not be understood."),
+    403: ("Not allowed", "You may not do this."),
+    404: ("Page not found", "There is nothing at this address."),
+    405: ("Method not allowed", "This page does not take that kind of request."),
+    409: ("Conflict", "This cannot be done in the state it is in now."),
+    413: ("Too large", "What you sent is too large."),
+    500: ("Something went wrong", "The server failed to answer this request."),
+}
+# Headers an error keeps on its page (what it says about retrying, or the methods allowed).
+_KEPT_HEADERS = ("Allow", "Retry-After")
+
+
+def _error_page(request: web.Request, status: int, reason: str | None = None) -> web.Response:
+    """An HTML error in the site's layout, with its navigation; never an exception's text."""
+    title, default = _ERROR_PAGES.get(status, (f"Error {status}", "The request failed."))
+    values = {
+        "title": title,
+        "message": reason or default,
+        "request_id": request.get(REQUEST_ID) if status >= 500 else None,
+    }
+    try:
+        return render(request, "error.html", values, status=status)
+    except Exception:  # the page itself failed: say the least that is still true
+        log.exception("error_page_failed", status=status)
+        return web.Response(status=status, text=f"{title}\n")
+
+
+def _reason(exc: web.HTTPException) -> str | None:
+    """What the handler said, unless it is aiohttp's default ``404: Not Found``."""
+    text = exc.text or ""
+    return text.strip() if text.strip() and not text.startswith(f"{exc.status}:") else None
+
+
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
@@ -72,8 +109,14 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except ApiError as exc:
         return exc.response()
     except web.HTTPException as exc:
-        if not is_api(request) or exc.status < 400:
+        if exc.status < 400:
             raise
+        if not is_api(request):
+            page = _error_page(request, exc.status, _reason(exc))
+            for name in _KEPT_HEADERS:
+                if name in exc.headers:
+                    page.headers[name] = exc.headers[name]
+            return page
         code = {
             400: "bad_request",
             401: "unauthorized",
@@ -89,7 +132,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         log.exception("request_failed", method=request.method, path=request.path)
         if is_api(request):
             return api_error(500, "internal_error", "the server failed; see its log")
-        raise
+        return _error_page(request, 500)
 
 
 @web.middleware

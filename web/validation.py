@@ -37,6 +37,8 @@ MAX_BODY_TEMPLATE_CHARS = 100_000
 MAX_FIELDS_PER_RECIPIENT = 50
 MAX_FIELD_VALUE_CHARS = 2_000
 MAX_PROBLEMS_LISTED = 1_000
+# Entries that fail the same way are one problem: its count, and the first few positions.
+FIRST_POSITIONS_LISTED = 5
 _FIELD_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
 MAX_SCHEDULE_AHEAD = timedelta(days=365)
@@ -59,6 +61,15 @@ class InvalidSubmission(Exception):
         self.total = total if total is not None else len(problems)
 
 
+@dataclass(frozen=True)
+class Sources:
+    """Where a form's recipients came from, when both the textarea and a CSV gave some."""
+
+    pasted: int  # addresses pasted
+    csv: int  # rows of the CSV
+    duplicates_across: int  # addresses given in both (counted in ``duplicates_removed`` too)
+
+
 @dataclass
 class Submission:
     """A validated batch, ready for :meth:`shared.db.Database.create_batch`."""
@@ -68,6 +79,7 @@ class Submission:
     body: str
     drafter: str = "template"
     duplicates_removed: int = 0
+    sources: Sources | None = None
     context: str | None = None
     review: bool = False
     send_at: datetime | None = None
@@ -333,8 +345,8 @@ def _validate(
 
     recipients: list[NewRecipient] = []
     kept: list[_Entry] = []
-    seen: set[str] = set()
-    duplicates = 0
+    seen: dict[str, str] = {}  # dedupe key: the source that gave it first
+    duplicates = across = 0
     for entry in entries:
         recipient = _recipient(entry, problems, subject_fields)
         if recipient is None:
@@ -342,10 +354,13 @@ def _validate(
         key = dedupe_key(recipient.email)
         if key in seen:
             duplicates += 1
+            across += seen[key] != entry.source
             continue
-        seen.add(key)
+        seen[key] = entry.source
         recipients.append(recipient)
         kept.append(entry)
+    given = {source: sum(e.source == source for e in entries) for source in ("recipients", "csv")}
+    sources = Sources(given["recipients"], given["csv"], across) if all(given.values()) else None
     if templates_ok:
         before = len(problems)
         _dry_run(str(subject), str(body), recipients, kept, problems)
@@ -361,6 +376,7 @@ def _validate(
         body=body,
         drafter=drafter,
         duplicates_removed=duplicates,
+        sources=sources,
         context=context,
         review=review,
         send_at=send_at,
@@ -374,23 +390,25 @@ def _send_at(value: Any, problems: list[Problem], *, naive_is_utc: bool) -> date
     if not isinstance(value, str):
         problems.append(Problem("send_at", "must be an ISO 8601 date and time"))
         return None
+    now = datetime.now(UTC)
     try:
         moment = datetime.fromisoformat(value.strip())
     except ValueError:
-        problems.append(
-            Problem("send_at", "must be an ISO 8601 date and time, e.g. 2030-01-31T09:00:00Z")
-        )
+        # The example is always one the server would take: a month from now.
+        example = f"{now + timedelta(days=30):%Y-%m-%d}T09:00:00Z"
+        problems.append(Problem("send_at", f"must be an ISO 8601 date and time, e.g. {example}"))
         return None
     if moment.tzinfo is None:
         if not naive_is_utc:
             problems.append(Problem("send_at", "needs a time zone offset, e.g. Z or +01:00"))
             return None
         moment = moment.replace(tzinfo=UTC)
-    now = datetime.now(UTC)
     if moment < now - timedelta(minutes=1):
-        problems.append(Problem("send_at", "is in the past"))
+        problems.append(Problem("send_at", "in the past"))
     elif moment > now + MAX_SCHEDULE_AHEAD:
-        problems.append(Problem("send_at", "is more than a year ahead"))
+        problems.append(
+            Problem("send_at", f"more than a year ahead (at most {MAX_SCHEDULE_AHEAD.days} days)")
+        )
     return moment
 
 
@@ -481,6 +499,29 @@ def _dry_run(
     shapes: dict[frozenset[str], list[int]] = {}
     for index, recipient in enumerate(recipients):
         shapes.setdefault(frozenset(recipient.fields), []).append(index)
+    # Recipients that fail the same way, by where they came from, template and reason: one
+    # problem each, however many shapes (and recipients) share it.
+    failing: dict[tuple[str, str], list[int]] = {}
+    _render_shapes(subject, body, recipients, shapes, failing, spent, deadline, problems)
+    for (name, reason), members in failing.items():
+        by_source: dict[str, list[int]] = {}
+        for index in members:
+            by_source.setdefault(entries[index].source, []).append(index)
+        for indexes in by_source.values():
+            problems.append(_failing(name, reason, indexes, recipients, entries))
+
+
+def _render_shapes(
+    subject: str,
+    body: str,
+    recipients: list[NewRecipient],
+    shapes: dict[frozenset[str], list[int]],
+    failing: dict[tuple[str, str], list[int]],
+    spent: dict[str, float],
+    deadline: float,
+    problems: list[Problem],
+) -> None:
+    """:func:`_dry_run`'s renders; adds the recipients that fail to ``failing``."""
     for members in shapes.values():
         sample = recipients[members[0]]
         values = template_values(sample.fields, sample.email)
@@ -505,17 +546,37 @@ def _dry_run(
                     problems.append(Problem(name, message))
                 return
             if failure is not None:
-                for index in members:
-                    entry = entries[index]
-                    problems.append(
-                        Problem(
-                            entry.source,
-                            f"{recipients[index].email}: the {name} template fails: {failure}",
-                            position=entry.position,
-                            line=entry.line,
-                        )
-                    )
+                failing.setdefault((name, str(failure)), []).extend(members)
                 break
+
+
+def _failing(
+    name: str,
+    reason: str,
+    members: list[int],
+    recipients: list[NewRecipient],
+    entries: list[_Entry],
+) -> Problem:
+    """One problem for every recipient a template fails on the same way, with the count and
+    the first few positions (or lines)."""
+    members = sorted(members)
+    first = entries[members[0]]
+    count = len(members)
+    who = recipients[members[0]].email
+    if count > 1:
+        who = f"{count} recipients (the first {who})"
+    listed = [entries[i] for i in members[:FIRST_POSITIONS_LISTED]]
+    positions = tuple(e.position for e in listed if e.position is not None)
+    lines = tuple(e.line for e in listed if e.line is not None)
+    return Problem(
+        first.source,
+        f"{who}: the {name} template fails: {reason}",
+        position=first.position,
+        line=first.line,
+        positions=positions if count > 1 and positions else None,
+        lines=lines if count > 1 and lines else None,
+        count=count if count > 1 else None,
+    )
 
 
 def _check_rendered_subjects(

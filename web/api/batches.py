@@ -62,9 +62,11 @@ async def post_batch(request: web.Request) -> web.Response:
             raise ApiError(
                 409, "idempotency_key_reused", "this Idempotency-Key was used with another body"
             ) from None
-        summary = await request.app[DB].batch_summary(reused.batch_id)
-        assert summary is not None
-        return respond(Created.of(reused.batch_id, summary.total, None))
+        # The same body validates to the same submission: the first answer, recomputed.
+        replayed = Created.of(
+            reused.batch_id, len(submission.recipients), submission.duplicates_removed
+        )
+        return respond(replayed)
     created = Created.of(batch_id, len(submission.recipients), submission.duplicates_removed)
     return respond(created, status=201)
 

@@ -15,6 +15,7 @@ from web.contract import Batch, DraftEdit, problems_of
 from web.enqueue import create_batch, limits
 from web.inputs import batch_id_of, batch_of, recipient_id_of
 from web.keys import DB, SETTINGS
+from web.pages.feedback import plural, shown_problems, with_notice
 from web.pages.html import read_checked_form, render, text_field, uploaded_csv
 from web.validation import InvalidSubmission, Submission, from_form
 
@@ -41,6 +42,7 @@ async def _index(
         "max_batch_size": request.app[SETTINGS].max_batch_size,
         "default_from_name": request.app[SETTINGS].from_name,
         "default_reply_to": request.app[SETTINGS].reply_to,
+        "llm_available": limits(request).llm_available,
         **values,
     }
     return render(request, "index.html", context, status=status)
@@ -57,10 +59,31 @@ async def submit_batch(request: web.Request) -> web.StreamResponse:
             from_form, fields, limits=limits(request), csv_text=csv_text
         )
     except InvalidSubmission as exc:
-        values = {"form": fields, "problems": exc.problems, "total_problems": exc.total}
+        problems = shown_problems(exc.problems)
+        values = {"form": fields, "problems": problems, "total_problems": exc.total}
         return await _index(request, values, status=422)
     batch_id = await create_batch(request, submission)
-    raise _back_to(batch_id)
+    raise web.HTTPSeeOther(
+        location=with_notice(request, f"/batches/{batch_id}", _what_was_merged(submission))
+    )
+
+
+def _what_was_merged(submission: Submission) -> list[str]:
+    """What the batch page says about the addresses given: how pasted ones and a CSV's rows
+    came together, and how many duplicates were removed."""
+    lines = []
+    if submission.sources is not None:
+        given = submission.sources
+        lines.append(
+            f"Merged {plural(given.pasted, 'pasted address', 'pasted addresses')} and "
+            f"{plural(given.csv, 'CSV row', 'CSV rows')} into "
+            f"{plural(len(submission.recipients), 'recipient', 'recipients')} "
+            f"({plural(given.duplicates_across, 'address was', 'addresses were')} in both)."
+        )
+    if submission.duplicates_removed:
+        removed = submission.duplicates_removed
+        lines.append(f"{plural(removed, 'duplicate address', 'duplicate addresses')} removed.")
+    return lines
 
 
 @routes.get("/batches/{batch_id}")

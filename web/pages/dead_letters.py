@@ -1,32 +1,87 @@
-"""The dead letters page: every dead letter, and a button to redrive or discard each or all."""
+"""The dead letters page: every dead letter, and buttons to redrive or discard each or all.
+
+Both actions ask first: without JavaScript the button leads to a confirmation (how many
+letters, and a button that says so); with it, the browser's ``confirm()`` asks and the
+confirmation page is skipped. Afterwards the page says what was done ("3 dead letters
+requeued") and lists the letters just requeued, with their batch and status now.
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 from aiohttp import web
 
 from shared.db import MAX_ID, Selection
 from web.keys import DB
+from web.pages.feedback import notice_of, plural, with_notice
 from web.pages.html import read_checked_form, render, text_field
 
 routes = web.RouteTableDef()
 
+PAGE = "/dead-letters"
+LISTED = 500
+# Requeued letters listed after a redrive (their ids travel in the redirect's notice).
+REQUEUED_LISTED = 50
+_DONE = {"redrive": "requeued", "discard": "discarded"}
 
-@routes.get("/dead-letters")
+
+@routes.get(PAGE)
 async def dead_letters_page(request: web.Request) -> web.Response:
-    rows = await request.app[DB].list_dead_letters(limit=500)
-    return render(request, "dead_letters.html", {"dead": rows})
+    return await _page(request, confirm=None)
 
 
-@routes.post("/dead-letters")
+async def _page(request: web.Request, confirm: dict[str, Any] | None) -> web.Response:
+    db = request.app[DB]
+    rows = await db.list_dead_letters(limit=LISTED)
+    notice = notice_of(request) or {}
+    given = notice.get("requeued")
+    ids = [i for i in given if isinstance(i, int)] if isinstance(given, list) else []
+    requeued = await db.recipients_by_ids(ids[:REQUEUED_LISTED]) if ids else []
+    more = notice.get("more")
+    return render(
+        request,
+        "dead_letters.html",
+        {
+            "dead": rows,
+            "requeued": requeued,
+            "requeued_more": more if isinstance(more, int) else 0,
+            "confirm": confirm,
+        },
+    )
+
+
+@routes.post(PAGE)
 async def dead_letters_action(request: web.Request) -> web.StreamResponse:
     form = await read_checked_form(request)
     action = text_field(form, "action")
-    if action not in {"redrive", "discard"}:
+    if action not in _DONE:
         raise web.HTTPBadRequest(text="action must be redrive or discard")
-    selection = _target(text_field(form, "target"))
+    target = text_field(form, "target")
+    selection = _target(target)
     db = request.app[DB]
-    await (db.redrive(selection) if action == "redrive" else db.discard(selection))
-    raise web.HTTPSeeOther(location="/dead-letters")
+    if text_field(form, "confirm") != "1":
+        count = await db.count_dead_letters(selection)
+        return await _page(request, {"action": action, "target": target, "count": count})
+    if action == "redrive":
+        # Which letters the redrive takes, to list them afterwards: the page's first ones.
+        shown = (
+            list(selection.ids)
+            if selection.ids
+            else [r["id"] for r in await db.list_dead_letters(limit=REQUEUED_LISTED)]
+        )
+        count = await db.redrive(selection)
+    else:
+        shown, count = [], await db.discard(selection)
+    if count:
+        lines = [f"{plural(count, 'dead letter', 'dead letters')} {_DONE[action]}."]
+    else:
+        lines = [f"Nothing was {_DONE[action]}: no dead letter matched (already handled?)."]
+    requeued = shown if count else []
+    location = with_notice(
+        request, PAGE, lines, requeued=requeued, more=max(count - len(requeued), 0)
+    )
+    raise web.HTTPSeeOther(location=location)
 
 
 def _target(target: str) -> Selection:

@@ -12,6 +12,7 @@ from aiohttp.web_request import FileField
 from multidict import MultiDictProxy
 
 from web.keys import CAPTURED_MAIL, SESSION
+from web.pages.feedback import notice_lines
 
 Form = MultiDictProxy[str | bytes | bytearray | FileField]
 
@@ -19,11 +20,13 @@ Form = MultiDictProxy[str | bytes | bytearray | FileField]
 def render(
     request: web.Request, template: str, values: dict[str, Any], *, status: int = 200
 ) -> web.Response:
-    """Render a page with what every page needs (the CSRF token, whether this is dev mode)."""
+    """Render a page with what every page needs (the CSRF token, whether this is dev mode,
+    the notice a form's redirect brought)."""
     session = request.get(SESSION)
     context = {
         "csrf_token": session.csrf_token if session else "",
         "dev_mode": CAPTURED_MAIL in request.app,
+        "notices": notice_lines(request),
         **values,
     }
     response = aiohttp_jinja2.render_template(template, request, context)

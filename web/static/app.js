@@ -1,3 +1,20 @@
+// A button with data-confirm asks before its form is sent; once asked, the server's own
+// confirmation step is skipped (confirm=1). Without JavaScript the server asks instead.
+document.addEventListener("submit", function (event) {
+  "use strict";
+  const button = event.submitter;
+  if (!button || !button.dataset.confirm) return;
+  if (!window.confirm(button.dataset.confirm)) {
+    event.preventDefault();
+    return;
+  }
+  const confirmed = document.createElement("input");
+  confirmed.type = "hidden";
+  confirmed.name = "confirm";
+  confirmed.value = "1";
+  event.target.appendChild(confirmed);
+});
+
 // Live progress on the batch page: poll the batch's JSON, backing off while nothing changes
 // (1 s doubling to 15 s) so a forgotten tab does not hammer the server.
 (function () {
