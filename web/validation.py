@@ -8,6 +8,7 @@ so an operator who pasted 2,000 addresses sees every bad one at once, by positio
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import re
 import time
@@ -18,6 +19,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from shared.addresses import InvalidAddress, dedupe_key, normalize_address
+from shared.batch_names import name_problem
 from shared.db import NewBatch, NewRecipient
 from shared.headers import lone_surrogate_message, unsafe_message
 from shared.templating import (
@@ -70,6 +72,7 @@ class Submission:
     context: str | None = None
     review: bool = False
     send_at: datetime | None = None
+    name: str | None = None  # None: shared.db makes one from the subject or the context
 
     def to_new_batch(self, *, created_by: str, request_id: str | None) -> NewBatch:
         return NewBatch(
@@ -82,6 +85,7 @@ class Submission:
             context=self.context,
             review=self.review,
             send_at=self.send_at,
+            name=self.name,
         )
 
 
@@ -120,7 +124,8 @@ def from_json(payload: Any, *, limits: Limits) -> Submission:
     entries = [_Entry(raw=item, position=i) for i, item in enumerate(batch.recipients)]
     problems: list[Problem] = []
     send_at = _send_at(batch.send_at, problems, naive_is_utc=False)
-    return _validate(
+    name = _name(batch.name, problems)
+    submission = _validate(
         entries,
         subject=batch.subject,
         body=batch.body,
@@ -131,6 +136,7 @@ def from_json(payload: Any, *, limits: Limits) -> Submission:
         problems=problems,
         limits=limits,
     )
+    return dataclasses.replace(submission, name=name)
 
 
 def from_form(form: dict[str, str], *, limits: Limits, csv_text: str | None = None) -> Submission:
@@ -145,7 +151,8 @@ def from_form(form: dict[str, str], *, limits: Limits, csv_text: str | None = No
     if csv_text is not None:
         entries += _csv_entries(csv_text, problems)
     send_at = _send_at(form.get("send_at") or None, problems, naive_is_utc=True)
-    return _validate(
+    name = _name(form.get("name"), problems)
+    submission = _validate(
         entries,
         subject=form.get("subject"),
         body=form.get("body"),
@@ -156,6 +163,19 @@ def from_form(form: dict[str, str], *, limits: Limits, csv_text: str | None = No
         problems=problems,
         limits=limits,
     )
+    return dataclasses.replace(submission, name=name)
+
+
+def _name(value: str | None, problems: list[Problem]) -> str | None:
+    """A given batch name, trimmed (``None`` when not given or blank: one is made up)."""
+    if value is None or not value.strip():
+        return None
+    value = value.strip()
+    problem = name_problem(value)
+    if problem is not None:
+        problems.append(Problem("name", problem))
+        return None
+    return value
 
 
 def addresses_from_form(text: str, csv_text: str | None = None) -> list[str]:
