@@ -179,3 +179,19 @@ async def test_discarded_dead_letters_leave_the_batch_done_with_failures(
     status = await batch_json(client, batch_id)
     assert status["status"] == "done_with_failures"
     assert status["progress"]["delivered"] == 0.6667
+
+
+async def test_a_batch_whose_drafts_wait_for_review_is_awaiting_review_until_sent(
+    client: TestClient, settings: Settings, smtp: RecordingSMTPServer
+) -> None:
+    batch_id = await create(client, send=False)
+    await drain(settings)
+    status = await batch_json(client, batch_id)
+    assert status["status"] == "awaiting_review" and status["counts"]["drafted"] == 3
+    assert status["progress"] == {"delivered": 0.0, "finished": 0.0}
+    assert badge(await batch_page(client, batch_id)) == "awaiting_review"
+    await client.post(f"/api/batches/{batch_id}/send", headers=AUTH)
+    assert (await batch_json(client, batch_id))["status"] == "queued"
+    await drain(settings)
+    assert (await batch_json(client, batch_id))["status"] == "done"
+    assert len(smtp.received) == 3

@@ -1,4 +1,4 @@
-"""The batch pages: the form and recent batches, a batch's progress, its review and actions."""
+"""The batch pages: the form and the batch list, a batch's progress, its review and actions."""
 
 from __future__ import annotations
 
