@@ -9,6 +9,7 @@ transaction opens one explicitly, so no statement pays for an implicit BEGIN/COM
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -24,6 +25,7 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
+from shared.batch_names import default_name
 from shared.composition import Composition
 from shared.procrastinate_sql import (
     CANCEL_WAITING_JOBS,
@@ -58,6 +60,17 @@ RECIPIENT_STATUSES = (
     "suppressed",
 )
 FINAL_STATUSES = frozenset({"sent", "dead", "cancelled", "suppressed"})
+# What a batch as a whole is doing; see :data:`_BATCH_STATE` for how each is decided.
+BATCH_STATES = (
+    "scheduled",
+    "queued",
+    "sending",
+    "paused",
+    "awaiting_review",
+    "done",
+    "done_with_failures",
+    "cancelled",
+)
 SUPPRESSION_REASONS = ("unsubscribed", "hard_bounce", "complaint", "manual")
 
 # Keep half-open connections from hanging a process forever: the kernel gives up on a peer that
@@ -124,43 +137,52 @@ class NewBatch:
     review: bool = False
     send_at: datetime | None = None
     composition: Composition = field(default_factory=Composition)
+    # None: made from the subject or the context (shared.batch_names.default_name).
+    name: str | None = None
 
 
 @dataclass(frozen=True)
 class BatchSummary:
+    """A batch with its recipient counts and its state (one of :data:`BATCH_STATES`)."""
+
     id: uuid.UUID
+    name: str
     created_at: datetime
     total: int
     counts: dict[str, int]
     drafter: str
     subject_template: str
+    status: str
     review: bool = False
     approved: bool = False
     prompt_tokens: int = 0
     completion_tokens: int = 0
     send_at: datetime | None = None
+    cancelled_at: datetime | None = None
+    # When a full sending-rate window lets a ``paused`` batch go on (None unless paused).
+    paused_until: datetime | None = None
 
     @property
-    def status(self) -> str:
-        """``queued`` until a recipient is picked up, ``done`` once every one is final.
-
-        A review batch whose every open recipient is drafted is ``awaiting_review`` until an
-        operator sends it.
-        """
-        finished = sum(self.counts[s] for s in FINAL_STATUSES)
-        if finished >= self.total:
-            return "done"
-        if self.review and not self.approved and finished + self.counts["drafted"] >= self.total:
-            return "awaiting_review"
-        if self.counts["queued"] == self.total:
-            return "queued"
-        return "sending"
+    def delivered(self) -> float:
+        """Share of recipients the SMTP server accepted, 0.0 to 1.0."""
+        return self.counts["sent"] / self.total if self.total else 1.0
 
     @property
-    def progress(self) -> float:
-        """Share of recipients in a final state, 0.0 to 1.0."""
+    def finished(self) -> float:
+        """Share of recipients in a final state (sent, dead, cancelled or suppressed)."""
         finished = sum(self.counts[s] for s in FINAL_STATUSES)
         return finished / self.total if self.total else 1.0
+
+
+@dataclass(frozen=True)
+class BatchFilter:
+    """Which batches a list shows: by state, by a piece of the name (case-insensitive), and
+    the page after a cursor (the ``created_at`` and ``id`` of the last batch of the previous
+    page, newest first)."""
+
+    status: str | None = None
+    name_contains: str | None = None
+    before: tuple[datetime, uuid.UUID] | None = None
 
 
 @dataclass(frozen=True)
@@ -268,6 +290,108 @@ class Selection:
 
 
 _SELECTED = "(%(everything)s OR id = ANY(%(ids)s::bigint[]) OR batch_id = %(batch_id)s::uuid)"
+
+
+def _some(statuses: str) -> str:
+    # One probe of recipients_batch_status per batch: no read of the batch's recipients.
+    return (
+        f"EXISTS (SELECT 1 FROM recipients r WHERE r.batch_id = b.id AND r.status IN ({statuses}))"
+    )
+
+
+# A batch's state, from its own columns and a few index probes (never its recipients' counts),
+# so the batch list can filter on it page by page. In this order:
+# - cancelled: cancelled by an operator, with recipients it stopped (sends in flight finish);
+# - done / done_with_failures: every recipient final; "with failures" when some are dead (or
+#   were dead and discarded, which leaves them cancelled);
+# - awaiting_review: every open recipient is drafted and waits for an operator;
+# - scheduled: nothing started (only queued or suppressed recipients) and send_at ahead;
+# - paused: a sending-rate window of the sender is full (``held``), so nothing goes out until
+#   it ends;
+# - queued: nothing started yet, waiting for a worker; sending: under way.
+_BATCH_STATE = (
+    "CASE"
+    " WHEN b.cancelled_at IS NOT NULL AND " + _some("'cancelled'") + " THEN 'cancelled'"
+    " WHEN NOT " + _some("'queued', 'sending', 'drafted', 'retrying'") + " THEN"
+    "  CASE WHEN " + _some("'dead', 'cancelled'") + " THEN 'done_with_failures' ELSE 'done' END"
+    " WHEN b.review AND b.approved_at IS NULL"
+    "  AND NOT " + _some("'queued', 'sending', 'retrying'") + " THEN 'awaiting_review'"
+    " WHEN b.send_at > now()"
+    "  AND NOT " + _some("'sending', 'drafted', 'sent', 'retrying', 'dead', 'cancelled'") + ""
+    "  THEN 'scheduled'"
+    " WHEN held.until IS NOT NULL THEN 'paused'"
+    " WHEN NOT " + _some("'sending', 'drafted', 'sent', 'retrying', 'dead', 'cancelled'") + ""
+    "  THEN 'queued'"
+    " ELSE 'sending' END"
+)
+# When the last full window of the sender's limits ends (NULL when none is full): one row.
+_HELD = (
+    "SELECT max(to_timestamp((floor(extract(epoch FROM now()) / l.w) + 1) * l.w)) AS until"
+    " FROM unnest(%(scopes)s::text[], %(windows)s::int[], %(maxes)s::int[])"
+    "  AS l(scope, w, max_sent)"
+    " JOIN send_windows s ON s.scope = l.scope"
+    "  AND s.window_start = to_timestamp(floor(extract(epoch FROM now()) / l.w) * l.w)"
+    " WHERE s.sent >= l.max_sent"
+)
+
+
+def batch_list_query(
+    where: BatchFilter | uuid.UUID, *, limit: int, limits: Sequence[Limit] = ()
+) -> tuple[str, dict[str, Any]]:
+    """The statement behind :meth:`Database.list_batches` and :meth:`Database.batch_summary`
+    (public so a test can EXPLAIN it), with its parameters.
+
+    The inner query walks ``batches_newest`` in order and stops once ``limit`` batches match,
+    deciding each one's state with index probes; only the batches of the page then have their
+    recipients counted (one pass per batch, for counts and tokens).
+    """
+    conditions = []
+    params: dict[str, Any] = {
+        "limit": limit,
+        "scopes": [x.scope for x in limits],
+        "windows": [x.window_seconds for x in limits],
+        "maxes": [x.max_sent for x in limits],
+        "status": None,
+    }
+    if isinstance(where, uuid.UUID):
+        conditions.append("b.id = %(id)s")
+        params["id"] = where
+    else:
+        params["status"] = where.status
+        if where.name_contains is not None:
+            escaped = re.sub(r"([\\%_])", r"\\\1", where.name_contains)
+            conditions.append("b.name ILIKE %(pattern)s")
+            params["pattern"] = f"%{escaped}%"
+        if where.before is not None:
+            conditions.append("(b.created_at, b.id) < (%(before_at)s, %(before_id)s)")
+            params["before_at"], params["before_id"] = where.before
+    text = (
+        "SELECT p.id, p.name, p.created_at, p.total, p.drafter, p.subject_template, p.review,"
+        " p.send_at, p.cancelled_at, p.approved, p.status,"
+        " CASE WHEN p.status = 'paused' THEN p.held_until END AS paused_until,"
+        " s.counts, s.prompt_tokens, s.completion_tokens"
+        " FROM (SELECT * FROM ("
+        "   SELECT b.id, b.name, b.created_at, b.total, b.drafter, b.subject_template,"
+        "    b.review, b.send_at, b.cancelled_at, b.approved_at IS NOT NULL AS approved,"
+        "    held.until AS held_until, " + _BATCH_STATE + " AS status"
+        "   FROM batches b CROSS JOIN ("
+        + _HELD
+        + ") held"
+        + (" WHERE " + " AND ".join(conditions) if conditions else "")
+        + "   ORDER BY b.created_at DESC, b.id DESC) candidates"
+        "  WHERE %(status)s::text IS NULL OR candidates.status = %(status)s::text"
+        "  ORDER BY created_at DESC, id DESC LIMIT %(limit)s) p"
+        " CROSS JOIN LATERAL ("
+        "   SELECT coalesce(jsonb_object_agg(status, n), '{}') AS counts,"
+        "          coalesce(sum(pt), 0)::int AS prompt_tokens,"
+        "          coalesce(sum(ct), 0)::int AS completion_tokens"
+        "     FROM (SELECT status, count(*) AS n, sum(prompt_tokens) AS pt,"
+        "                  sum(completion_tokens) AS ct"
+        "             FROM recipients r WHERE r.batch_id = p.id GROUP BY status) g"
+        " ) s"
+        " ORDER BY p.created_at DESC, p.id DESC"
+    )
+    return text, params
 
 
 class _WindowFull(Exception):
@@ -400,8 +524,8 @@ class Database:
             await conn.execute(
                 "INSERT INTO batches (id, created_by, request_id, drafter, subject_template,"
                 " body_template, total, context, review, send_at,"
-                " body_format, from_name, reply_to)"
-                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                " body_format, from_name, reply_to, name)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
                 (
                     batch_id,
                     batch.created_by,
@@ -416,6 +540,7 @@ class Database:
                     batch.composition.body_format,
                     batch.composition.from_name,
                     batch.composition.reply_to,
+                    batch.name or default_name(batch.subject_template, batch.context),
                 ),
             )
             if idempotency is not None:
@@ -511,14 +636,23 @@ class Database:
 
     # -- reading ---------------------------------------------------------------------------
 
-    async def batch_summary(self, batch_id: uuid.UUID) -> BatchSummary | None:
-        """The batch with its recipient counts by status, or ``None`` if there is no such batch."""
-        found = await self._summaries("WHERE b.id = %s", (batch_id,))
+    async def batch_summary(
+        self, batch_id: uuid.UUID, *, limits: Sequence[Limit] = ()
+    ) -> BatchSummary | None:
+        """The batch with its recipient counts by status, or ``None`` if there is no such batch.
+
+        ``limits`` are the sender's sending-rate limits: one with a full window makes an open
+        batch ``paused`` (:data:`_BATCH_STATE`).
+        """
+        found = await self._summaries(*batch_list_query(batch_id, limit=1, limits=limits))
         return found[0] if found else None
 
-    async def recent_batches(self, limit: int = 50) -> list[BatchSummary]:
-        """The newest batches first, with their counts."""
-        return await self._summaries("ORDER BY b.created_at DESC LIMIT %s", (limit,))
+    async def list_batches(
+        self, where: BatchFilter = BatchFilter(), *, limit: int = 50, limits: Sequence[Limit] = ()
+    ) -> list[BatchSummary]:
+        """One page of batches, newest first (keyset on ``created_at`` and ``id``), with their
+        counts; ``where`` filters by state and name and says where the page starts."""
+        return await self._summaries(*batch_list_query(where, limit=limit, limits=limits))
 
     async def batch_exists(self, batch_id: uuid.UUID) -> bool:
         """Whether a batch with this id exists (cheaper than its summary)."""
@@ -526,25 +660,10 @@ class Database:
             cursor = await conn.execute("SELECT 1 FROM batches WHERE id = %s", (batch_id,))
             return await cursor.fetchone() is not None
 
-    async def _summaries(self, tail: str, params: tuple[Any, ...]) -> list[BatchSummary]:
-        # One statement, and one pass over each batch's recipients for counts and tokens.
+    async def _summaries(self, text: str, params: dict[str, Any]) -> list[BatchSummary]:
         async with self.pool.connection() as conn:
             cursor = conn.cursor(row_factory=dict_row)
-            await cursor.execute(
-                "SELECT b.id, b.created_at, b.total, b.drafter, b.subject_template, b.review,"
-                " b.send_at, b.approved_at IS NOT NULL AS approved,"
-                " s.counts, s.prompt_tokens, s.completion_tokens"
-                " FROM batches b CROSS JOIN LATERAL ("
-                "   SELECT coalesce(jsonb_object_agg(status, n), '{}') AS counts,"
-                "          coalesce(sum(p), 0)::int AS prompt_tokens,"
-                "          coalesce(sum(c), 0)::int AS completion_tokens"
-                "     FROM (SELECT status, count(*) AS n, sum(prompt_tokens) AS p,"
-                "                  sum(completion_tokens) AS c"
-                "             FROM recipients r WHERE r.batch_id = b.id GROUP BY status) g"
-                " ) s"
-                f" {tail}",
-                params,
-            )
+            await cursor.execute(text, params)
             rows = await cursor.fetchall()
         return [
             BatchSummary(

@@ -60,7 +60,7 @@ async def test_a_550_is_dead_at_the_first_attempt_and_the_rest_is_sent(
     )
     assert sorted(smtp.to_addresses()) == sorted(GOOD)
     status = await (await client.get(f"/api/batches/{batch_id}", headers=AUTH)).json()
-    assert status["status"] == "done" and status["counts"]["dead"] == 2
+    assert status["status"] == "done_with_failures" and status["counts"]["dead"] == 2
     # The evidence is on each recipient's row; the chunk job itself succeeded (it recorded
     # every outcome) and is gone.
     jobs = await query(

@@ -44,7 +44,7 @@ async def test_cancel_stops_queued_and_retrying_recipients_and_their_jobs(
     await drain(settings)
     assert smtp.received == []
     status = await (await client.get(f"/api/batches/{created['id']}", headers=AUTH)).json()
-    assert status["status"] == "done" and status["counts"]["cancelled"] == 5
+    assert status["status"] == "cancelled" and status["counts"]["cancelled"] == 5
 
 
 async def test_cancel_never_touches_sent_recipients_and_is_idempotent(
@@ -151,7 +151,7 @@ async def test_a_scheduled_batch_waits_until_its_send_time(
     await drain(settings)
     assert smtp.received == []
     status = await (await client.get(f"/api/batches/{created['id']}", headers=AUTH)).json()
-    assert status["status"] == "queued" and status["send_at"] == send_at.isoformat()
+    assert status["status"] == "scheduled" and status["send_at"] == send_at.isoformat()
     url = settings.database_url or ""
     scheduled = await query(
         url, "SELECT DISTINCT scheduled_at FROM procrastinate_jobs WHERE queue_name = 'emails'"

@@ -15,9 +15,10 @@ JSON), so every bad address is listed with its position and its own reason.
 
 from __future__ import annotations
 
+import re
 import uuid
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, ClassVar, Literal, Self, TypeVar, get_args
 
 from aiohttp import web
@@ -36,8 +37,16 @@ from pydantic import (
     create_model,
 )
 
+from shared.batch_names import MAX_NAME_CHARS, name_problem
 from shared.composition import BodyFormat
-from shared.db import MAX_ID, RECIPIENT_STATUSES, SUPPRESSION_REASONS, BatchSummary
+from shared.db import (
+    BATCH_STATES,
+    MAX_ID,
+    RECIPIENT_STATUSES,
+    SUPPRESSION_REASONS,
+    BatchFilter,
+    BatchSummary,
+)
 from shared.headers import lone_surrogate_message, unsafe_message
 from web.captured_mail import KEY_PATTERN
 
@@ -55,9 +64,19 @@ RecipientStatus = Literal[
     "queued", "sending", "drafted", "sent", "retrying", "dead", "cancelled", "suppressed"
 ]
 SuppressionReason = Literal["unsubscribed", "hard_bounce", "complaint", "manual"]
-BatchStatus = Literal["queued", "sending", "awaiting_review", "done"]
+BatchStatus = Literal[
+    "scheduled",
+    "queued",
+    "sending",
+    "paused",
+    "awaiting_review",
+    "done",
+    "done_with_failures",
+    "cancelled",
+]
 # The database owns these lists; the contract spells them out for the type checker.
 assert get_args(RecipientStatus) == RECIPIENT_STATUSES
+assert get_args(BatchStatus) == BATCH_STATES
 assert get_args(SuppressionReason) == SUPPRESSION_REASONS
 
 # Timestamps leave as ``datetime.isoformat()`` writes them (``+00:00``), as they always have.
@@ -212,6 +231,11 @@ class BatchRequest(BaseModel):
     reply_to: StrictStr | None = Field(
         None, description="one address replies go to (default: MAILROOM_REPLY_TO)"
     )
+    name: StrictStr | None = Field(
+        None,
+        description=f"what the batch is called in lists, at most {MAX_NAME_CHARS} characters"
+        " on one line (default: the subject, or the start of the context)",
+    )
 
 
 class IdempotencyHeaders(BaseModel):
@@ -346,6 +370,76 @@ class DevMessagesQuery(BaseModel):
     limit: Annotated[int, Field(ge=1, le=MAX_PAGE_SIZE)] = DEFAULT_MAIL_PAGE_SIZE
 
 
+# A batch list's cursor: the created_at (microseconds since 1970, UTC) and id of the last batch
+# of the previous page. Readable on purpose: it names a place in the list, nothing secret.
+_CURSOR = re.compile(r"^(\d{1,20})_([0-9a-f]{32})$")
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+MAX_BATCH_PAGE_SIZE = 200
+DEFAULT_BATCH_PAGE_SIZE = 50
+MAX_BATCH_SEARCH_CHARS = MAX_NAME_CHARS
+
+
+def batch_cursor(summary: BatchSummary) -> str:
+    """Where the page after ``summary`` (the last of its page) starts."""
+    micros = (summary.created_at - _EPOCH) // timedelta(microseconds=1)
+    return f"{micros}_{summary.id.hex}"
+
+
+def parse_batch_cursor(value: str) -> tuple[datetime, uuid.UUID]:
+    """The (created_at, id) a :func:`batch_cursor` names; ValueError for anything else."""
+    match = _CURSOR.match(value)
+    if match is None:
+        raise ValueError("must be a next_cursor from a previous page")
+    try:
+        at = _EPOCH + timedelta(microseconds=int(match[1]))
+    except OverflowError:
+        raise ValueError("must be a next_cursor from a previous page") from None
+    return at, uuid.UUID(match[2])
+
+
+def _checked_cursor(value: str) -> str:
+    parse_batch_cursor(value)
+    return value
+
+
+def _search(value: str) -> str | None:
+    value = value.strip()
+    if not value:  # an empty search box searches for nothing
+        return None
+    problem = name_problem(value)
+    if problem is not None:
+        raise ValueError(problem.replace("a batch name", "a search"))
+    return value
+
+
+class BatchesQuery(BaseModel):
+    """``GET /api/batches?status=&q=&cursor=&limit=``: newest first, keyset-paged; a page's
+    ``next_cursor`` is the next page's ``cursor``."""
+
+    status: BatchStatus | None = None
+    q: (
+        Annotated[
+            str,
+            Field(max_length=MAX_BATCH_SEARCH_CHARS, description="a piece of the name, any case"),
+            AfterValidator(_search),
+        ]
+        | None
+    ) = None
+    cursor: (
+        Annotated[
+            str,
+            Field(max_length=64, description="next_cursor of the previous page"),
+            AfterValidator(_checked_cursor),
+        ]
+        | None
+    ) = None
+    limit: Annotated[int, Field(ge=1, le=MAX_BATCH_PAGE_SIZE)] = DEFAULT_BATCH_PAGE_SIZE
+
+    def filter(self) -> BatchFilter:
+        before = parse_batch_cursor(self.cursor) if self.cursor else None
+        return BatchFilter(status=self.status, name_contains=self.q or None, before=before)
+
+
 class PathIds(BaseModel):
     """What the ids in the API's paths are (the document's path parameters)."""
 
@@ -399,38 +493,71 @@ class Tokens(BaseModel):
     completion: int
 
 
+class Progress(BaseModel):
+    """Two shares, 0.0 to 1.0: ``delivered`` counts only what the SMTP server accepted;
+    ``finished`` every recipient in a final state (sent, dead, cancelled or suppressed)."""
+
+    delivered: Annotated[float, Field(ge=0, le=1)]
+    finished: Annotated[float, Field(ge=0, le=1)]
+
+
 class Batch(BaseModel):
     id: uuid.UUID
+    name: str
+    subject: str = Field(description="the subject template (empty for the llm drafter)")
     status: BatchStatus
     total: int
     counts: Counts
-    progress: Annotated[float, Field(ge=0, le=1)]
+    progress: Progress
     drafter: str
     review: bool
     approved: bool
     tokens: Tokens
     send_at: Timestamp | None
+    paused_until: Timestamp | None = Field(
+        description="paused: when the full sending-rate window ends"
+    )
+    cancelled_at: Timestamp | None
     created_at: Timestamp
 
     @classmethod
     def of(cls, summary: BatchSummary) -> Self:
         return cls(
             id=summary.id,
+            name=summary.name,
+            subject=summary.subject_template,
             status=summary.status,  # type: ignore[arg-type]
             total=summary.total,
             counts=Counts.model_validate(summary.counts),
-            progress=round(summary.progress, 4),
+            progress=Progress(
+                delivered=round(summary.delivered, 4), finished=round(summary.finished, 4)
+            ),
             drafter=summary.drafter,
             review=summary.review,
             approved=summary.approved,
             tokens=Tokens(prompt=summary.prompt_tokens, completion=summary.completion_tokens),
             send_at=summary.send_at,
+            paused_until=summary.paused_until,
+            cancelled_at=summary.cancelled_at,
             created_at=summary.created_at,
         )
 
 
 class BatchList(BaseModel):
+    """``GET /api/batches``: a page of batches, newest first; ``next_cursor`` is null on the
+    last page."""
+
     batches: list[Batch]
+    next_cursor: str | None
+
+    @classmethod
+    def of(cls, summaries: list[BatchSummary], limit: int) -> Self:
+        """A page of ``summaries``; a full page has a cursor, since more may follow."""
+        more = len(summaries) == limit and summaries
+        return cls(
+            batches=[Batch.of(s) for s in summaries],
+            next_cursor=batch_cursor(summaries[-1]) if more else None,
+        )
 
 
 class Recipient(BaseModel):

@@ -13,10 +13,11 @@ from pydantic import BaseModel, ValidationError
 
 from shared.db import MAX_ID, BatchSummary
 from shared.db import Selection as DbSelection
+from shared.ratelimits import sender_limits
 from web.contract import SELECTIONS, IdempotencyHeaders, Problem, SelectAll, SelectIds, problems_of
 from web.errors import ApiError
 from web.json_body import read_json
-from web.keys import DB
+from web.keys import DB, SETTINGS
 
 Model = TypeVar("Model", bound=BaseModel)
 
@@ -98,8 +99,9 @@ def batch_id_of(request: web.Request) -> uuid.UUID:
 
 
 async def batch_of(request: web.Request) -> BatchSummary:
-    """The batch the path's ``{batch_id}`` names, with its counts, or a 404."""
-    summary = await request.app[DB].batch_summary(batch_id_of(request))
+    """The batch the path's ``{batch_id}`` names, with its counts and state, or a 404."""
+    limits = sender_limits(request.app[SETTINGS])
+    summary = await request.app[DB].batch_summary(batch_id_of(request), limits=limits)
     if summary is None:
         raise no_such_batch()
     return summary

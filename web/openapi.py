@@ -22,6 +22,7 @@ from shared.metrics import VERSION
 from web.contract import (
     Approved,
     Batch,
+    BatchesQuery,
     BatchList,
     BatchRequest,
     Cancelled,
@@ -113,7 +114,13 @@ OPERATIONS = [
         body=BatchRequest,
         headers=IdempotencyHeaders,
     ),
-    Operation("GET", "/api/batches", "Recent batches", {200: (BatchList, "The newest batches")}),
+    Operation(
+        "GET",
+        "/api/batches",
+        "Batches, newest first, by state and name",
+        {200: (BatchList, "A page of batches")},
+        query=BatchesQuery,
+    ),
     Operation(
         "GET",
         "/api/batches/{batch_id}",

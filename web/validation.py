@@ -18,6 +18,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from shared.addresses import InvalidAddress, dedupe_key, normalize_address
+from shared.batch_names import name_problem
 from shared.composition import BODY_FORMATS, Composition, checked_reply_to, from_name_problem
 from shared.db import NewBatch, NewRecipient
 from shared.headers import lone_surrogate_message, unsafe_message
@@ -84,6 +85,7 @@ class Submission:
     review: bool = False
     send_at: datetime | None = None
     composition: Composition = field(default_factory=Composition)
+    name: str | None = None  # None: shared.db makes one from the subject or the context
 
     def to_new_batch(self, *, created_by: str, request_id: str | None) -> NewBatch:
         return NewBatch(
@@ -97,6 +99,7 @@ class Submission:
             review=self.review,
             send_at=self.send_at,
             composition=self.composition,
+            name=self.name,
         )
 
 
@@ -137,6 +140,7 @@ def from_json(payload: Any, *, limits: Limits) -> Submission:
     send_at = _send_at(batch.send_at, problems, naive_is_utc=False)
     composition = _composition(batch.body_format, batch.from_name, batch.reply_to, problems)
 
+    name = _name(batch.name, problems)
     submission = _validate(
         entries,
         subject=batch.subject,
@@ -148,7 +152,7 @@ def from_json(payload: Any, *, limits: Limits) -> Submission:
         problems=problems,
         limits=limits,
     )
-    return replace(submission, composition=composition)
+    return replace(submission, composition=composition, name=name)
 
 
 def from_form(form: dict[str, str], *, limits: Limits, csv_text: str | None = None) -> Submission:
@@ -167,6 +171,7 @@ def from_form(form: dict[str, str], *, limits: Limits, csv_text: str | None = No
         form.get("body_format") or "text", form.get("from_name"), form.get("reply_to"), problems
     )
 
+    name = _name(form.get("name"), problems)
     submission = _validate(
         entries,
         subject=form.get("subject"),
@@ -178,7 +183,7 @@ def from_form(form: dict[str, str], *, limits: Limits, csv_text: str | None = No
         problems=problems,
         limits=limits,
     )
-    return replace(submission, composition=composition)
+    return replace(submission, composition=composition, name=name)
 
 
 def _composition(
@@ -202,6 +207,18 @@ def _composition(
     return Composition(
         body_format=str(body_format), from_name=name or None, reply_to=address or None
     )
+
+
+def _name(value: str | None, problems: list[Problem]) -> str | None:
+    """A given batch name, trimmed (``None`` when not given or blank: one is made up)."""
+    if value is None or not value.strip():
+        return None
+    value = value.strip()
+    problem = name_problem(value)
+    if problem is not None:
+        problems.append(Problem("name", problem))
+        return None
+    return value
 
 
 def addresses_from_form(text: str, csv_text: str | None = None) -> list[str]:

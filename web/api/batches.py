@@ -10,10 +10,12 @@ import structlog
 from aiohttp import web
 
 from shared.db import KeyReused
+from shared.ratelimits import sender_limits
 from shared.templating import in_render_thread
 from web.contract import (
     Approved,
     Batch,
+    BatchesQuery,
     BatchList,
     Cancelled,
     Created,
@@ -36,7 +38,7 @@ from web.inputs import (
     recipient_id_of,
 )
 from web.json_body import read_json
-from web.keys import DB
+from web.keys import DB, SETTINGS
 from web.validation import InvalidSubmission, from_json
 
 log = structlog.get_logger(__name__)
@@ -78,8 +80,12 @@ def _request_hash(payload: Any) -> str:
 
 @routes.get("/api/batches")
 async def get_batches(request: web.Request) -> web.Response:
-    summaries = await request.app[DB].recent_batches(limit=50)
-    return respond(BatchList(batches=[Batch.of(s) for s in summaries]))
+    """A page of batches, newest first, by state and a piece of the name."""
+    query = read_query(request, BatchesQuery)
+    summaries = await request.app[DB].list_batches(
+        query.filter(), limit=query.limit, limits=sender_limits(request.app[SETTINGS])
+    )
+    return respond(BatchList.of(summaries, query.limit))
 
 
 @routes.get("/api/batches/{batch_id}")

@@ -1,4 +1,4 @@
-"""The batch pages: the form and recent batches, a batch's progress, its review and actions."""
+"""The batch pages: the form and the batch list, a batch's progress, its review and actions."""
 
 from __future__ import annotations
 
@@ -7,11 +7,12 @@ from typing import Any
 
 from aiohttp import web
 from pydantic import ValidationError
+from yarl import URL
 
-from shared.db import RECIPIENT_STATUSES, Selection
+from shared.db import BATCH_STATES, RECIPIENT_STATUSES, Selection
 from shared.ratelimits import sender_limits
 from shared.templating import in_render_thread
-from web.contract import Batch, DraftEdit, problems_of
+from web.contract import Batch, BatchesQuery, BatchList, DraftEdit, problems_of
 from web.enqueue import create_batch, limits
 from web.inputs import batch_id_of, batch_of, recipient_id_of
 from web.keys import DB, SETTINGS
@@ -22,7 +23,16 @@ from web.validation import InvalidSubmission, Submission, from_form
 routes = web.RouteTableDef()
 
 RECENT_BATCHES = 20
-FORM_FIELDS = ("recipients", "subject", "body", "drafter", "context", "review", "send_at")
+FORM_FIELDS = (
+    "recipients",
+    "subject",
+    "body",
+    "drafter",
+    "context",
+    "review",
+    "send_at",
+    "name",
+)
 
 # The "How the emails are written" fieldset (shared.composition).
 COMPOSITION_FIELDS = ("body_format", "from_name", "reply_to")
@@ -36,9 +46,29 @@ async def index(request: web.Request) -> web.Response:
 async def _index(
     request: web.Request, values: dict[str, Any], *, status: int = 200
 ) -> web.Response:
-    batches = await request.app[DB].recent_batches(limit=RECENT_BATCHES)
+    # The search form sends every field; an empty one means "any".
+    given = {name: request.query.getone(name) for name in request.query}
+    given = {name: value for name, value in given.items() if value != ""}
+    given.setdefault("limit", str(RECENT_BATCHES))
+    try:
+        query = BatchesQuery.model_validate(given)
+    except ValidationError as exc:
+        sentences = "; ".join(p.sentence() for p in problems_of(exc, BatchesQuery))
+        raise web.HTTPBadRequest(text=f"The batch list cannot show that: {sentences}") from None
+    summaries = await request.app[DB].list_batches(
+        query.filter(), limit=query.limit, limits=sender_limits(request.app[SETTINGS])
+    )
+    page = BatchList.of(summaries, query.limit)
+    next_page = None
+    if page.next_cursor is not None:
+        kept = {k: v for k, v in given.items() if k in {"status", "q", "limit"}}
+        next_page = str(URL("/").with_query({**kept, "cursor": page.next_cursor}))
     context = {
-        "batches": [Batch.of(b).model_dump(mode="json") for b in batches],
+        "batches": page.model_dump(mode="json")["batches"],
+        "list_filter": {"status": query.status or "", "q": query.q or ""},
+        "states": BATCH_STATES,
+        "next_page": next_page,
+        "paged": "cursor" in given,
         "max_batch_size": request.app[SETTINGS].max_batch_size,
         "default_from_name": request.app[SETTINGS].from_name,
         "default_reply_to": request.app[SETTINGS].reply_to,
@@ -94,11 +124,11 @@ async def batch_page(request: web.Request) -> web.Response:
     if status is not None and status not in RECIPIENT_STATUSES:
         raise web.HTTPBadRequest(text=f"status must be one of: {', '.join(RECIPIENT_STATUSES)}")
     recipients = await db.list_recipients(summary.id, status=status, limit=200)
-    # A full sending-rate window holds every open batch back; say until when.
+    # A full sending-rate window holds every open batch back; say which, and until when.
     paused = (
-        []
-        if summary.status == "done"
-        else await db.full_windows(sender_limits(request.app[SETTINGS]))
+        await db.full_windows(sender_limits(request.app[SETTINGS]))
+        if summary.status == "paused"
+        else []
     )
     return render(
         request,
