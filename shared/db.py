@@ -161,6 +161,10 @@ class BatchSummary:
     cancelled_at: datetime | None = None
     # When a full sending-rate window lets a ``paused`` batch go on (None unless paused).
     paused_until: datetime | None = None
+    # How its messages are written (shared.composition); None: the settings' value.
+    body_format: str = "text"
+    from_name: str | None = None
+    reply_to: str | None = None
 
     @property
     def delivered(self) -> float:
@@ -368,11 +372,13 @@ def batch_list_query(
     text = (
         "SELECT p.id, p.name, p.created_at, p.total, p.drafter, p.subject_template, p.review,"
         " p.send_at, p.cancelled_at, p.approved, p.status,"
+        " p.body_format, p.from_name, p.reply_to,"
         " CASE WHEN p.status = 'paused' THEN p.held_until END AS paused_until,"
         " s.counts, s.prompt_tokens, s.completion_tokens"
         " FROM (SELECT * FROM ("
         "   SELECT b.id, b.name, b.created_at, b.total, b.drafter, b.subject_template,"
         "    b.review, b.send_at, b.cancelled_at, b.approved_at IS NOT NULL AS approved,"
+        "    b.body_format, b.from_name, b.reply_to,"
         "    held.until AS held_until, " + _BATCH_STATE + " AS status"
         "   FROM batches b CROSS JOIN ("
         + _HELD

@@ -273,6 +273,13 @@ async def test_the_api_stores_the_format_name_and_reply_to_on_the_batch(
         settings.database_url or "", "SELECT body_format, from_name, reply_to FROM batches"
     )
     assert rows == [("markdown", "Zoë's News", "Replies@example.org")]
+    created = await response.json()
+    shown = await (await client.get(created["status_url"], headers=AUTH)).json()
+    assert (shown["body_format"], shown["from_name"], shown["reply_to"]) == (
+        "markdown",
+        "Zoë's News",
+        "Replies@example.org",
+    )
     await _post(client, from_name="", reply_to="")
     rows = await query(
         settings.database_url or "",

@@ -519,6 +519,9 @@ class Batch(BaseModel):
     )
     cancelled_at: Timestamp | None
     created_at: Timestamp
+    body_format: BodyFormat
+    from_name: str | None = Field(description="null: MAILROOM_FROM_NAME, if set")
+    reply_to: str | None = Field(description="null: MAILROOM_REPLY_TO, if set")
 
     @classmethod
     def of(cls, summary: BatchSummary) -> Self:
@@ -540,6 +543,9 @@ class Batch(BaseModel):
             paused_until=summary.paused_until,
             cancelled_at=summary.cancelled_at,
             created_at=summary.created_at,
+            body_format=summary.body_format,  # type: ignore[arg-type]
+            from_name=summary.from_name,
+            reply_to=summary.reply_to,
         )
 
 

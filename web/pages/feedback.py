@@ -23,6 +23,7 @@ MAX_NOTICE_CHARS = 4_000
 
 # The form's fields as its labels name them; any other field reads as its name in words.
 FIELD_LABELS = {
+    "name": "Name",
     "recipients": "Recipients",
     "csv": "CSV file",
     "subject": "Subject",
