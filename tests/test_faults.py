@@ -8,6 +8,7 @@ twice outside the one documented window.
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 import signal
 import time
@@ -365,10 +366,13 @@ async def test_the_sweep_requeues_orphaned_jobs_on_time_behind_a_large_email_bac
     settings = fast_recovery(settings, stalled_after_seconds=2, worker_concurrency=1)
     url = settings.database_url or ""
     await enqueue(Database(db.pool, chunk_size=1), 5000)  # one job per email
-    smtp.data_delay_seconds = 0.01  # 5,000 jobs take far longer than the sweep's deadline
+    smtp.data_delay_seconds = 0.05  # 5,000 jobs take far longer than the sweep's deadline
 
     async def _has(items: Awaitable[list[int]], count: int) -> bool:
         return len(await items) >= count
+
+    async def _has_job(running_on: Callable[[int], Awaitable[list[int]]], worker_id: int) -> bool:
+        return bool(await running_on(worker_id))
 
     async def worker_ids() -> list[int]:
         return [row[0] for row in await query(url, "SELECT id FROM procrastinate_workers")]
@@ -381,40 +385,46 @@ async def test_the_sweep_requeues_orphaned_jobs_on_time_behind_a_large_email_bac
         )
         return [row[0] for row in rows]
 
-    async with worker_process(settings) as victim:
-        await wait_until(lambda: _has(worker_ids(), 1), 30, "the first worker to register")
-        [victim_id] = await worker_ids()
-        async with worker_process(settings) as rescuer:
-            await wait_until(lambda: _has(worker_ids(), 2), 30, "the second worker to register")
-            [rescuer_id] = set(await worker_ids()) - {victim_id}
-            await wait_until(lambda: _has(running_on(rescuer_id), 1), 30, "both to be sending")
-            await wait_until(lambda: _has(running_on(victim_id), 1), 30, "a job mid-send")
-            victim.send_signal(signal.SIGKILL)
-            killed_at = time.monotonic()
-            await victim.wait()
+    async with worker_process(settings) as rescuer:
+        await wait_until(lambda: _has(worker_ids(), 1), 30, "the rescuer to register")
+        [rescuer_id] = await worker_ids()
+        await wait_until(lambda: _has(running_on(rescuer_id), 1), 30, "the rescuer to be sending")
+        # A kill can land between two of the victim's jobs (each lasts DATA's delay, the gap
+        # between them a few milliseconds): then it held nothing, the scenario did not happen,
+        # and another victim is started. Three tries make that chance negligible.
+        for _ in range(3):
+            async with worker_process(settings) as victim:
+                await wait_until(lambda: _has(worker_ids(), 2), 30, "the victim to register")
+                [victim_id] = set(await worker_ids()) - {rescuer_id}
+                mid_send = functools.partial(_has_job, running_on, victim_id)
+                await wait_until(mid_send, 30, "a job mid-send")
+                victim.send_signal(signal.SIGKILL)
+                killed_at = time.monotonic()
+                await victim.wait()
             orphans = await running_on(victim_id)
-            assert orphans, "the killed worker held a job"
+            if orphans:
+                break
+            await query(url, "DELETE FROM procrastinate_workers WHERE id = %s", victim_id)
+        assert orphans, "no victim was killed holding a job in three tries"
 
-            async def requeued() -> bool:
-                rows = await query(
-                    url,
-                    "SELECT count(*) FROM procrastinate_jobs WHERE id = ANY(%s)"
-                    " AND status = 'doing' AND (worker_id IS NULL OR worker_id = %s)",
-                    orphans,
-                    victim_id,
-                )
-                return bool(rows[0][0] == 0)
-
-            # The deadline; the assertion below is the bound. 1 s of slack covers fetching and
-            # running the sweep job and this test's own polling (every 0.2 s).
-            bound_seconds = settings.stalled_after_seconds + settings.sweep_interval_seconds + 1.0
-            await wait_until(requeued, bound_seconds + 10, "the orphaned job to be requeued")
-            requeued_after = time.monotonic() - killed_at
-            backlog = await query(
-                url, "SELECT count(*) FROM procrastinate_jobs WHERE status = 'todo'"
+        async def requeued() -> bool:
+            rows = await query(
+                url,
+                "SELECT count(*) FROM procrastinate_jobs WHERE id = ANY(%s)"
+                " AND status = 'doing' AND (worker_id IS NULL OR worker_id = %s)",
+                orphans,
+                victim_id,
             )
-            rescuer.send_signal(signal.SIGTERM)
-            assert await asyncio.wait_for(rescuer.wait(), 30) == 0
+            return bool(rows[0][0] == 0)
+
+        # The deadline; the assertion below is the bound. 1 s of slack covers fetching and
+        # running the sweep job and this test's own polling (every 0.1 s).
+        bound_seconds = settings.stalled_after_seconds + settings.sweep_interval_seconds + 1.0
+        await wait_until(requeued, bound_seconds + 10, "the orphaned job to be requeued")
+        requeued_after = time.monotonic() - killed_at
+        backlog = await query(url, "SELECT count(*) FROM procrastinate_jobs WHERE status = 'todo'")
+        rescuer.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(rescuer.wait(), 30) == 0
     print(f"\norphaned job requeued {requeued_after:.1f} s after its worker was killed")
     assert requeued_after <= bound_seconds, f"requeued {requeued_after:.1f} s after the kill"
     assert backlog[0][0] > 1000, "the backlog was still there when the sweep ran"
