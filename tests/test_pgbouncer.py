@@ -53,7 +53,7 @@ async def pgbouncer(
         yield bouncer
 
 
-def test_the_setting_turns_off_prepared_statements_and_session_settings(
+def test_the_setting_comes_from_the_environment_and_turns_off_prepared_statements(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     url = "postgresql://mailroom@pgbouncer.internal:6432/mailroom"
