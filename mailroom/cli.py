@@ -324,7 +324,12 @@ async def _suppress_findings(settings: Settings, findings: Sequence[Finding]) ->
 
     assert settings.database_url is not None
     added = 0
-    async with make_pool(settings.database_url, max_size=1, name="mailroom-cli") as pool:
+    async with make_pool(
+        settings.database_url,
+        max_size=1,
+        name="mailroom-cli",
+        transaction_pooling=settings.database_transaction_pooling,
+    ) as pool:
         db = Database(pool, chunk_size=settings.chunk_size)
         for reason in ("hard_bounce", "complaint"):
             addresses = [f.address for f in findings if f.reason == reason]
@@ -352,7 +357,12 @@ async def _run_dead_letters(settings: Settings, args: argparse.Namespace) -> int
     from shared.db import Database, Selection, make_pool
 
     assert settings.database_url is not None
-    async with make_pool(settings.database_url, max_size=1, name="mailroom-cli") as pool:
+    async with make_pool(
+        settings.database_url,
+        max_size=1,
+        name="mailroom-cli",
+        transaction_pooling=settings.database_transaction_pooling,
+    ) as pool:
         db = Database(pool, chunk_size=settings.chunk_size)
         if args.action == "list":
             rows = await db.list_dead_letters(batch_id=args.batch, limit=args.limit)

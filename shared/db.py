@@ -93,6 +93,7 @@ def make_pool(
     min_size: int = 1,
     name: str,
     durable_commits: bool = True,
+    transaction_pooling: bool = False,
 ) -> AsyncConnectionPool:
     """An unopened pool of autocommit connections (open it with ``await pool.open()``).
 
@@ -101,18 +102,29 @@ def make_pool(
     (:meth:`DeliveryClaim.mark_sent`). Anything else the worker writes (an attempt begun, a job
     fetched or finished, a retry scheduled) may be forgotten by a PostgreSQL *crash*, and that
     only makes a job run again: it then finds its key in ``processed_jobs`` and sends nothing.
+
+    ``transaction_pooling=True`` (default False) is for a ``conninfo`` that reaches PostgreSQL
+    through a transaction-mode pooler (PgBouncer ``pool_mode = transaction``), where each
+    transaction of a connection may run on another server connection: psycopg prepares no
+    statements (one prepared on one server connection is missing on the next), and the pool
+    sets no session state (a ``SET`` stays on its server connection for the next client that
+    gets it), so ``durable_commits=False`` has no effect there.
     """
+    session_settings = not durable_commits and not transaction_pooling
 
     async def configure(conn: psycopg.AsyncConnection) -> None:
         await conn.set_autocommit(True)
-        if not durable_commits:
+        if session_settings:
             await conn.execute("SET synchronous_commit = off")
 
+    kwargs: dict[str, Any] = {**CONNECTION_KWARGS, "application_name": name}
+    if transaction_pooling:
+        kwargs["prepare_threshold"] = None
     return AsyncConnectionPool(
         conninfo,
         min_size=min(min_size, max_size),
         max_size=max_size,
-        kwargs={**CONNECTION_KWARGS, "application_name": name},
+        kwargs=kwargs,
         configure=configure,
         open=False,
         name=name,

@@ -371,21 +371,30 @@ class QueueCollector(Collector):
 
     def _query(self) -> tuple[list[Any], ...]:
         if self._conn is None or self._conn.closed:
+            # No prepared statements and no startup options: behind PgBouncer, which refuses
+            # an ``options`` startup parameter and, in transaction pooling, may run the next
+            # statement on a server connection that lacks the one prepared. Each runs once per
+            # scrape anyway.
             self._conn = psycopg.connect(
                 self._conninfo,
                 autocommit=True,
                 connect_timeout=5,
                 application_name="mailroom-metrics",
-                options=f"-c statement_timeout={self._timeout_ms}",
+                prepare_threshold=None,
             )
         conn = self._conn
-        return (
-            conn.execute(QUEUE_DEPTH).fetchall(),
-            conn.execute(_RECIPIENTS_SQL).fetchall(),
-            conn.execute(WORKER_HEARTBEATS).fetchall(),
-            conn.execute(ORPHANED_JOBS, (self._stalled_after_seconds,)).fetchall(),
-            conn.execute(_MAINTENANCE_SQL).fetchall(),
-        )
+        with conn.transaction():
+            # Transaction-local, so no setting outlives the scrape on a pooled connection.
+            conn.execute(
+                "SELECT set_config('statement_timeout', %s, true)", (str(self._timeout_ms),)
+            )
+            return (
+                conn.execute(QUEUE_DEPTH).fetchall(),
+                conn.execute(_RECIPIENTS_SQL).fetchall(),
+                conn.execute(WORKER_HEARTBEATS).fetchall(),
+                conn.execute(ORPHANED_JOBS, (self._stalled_after_seconds,)).fetchall(),
+                conn.execute(_MAINTENANCE_SQL).fetchall(),
+            )
 
     def _reset(self) -> None:
         if self._conn is not None:

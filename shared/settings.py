@@ -67,6 +67,9 @@ class Settings(BaseSettings):
 
     database_url: str | None = None
     database_pool_size: int = Field(default=10, ge=1, le=500)
+    # The URL reaches PostgreSQL through a transaction-mode pooler (PgBouncer
+    # pool_mode = transaction): no prepared statements, no session-level SET.
+    database_transaction_pooling: bool = False
 
     smtp_host: str = "localhost"
     smtp_port: int = Field(default=25, ge=1, le=65535)

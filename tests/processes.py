@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 _EXPORTED = (
     "database_url",
+    "database_transaction_pooling",
     "smtp_host",
     "smtp_port",
     "smtp_timeout_seconds",

@@ -137,7 +137,10 @@ async def _pool_context(app: web.Application) -> AsyncIterator[None]:
     settings.require("database_url")
     assert settings.database_url is not None
     pool = make_pool(
-        settings.database_url, max_size=settings.database_pool_size, name="mailroom-web"
+        settings.database_url,
+        max_size=settings.database_pool_size,
+        name="mailroom-web",
+        transaction_pooling=settings.database_transaction_pooling,
     )
     await pool.open(wait=True, timeout=30)
     app[DB] = Database(pool, chunk_size=settings.chunk_size)

@@ -63,6 +63,7 @@ async def worker_runtime(
         min_size=2,
         name="mailroom-worker",
         durable_commits=False,
+        transaction_pooling=settings.database_transaction_pooling,
     )
     await pool.open(wait=True, timeout=30)
     retry = BackoffRetry.from_settings(settings)
