@@ -319,12 +319,26 @@ async def test_the_batch_page_redrives_its_dead_letters(
         await client.post(f"/batches/{created['id']}/redrive", data={"csrf_token": "x"})
     ).status == 403
     smtp.rules.clear()
+    # Without JavaScript's prompt, the server asks first and changes nothing.
+    asked = await client.post(f"/batches/{created['id']}/redrive", data={"csrf_token": csrf})
+    assert asked.status == 200
+    assert "Redrive 1 dead letter of this batch?" in await asked.text()
+    await drain(settings)
+    assert smtp.to_addresses() == {"ok@example.org": 1}
     done = await client.post(
-        f"/batches/{created['id']}/redrive", data={"csrf_token": csrf}, allow_redirects=False
+        f"/batches/{created['id']}/redrive",
+        data={"csrf_token": csrf, "confirm": "1"},
+        allow_redirects=False,
     )
     assert done.status == 303
+    said = await (await client.get(done.headers["Location"])).text()
+    assert "1 dead letter requeued." in said
     await drain(settings)
     assert smtp.to_addresses() == {"ok@example.org": 1, "gone@example.org": 1}
+    again = await client.post(
+        f"/batches/{created['id']}/redrive", data={"csrf_token": csrf, "confirm": "1"}
+    )
+    assert "Nothing was requeued" in await again.text()
 
 
 async def test_no_page_and_no_api_route_answers_without_authentication(client: TestClient) -> None:

@@ -171,9 +171,22 @@ async def cancel_batch_page(request: web.Request) -> web.StreamResponse:
 
 @routes.post("/batches/{batch_id}/redrive")
 async def redrive_batch_page(request: web.Request) -> web.StreamResponse:
-    batch_id = await _posted_to_batch(request)
-    await request.app[DB].redrive(Selection(batch_id=batch_id))
-    raise _back_to(batch_id)
+    """Redrive the batch's dead letters once confirmed (the browser's prompt, or a page that
+    asks), then say on the batch page how many were requeued."""
+    form = await read_checked_form(request)
+    batch_id = batch_id_of(request)
+    db = request.app[DB]
+    selection = Selection(batch_id=batch_id)
+    if text_field(form, "confirm") != "1":
+        count = await db.count_dead_letters(selection)
+        return render(request, "confirm_redrive.html", {"batch_id": batch_id, "count": count})
+    count = await db.redrive(selection)
+    lines = (
+        [f"{plural(count, 'dead letter', 'dead letters')} requeued."]
+        if count
+        else ["Nothing was requeued: no dead letter was left (already handled?)."]
+    )
+    raise web.HTTPSeeOther(location=with_notice(request, f"/batches/{batch_id}", lines))
 
 
 @routes.get("/batches/{batch_id}/recipients/{recipient_id}/edit")
