@@ -306,7 +306,14 @@ async def test_migrate_web_and_three_workers_as_the_units_start_them_deliver_a_b
             for instance in (1, 2, 3):  # each instance on its own metrics port
                 port = settings.metrics_port + instance
                 async with aiohttp.ClientSession(f"http://127.0.0.1:{port}") as worker_http:
-                    await wait_until(lambda h=worker_http: _ok(h, "/healthz"), 30)
+                    try:
+                        await wait_until(
+                            lambda h=worker_http: _ok(h, "/healthz"), 60, f"worker {instance}"
+                        )
+                    except AssertionError as exc:
+                        log.flush()
+                        tail = (tmp_path / "services.log").read_text(errors="replace")[-4000:]
+                        raise AssertionError(f"{exc}; the services said:\n{tail}") from None
             created = await http.post(
                 "/api/batches",
                 json={"recipients": recipients, "subject": "Hi", "body": "Sent by three workers"},
