@@ -57,6 +57,8 @@ class RecordingSMTPServer:
     rules: dict[str, Rule] = field(default_factory=dict)
     data_delay_seconds: float = 0.0
     connections: int = 0
+    # Messages whose DATA has arrived and whose reply is not sent yet: sends truly in flight.
+    data_in_progress: int = 0
     _server: asyncio.AbstractServer | None = None
 
     async def start(self) -> None:
@@ -79,6 +81,7 @@ class RecordingSMTPServer:
         self.rules.clear()
         self.data_delay_seconds = 0.0
         self.connections = 0
+        self.data_in_progress = 0
 
     # -- aiosmtpd hooks --------------------------------------------------------------------
 
@@ -103,6 +106,13 @@ class RecordingSMTPServer:
         return "250 OK"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        self.data_in_progress += 1
+        try:
+            return await self._answer_data(envelope)
+        finally:
+            self.data_in_progress -= 1
+
+    async def _answer_data(self, envelope: Envelope) -> str:
         if self.data_delay_seconds:
             await asyncio.sleep(self.data_delay_seconds)
         for address in envelope.rcpt_tos:

@@ -237,10 +237,14 @@ async def test_a_second_signal_exits_at_once_and_the_sweep_recovers_the_jobs(
     )
     smtp.data_delay_seconds = 3
     addresses = await enqueue(db, 2)
+
+    async def both_in_flight() -> bool:
+        # At the server, not just marked "sending": a chunk whose sends have not started yet
+        # stops at the first signal without waiting, and there is no second signal to test.
+        return smtp.data_in_progress >= 2
+
     async with worker_process(settings) as proc:
-        await wait_until(
-            lambda: _count(settings, "status = 'sending'", at_least=2), 30, "sends in flight"
-        )
+        await wait_until(both_in_flight, 30, "both sends in flight at the server")
         proc.send_signal(signal.SIGTERM)
         # Further apart than the 250 ms within which a repeat counts as the same request:
         # this gap is what makes it a second signal.
