@@ -42,6 +42,12 @@ class MailPage:
     offset: int
     limit: int
 
+    @property
+    def next_offset(self) -> int | None:
+        """Where the page after this one starts, or ``None`` on the last page."""
+        following = self.offset + self.limit
+        return following if following < self.total else None
+
 
 @dataclass(frozen=True)
 class MessageView:

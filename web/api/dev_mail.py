@@ -38,7 +38,6 @@ async def get_dev_messages(request: web.Request) -> web.Response:
     capture = _capture(request)
     asked = read_query(request, DevMessagesQuery)
     page = await asyncio.to_thread(capture.page, asked.q, offset=asked.offset, limit=asked.limit)
-    following = page.offset + page.limit
     return respond(
         CapturedMessages(
             messages=[
@@ -47,7 +46,7 @@ async def get_dev_messages(request: web.Request) -> web.Response:
             total=page.total,
             offset=page.offset,
             limit=page.limit,
-            next_offset=following if following < page.total else None,
+            next_offset=page.next_offset,
         )
     )
 

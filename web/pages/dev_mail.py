@@ -63,14 +63,13 @@ async def captured_mail(request: web.Request) -> web.Response:
     capture = _capture(request)
     query, offset = _search(request)
     page = await asyncio.to_thread(capture.page, query, offset=offset, limit=DEFAULT_MAIL_PAGE_SIZE)
-    following = offset + page.limit
     values: dict[str, Any] = {
         "page": page,
         "query": query,
         "first": offset + 1,
         "last": offset + len(page.messages),
         "previous_url": _list_url(query, max(0, offset - page.limit)) if offset else None,
-        "next_url": _list_url(query, following) if following < page.total else None,
+        "next_url": None if page.next_offset is None else _list_url(query, page.next_offset),
         "first_url": _list_url(query, 0),
         "directory": str(capture.directory),
     }
