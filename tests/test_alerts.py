@@ -6,9 +6,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
-import os
 import re
-import shutil
 import signal
 import subprocess
 from pathlib import Path
@@ -24,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from shared.metrics import WORKER_REGISTRY, render
 from shared.settings import Settings
 from tests.conftest import AUTH, drain, make_settings
-from tests.processes import free_port, free_ports, start, wait_until
+from tests.processes import free_port, free_ports, prometheus_binary, start, wait_until
 from tests.smtp_server import RecordingSMTPServer, Rule
 from worker.main import worker_options, worker_runtime
 
@@ -61,23 +59,13 @@ def published(text: str) -> set[str]:
     return names | {n[: -len(s)] for n in names for s in HISTOGRAM_SUFFIXES if n.endswith(s)}
 
 
-def binary(name: str) -> str:
-    """Debian's ``prometheus`` or ``promtool``: CI installs them, elsewhere a missing one skips."""
-    path = shutil.which(name)
-    if path is None:
-        if os.environ.get("CI"):
-            pytest.fail(f"{name} is missing: .ci/run installs Debian's prometheus package")
-        pytest.skip(f"{name} not installed (apt-get install prometheus)")
-    return path
-
-
 # -- the rules and their unit tests ----------------------------------------------------------------
 
 
 @pytest.mark.slow
 def test_the_promtool_unit_tests_pass() -> None:
     result = subprocess.run(
-        [binary("promtool"), "test", "rules", str(ALERTS_TEST)],
+        [prometheus_binary("promtool"), "test", "rules", str(ALERTS_TEST)],
         capture_output=True,
         text=True,
         timeout=120,
@@ -154,7 +142,7 @@ def test_the_scrape_config_sets_the_runbook_base_and_passes_promtool() -> None:
     assert base.startswith("https://") and not base.endswith("/")
     assert config["rule_files"] == ["alerts.yml"]
     result = subprocess.run(
-        [binary("promtool"), "check", "config", str(PROMETHEUS_CONFIG)],
+        [prometheus_binary("promtool"), "check", "config", str(PROMETHEUS_CONFIG)],
         capture_output=True,
         text=True,
         timeout=60,
@@ -288,7 +276,7 @@ async def test_a_real_prometheus_fires_the_alerts_from_real_failures_and_killed_
     Prometheus with the real rules (``for:`` cut to 1 s, evaluated every second) and a worker
     presumed dead after 2 s of silence (MAILROOM_STALLED_AFTER_SECONDS, the minimum). Half of a
     batch is refused with 550, then one worker and the other are SIGKILLed."""
-    prometheus_binary = binary("prometheus")
+    prometheus_path = prometheus_binary("prometheus")
     web_port, first_worker_port = free_port(), free_ports(2)
     worker_ports = (first_worker_port, first_worker_port + 1)  # instance N: base port + N
     settings = make_settings(
@@ -335,7 +323,7 @@ async def test_a_real_prometheus_fires_the_alerts_from_real_failures_and_killed_
     ]
     worker1, worker2 = procs[1:]
     prom = await asyncio.create_subprocess_exec(
-        prometheus_binary,
+        prometheus_path,
         f"--config.file={tmp_path / 'prometheus.yml'}",
         f"--storage.tsdb.path={tmp_path / 'data'}",
         f"--web.listen-address=127.0.0.1:{prom_port}",

@@ -6,8 +6,6 @@ import asyncio
 import io
 import json
 import logging
-import os
-import shutil
 import socket
 import subprocess
 import time
@@ -26,7 +24,7 @@ from shared.db import Database
 from shared.metrics import WORKER_REGISTRY, render
 from shared.settings import Settings
 from tests.conftest import API_TOKEN, AUTH, drain, make_settings, query, retries_due
-from tests.processes import free_port
+from tests.processes import free_port, prometheus_binary
 from tests.smtp_server import RecordingSMTPServer, Rule
 from worker.health import start_health_server
 
@@ -216,16 +214,7 @@ def alert_exprs() -> list[str]:
 
 @pytest.fixture
 def promtool() -> str:
-    return _binary("promtool")
-
-
-def _binary(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        if os.environ.get("CI"):
-            pytest.fail(f"{name} is missing: .ci/run installs Debian's prometheus package")
-        pytest.skip(f"{name} not installed (apt-get install prometheus)")
-    return path
+    return prometheus_binary("promtool")
 
 
 @pytest.mark.slow
@@ -242,7 +231,7 @@ def test_promtool_accepts_the_rules_and_the_config(promtool: str) -> None:
 async def test_prometheus_scrapes_the_live_exporters_and_answers_the_main_queries(
     client: TestClient, settings: Settings, smtp: RecordingSMTPServer, tmp_path: Path
 ) -> None:
-    binary = _binary("prometheus")
+    binary = prometheus_binary("prometheus")
     worker_port = free_port()
     health = await start_health_server(
         settings.model_copy(update={"metrics_port": worker_port}), lambda: None
