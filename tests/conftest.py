@@ -17,7 +17,8 @@ import platform
 import secrets
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+import uuid
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from psycopg import sql
 
 from mailroom.embedded import EmbeddedPostgres, database_uri
-from shared.db import Database, make_pool
+from shared.db import Database, NewBatch, NewRecipient, make_pool
 from shared.logging import configure_logging
 from shared.schema import migrate
 from shared.settings import LogFormat, Settings
@@ -234,6 +235,14 @@ async def retries_due(database_url: str) -> None:
         database_url,
         "UPDATE procrastinate_jobs SET scheduled_at = now()"
         " WHERE status = 'todo' AND scheduled_at > now()",
+    )
+
+
+async def make_batch(db: Database, addresses: Sequence[str], **options: Any) -> uuid.UUID:
+    """A template batch to ``addresses``, created as the web tier does (one transaction)."""
+    fields: dict[str, Any] = {"subject_template": "S", "body_template": "B", **options}
+    return await db.create_batch(
+        NewBatch(created_by="test", recipients=[NewRecipient(a) for a in addresses], **fields)
     )
 
 

@@ -11,9 +11,8 @@ import pytest
 from procrastinate.worker import Worker
 
 from mailroom.capture import Behaviour, MailCapture, behaviour_for
-from shared.db import Database, NewBatch, NewRecipient
 from shared.settings import Settings
-from tests.conftest import make_settings, query
+from tests.conftest import make_batch, make_settings, query
 from tests.processes import wait_until
 from web.captured_mail import CapturedMail
 from worker.main import worker_options, worker_runtime
@@ -106,15 +105,7 @@ async def test_a_worker_against_the_tags_shows_a_retry_a_bounce_a_rejection_and_
         "di+slow@example.org": "dead",
     }
     async with worker_runtime(settings) as (app, deps):
-        db = Database(deps.db.pool)
-        await db.create_batch(
-            NewBatch(
-                created_by="test",
-                subject_template="S",
-                body_template="B",
-                recipients=[NewRecipient(a) for a in addresses],
-            )
-        )
+        await make_batch(deps.db, list(addresses))
         worker = Worker(
             app=app,
             **worker_options(

@@ -12,23 +12,17 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-from shared.db import Database, NewBatch, NewRecipient, Selection
+from shared.db import Database, Selection
 from shared.queue import SEND_CHUNK_TASK, SEND_EMAIL_TASK
 from shared.settings import Settings
-from tests.conftest import NO_RETRY_WITHIN_A_DRAIN, drain, query
+from tests.conftest import NO_RETRY_WITHIN_A_DRAIN, drain, make_batch, query
 from tests.processes import wait_until
 from tests.smtp_server import RecordingSMTPServer, Rule
 
 
 async def _batch(db: Database, addresses: Sequence[str], **options: Any) -> uuid.UUID:
-    return await db.create_batch(
-        NewBatch(
-            created_by="test",
-            subject_template="Hello {{ email }}",
-            body_template="Body",
-            recipients=[NewRecipient(a) for a in addresses],
-            **options,
-        )
+    return await make_batch(
+        db, addresses, subject_template="Hello {{ email }}", body_template="Body", **options
     )
 
 

@@ -21,9 +21,9 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client import Histogram
 
-from shared.db import Database, NewBatch, NewRecipient
+from shared.db import Database
 from shared.settings import Settings
-from tests.conftest import AUTH, drain, query
+from tests.conftest import AUTH, drain, make_batch, query
 from tests.processes import free_port, start, wait_until, worker_process
 from tests.smtp_server import RecordingSMTPServer, Rule
 from tests.test_observability import samples, scrape, value, worker_scrape
@@ -42,17 +42,6 @@ def _message(to: str) -> OutgoingMessage:
 
 def _worker(name: str, **labels: str) -> float:
     return value(worker_scrape(), name, **labels)
-
-
-async def _batch(db: Database, addresses: list[str]) -> None:
-    await db.create_batch(
-        NewBatch(
-            created_by="test",
-            subject_template="S",
-            body_template="B",
-            recipients=[NewRecipient(a) for a in addresses],
-        )
-    )
 
 
 # -- buckets ---------------------------------------------------------------------------------
@@ -244,7 +233,7 @@ async def test_busy_slots_follow_the_sends_in_flight(
     db: Database, settings: Settings, smtp: RecordingSMTPServer
 ) -> None:
     smtp.data_delay_seconds = 1.0
-    await _batch(db, [f"slot{i}@example.org" for i in range(10)])
+    await make_batch(db, [f"slot{i}@example.org" for i in range(10)])
     async with worker_runtime(settings) as (app, deps):
         worker = asyncio.create_task(
             app.run_worker_async(**worker_options(settings, deps, install_signal_handlers=False))
@@ -362,7 +351,7 @@ async def _orphaned_then_swept(
 ) -> None:
     url = settings.database_url or ""
     smtp.data_delay_seconds = 10.0  # the first worker's sends hang until it is killed
-    await _batch(db, ["orphan1@example.org", "orphan2@example.org"])
+    await make_batch(db, ["orphan1@example.org", "orphan2@example.org"])
     async with worker_process(settings) as doomed:
 
         async def running() -> bool:
