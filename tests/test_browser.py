@@ -13,6 +13,7 @@ import os
 import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestServer
@@ -38,6 +39,13 @@ CHROMIUM_ARGS = [
     "--disable-sync",
     "--no-first-run",
 ]
+
+
+async def log_in(page: Any, base: str) -> None:
+    """Log the browser in through the login form, as an operator does."""
+    await page.goto(f"{base}/login")
+    await page.fill("input[name=token]", API_TOKEN)
+    await page.click("button[type=submit]")
 
 
 @pytest.fixture

@@ -17,8 +17,8 @@ from aiohttp.test_utils import TestServer
 from mailroom.capture import MailCapture
 from shared.db import Database
 from shared.settings import Settings
-from tests.conftest import API_TOKEN, drain
-from tests.test_browser import CHROMIUM_ARGS, chromium  # noqa: F401  (a fixture)
+from tests.conftest import drain
+from tests.test_browser import CHROMIUM_ARGS, chromium, log_in  # noqa: F401  (a fixture)
 from web.app import create_app
 from web.captured_mail import CapturedMail
 
@@ -50,9 +50,7 @@ async def test_an_operator_writes_markdown_with_a_sender_name_and_reply_to(
         async with async_playwright() as p:
             browser = await p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
             page = await browser.new_page(viewport={"width": WIDTHS[device], "height": 900})
-            await page.goto(base + "/login")
-            await page.fill("input[name=token]", API_TOKEN)
-            await page.click("button[type=submit]")
+            await log_in(page, base)
 
             await page.fill("textarea[name=recipients]", "zoe@example.org")
             await page.fill("input[name=subject]", "Spring news")

@@ -16,9 +16,9 @@ from aiohttp.test_utils import TestServer
 
 from shared.db import Database, NewBatch, NewRecipient
 from shared.settings import Settings
-from tests.conftest import API_TOKEN, make_settings, query
+from tests.conftest import make_settings, query
 from tests.smtp_server import RecordingSMTPServer, Rule
-from tests.test_browser import CHROMIUM_ARGS, chromium, running_worker  # noqa: F401 (fixtures)
+from tests.test_browser import CHROMIUM_ARGS, chromium, log_in, running_worker  # noqa: F401 (fixtures)
 from web.app import create_app
 
 pytestmark = pytest.mark.slow
@@ -68,9 +68,7 @@ async def test_the_batch_page_follows_state_counts_and_filters_live(
         async with async_playwright() as p:
             browser = await p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
             page = await browser.new_page(viewport={"width": WIDTHS[device], "height": 900})
-            await page.goto(f"{base}/login")
-            await page.fill("input[name=token]", API_TOKEN)
-            await page.click("button[type=submit]")
+            await log_in(page, base)
             await page.goto(f"{base}/batches/{batch_id}")
             # Marks this document: a reload would lose it.
             await page.evaluate("window.sameDocument = true")
