@@ -57,7 +57,8 @@ from web.webhooks.endpoint import record, webhook
 PROVIDER = "sendgrid"
 SIGNATURE_HEADER = "X-Twilio-Email-Event-Webhook-Signature"
 TIMESTAMP_HEADER = "X-Twilio-Email-Event-Webhook-Timestamp"
-_TIMESTAMP = re.compile(r"[0-9]{1,12}")
+# Up to 10 digits: the year 2286, well inside what datetime can hold.
+_TIMESTAMP = re.compile(r"[0-9]{1,10}")
 DROPPED_REASONS = {"Bounced Address": "hard_bounce", "Spam Reporting Address": "complaint"}
 routes = web.RouteTableDef()
 
