@@ -146,7 +146,8 @@ def parse_message(payload: Any) -> SnsMessage:
 def check_sns_url(url: str, name: str) -> URL:
     """``url`` if it is https on an SNS host (``sns.<region>.amazonaws.com[.cn]``), else a 403."""
     match = _SNS_URL.fullmatch(url)
-    parsed = URL(url) if match else None
+    # encoded=True: sent exactly as AWS wrote it (the pattern admits only URL-safe characters).
+    parsed = URL(url, encoded=True) if match else None
     if match is None or parsed is None or parsed.host != match.group(1):
         raise Refused(
             403,
