@@ -37,6 +37,7 @@ from shared.metrics import WEB_REGISTRY
 from shared.settings import ConfigError, Settings, load_settings
 from tests.conftest import AUTH, make_settings, query
 from web.app import create_app
+from web.keys import SNS
 
 TOPIC = "arn:aws:sns:us-east-1:123456789012:ses-feedback"
 SNS_HOST = "sns.us-east-1.amazonaws.com"
@@ -599,6 +600,17 @@ async def test_an_unsigned_subscription_confirmation_is_never_visited(
     assert [r for r in aws.requests if "ConfirmSubscription" in r] == []
 
 
+async def test_an_unsubscribe_confirmation_is_verified_recorded_and_ignored(
+    hooks: TestClient, pki: Pki, aws: FakeAws, hook_settings: Settings
+) -> None:
+    confirmation = sns(pki, "You have unsubscribed", kind="UnsubscribeConfirmation")
+    status, body = await post_sns(hooks, confirmation)
+    assert (status, body["ignored"], body["subscription_confirmed"]) == (200, 1, False)
+    assert [r for r in aws.requests if "Action=" in r] == []  # nothing is visited
+    recorded = await _recorded(str(hook_settings.database_url))
+    assert recorded == [("ses", confirmation["MessageId"])]
+
+
 async def test_repeated_forgeries_lock_the_client_out_of_the_webhooks_only(
     pki: Pki, db: Database, aws: FakeAws, hook_settings: Settings
 ) -> None:
@@ -884,6 +896,15 @@ async def test_each_webhook_is_off_until_configured(
             assert (response.status, body["error"]["code"]) == (404, "webhook_disabled")
             assert variable in body["error"]["message"]
     assert aws.requests == []
+
+
+async def test_without_a_client_of_its_own_the_app_opens_and_closes_one(
+    hook_settings: Settings, db: Database
+) -> None:
+    async with TestClient(TestServer(create_app(hook_settings, db=db))) as client:
+        http = client.app[SNS].http
+        assert not http.closed
+    assert http.closed
 
 
 async def test_a_delivery_that_fails_midway_leaves_nothing(db: Database, database_url: str) -> None:
