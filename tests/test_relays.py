@@ -193,7 +193,8 @@ async def test_a_relay_that_goes_down_mid_batch_fails_over_then_comes_back_when_
         more = [f"s{i}@example.org" for i in range(20)]
         await make_batch(db, more)
         await wait_until(all_sent(settings, 80), 30, "the second batch to be sent")
-    assert len(first_smtp.received) - first_before == 10, "an equal share again once it is back"
+    # An equal share again once it is back, give or take the one send the round-robin owed it.
+    assert 9 <= len(first_smtp.received) - first_before <= 11
     received_once_in_all(addresses + more, first_smtp, other_smtp)
     down = events(caplog, "smtp_relay_down")
     assert [e["relay"] for e in down] == ["m-first"]
