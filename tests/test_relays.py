@@ -27,6 +27,13 @@ from shared.settings import ConfigError, Settings, SmtpRelay, load_settings
 from tests.conftest import NO_RETRY_WITHIN_A_DRAIN, drain, make_batch, query, retries_due
 from tests.processes import wait_until
 from tests.smtp_server import RecordingSMTPServer, Rule
+from worker.failures import (
+    DeliveryFailure,
+    PermanentFailure,
+    TransientFailure,
+    relay_failing,
+    relay_unavailable,
+)
 from worker.main import worker_options, worker_runtime
 from worker.relays import RelayMailer, build_mailer
 
@@ -443,3 +450,36 @@ def test_garbage_relays_are_a_config_error_naming_the_variable_and_never_a_passw
     assert message.startswith("MAILROOM_SMTP_RELAYS"), message
     assert fragment in message, message
     assert "hunter2" not in message
+
+
+# -- which failures move a send to another relay ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("failure", "fails_over", "marks_down"),
+    [
+        (TransientFailure("refused", stage="connect"), True, True),
+        (TransientFailure("SMTP 421 during connect", smtp_code=421, stage="connect"), True, True),
+        (TransientFailure("SMTP 535 during connect", smtp_code=535, stage="connect"), True, True),
+        (TransientFailure("SMTP 421 during mail", smtp_code=421, stage="mail"), True, True),
+        (TransientFailure("SMTP 421 during rcpt", smtp_code=421, stage="rcpt"), True, True),
+        (TransientFailure("SMTP 421 during data", smtp_code=421, stage="data"), True, True),
+        (TransientFailure("dropped during mail", stage="mail"), True, True),
+        (TransientFailure("timeout during rcpt", stage="rcpt"), True, True),
+        # The text was sent and no reply came: the relay may have it.
+        (TransientFailure("SMTP timeout during data", stage="data"), False, True),
+        (TransientFailure("SMTP connection failed during data", stage="data"), False, True),
+        # Replies about this message or recipient: the same on any relay.
+        (TransientFailure("SMTP 451 during rcpt", smtp_code=451, stage="rcpt"), False, False),
+        (TransientFailure("SMTP 451 during data", smtp_code=451, stage="data"), False, False),
+        (TransientFailure("SMTP 452 during mail", smtp_code=452, stage="mail"), False, False),
+        (PermanentFailure("SMTP 550 during rcpt", smtp_code=550, stage="rcpt"), False, False),
+        (PermanentFailure("SMTP 554 during data", smtp_code=554, stage="data"), False, False),
+        (PermanentFailure("address needs SMTPUTF8"), False, False),
+    ],
+)
+def test_only_a_failure_that_cannot_have_delivered_moves_the_send_to_another_relay(
+    failure: DeliveryFailure, fails_over: bool, marks_down: bool
+) -> None:
+    assert relay_unavailable(failure) is fails_over
+    assert relay_failing(failure) is marks_down
