@@ -105,6 +105,8 @@ async def run_dev(base: Settings, options: DevOptions) -> int:
                 "smtp_security": SmtpSecurity.NONE,
                 "smtp_username": None,
                 "smtp_password": None,
+                # Nothing leaves the machine: relays set for production are not used here.
+                "smtp_relays": None,
                 "from_address": base.from_address or DEV_FROM_ADDRESS,
                 "public_url": base.public_url or f"http://{options.host}:{options.port}",
                 "api_token": SecretStr(token),

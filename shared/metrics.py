@@ -185,6 +185,34 @@ def smtp_reply_class(code: int | None) -> str:
     return "no_reply"
 
 
+# Per SMTP relay (MAILROOM_SMTP_RELAYS; "default" when only MAILROOM_SMTP_* is set): the label
+# is a configured name, so there are as many series as relays.
+SMTP_RELAY_SENDS = Counter(
+    "mailroom_smtp_relay_sends",
+    "Messages an SMTP relay accepted, by relay.",
+    ["relay"],
+    registry=_W,
+)
+SMTP_RELAY_FAILURES = Counter(
+    "mailroom_smtp_relay_failures",
+    "Failed SMTP exchanges with a relay (those another relay then carried too), by relay.",
+    ["relay"],
+    registry=_W,
+)
+SMTP_RELAY_UP = Gauge(
+    "mailroom_smtp_relay_up",
+    "1 while this worker counts the SMTP relay as up, 0 while it is marked down.",
+    ["relay"],
+    registry=_W,
+)
+SMTP_FAILOVERS = Counter(
+    "mailroom_smtp_failovers",
+    "Sends moved from a relay to the next one, by the relay that could not take them.",
+    ["relay"],
+    registry=_W,
+)
+
+
 # -- web --------------------------------------------------------------------------------------
 _WEB = WEB_REGISTRY
 BATCHES_CREATED = Counter("mailroom_batches_created", "Batches created.", registry=_WEB)

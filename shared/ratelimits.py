@@ -8,7 +8,10 @@ job that finds a window full is put back for when the window ends, without spend
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 from shared.settings import Settings
 
@@ -57,3 +60,29 @@ def limits_for(settings: Settings, recipient: str) -> list[Limit]:
             )
         )
     return limits
+
+
+@dataclass
+class LocalWindow:
+    """A limit counted in this process only, in clock-aligned windows like the shared ones.
+
+    For a relay's own limit (``MAILROOM_SMTP_RELAYS``' ``rate_per_second`` and
+    ``rate_per_minute``): it is checked on the way to the relay, with no round trip to the
+    database, so every worker process has the whole limit to itself.
+    """
+
+    limit: Limit
+    clock: Callable[[], float] = time.time
+    _window: int = field(default=-1, repr=False)
+    _sent: int = field(default=0, repr=False)
+
+    def take(self) -> datetime | None:
+        """Count one message, or return when the full window ends (and count nothing)."""
+        now = self.clock()
+        window = int(now // self.limit.window_seconds)
+        if window != self._window:
+            self._window, self._sent = window, 0
+        if self._sent >= self.limit.max_sent:
+            return datetime.fromtimestamp((window + 1) * self.limit.window_seconds, UTC)
+        self._sent += 1
+        return None

@@ -13,11 +13,19 @@ import binascii
 import enum
 import re
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_der_public_key, load_pem_public_key
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from shared.addresses import InvalidAddress, normalize_address
@@ -80,6 +88,40 @@ def _header_safe(value: str | None) -> str | None:
     raise ValueError(problem)
 
 
+DEFAULT_RELAY_NAME = "default"
+
+
+class SmtpRelay(BaseModel):
+    """One SMTP server the worker may send through: an entry of ``MAILROOM_SMTP_RELAYS``.
+
+    ``name`` labels the relay's metrics and log lines (so it is short and plain); ``weight`` is
+    its share of the sends among the healthy relays of its ``role``; a ``fallback`` carries mail
+    only while no ``primary`` is healthy. ``max_connections`` defaults to the worker's
+    concurrency; ``rate_per_second`` / ``rate_per_minute`` cap what each worker process sends
+    through it (unset: no cap of its own).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,31}$")
+    host: str = Field(min_length=1, max_length=253)
+    port: int = Field(default=25, ge=1, le=65535)
+    security: SmtpSecurity = SmtpSecurity.NONE
+    username: str | None = None
+    password: SecretStr | None = None
+    timeout_seconds: float = Field(default=30.0, gt=0, le=600)
+    max_connections: int | None = Field(default=None, ge=1, le=256)
+    rate_per_second: int | None = Field(default=None, ge=1, le=100_000)
+    rate_per_minute: int | None = Field(default=None, ge=1, le=6_000_000)
+    weight: int = Field(default=1, ge=1, le=1000)
+    role: Literal["primary", "fallback"] = "primary"
+
+    @field_validator("host", "username")
+    @classmethod
+    def _no_line_breaks(cls, value: str | None) -> str | None:
+        return _header_safe(value)
+
+
 class Settings(BaseSettings):
     """Everything Mailroom can be told, with the defaults it runs with."""
 
@@ -104,6 +146,9 @@ class Settings(BaseSettings):
     smtp_password: SecretStr | None = None
     smtp_security: SmtpSecurity = SmtpSecurity.NONE
     smtp_timeout_seconds: float = Field(default=30.0, gt=0, le=600)
+    # Several SMTP servers, as a JSON list of SmtpRelay objects. Unset, the MAILROOM_SMTP_*
+    # values above are the one relay (named "default").
+    smtp_relays: list[SmtpRelay] | None = None
     from_address: str | None = None
     # The sender's display name ("News" <news@example.org>) and a Reply-To address, for every
     # batch that does not give its own.
@@ -250,6 +295,29 @@ class Settings(BaseSettings):
         p256_public_key(value)
         return value.strip()
 
+    @field_validator("smtp_relays", mode="before")
+    @classmethod
+    def _a_json_list(cls, value: Any) -> Any:
+        # pydantic-settings decodes the variable's JSON and passes on what it cannot decode.
+        if isinstance(value, str):
+            raise ValueError("must be a JSON list of relay objects (it is not valid JSON)")
+        return value
+
+    @field_validator("smtp_relays")
+    @classmethod
+    def _relays_that_can_work(cls, value: list[SmtpRelay] | None) -> list[SmtpRelay] | None:
+        if value is None:
+            return None
+        if not value:
+            raise ValueError("needs at least one relay (or leave it unset)")
+        names = [relay.name for relay in value]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"relay names must be unique: {', '.join(repeated)} repeated")
+        if not any(relay.role == "primary" for relay in value):
+            raise ValueError('needs at least one relay with "role": "primary"')
+        return value
+
     @field_validator("log_level")
     @classmethod
     def _known_level(cls, value: str) -> str:
@@ -294,6 +362,29 @@ class Settings(BaseSettings):
                 f"(got {self.sweep_interval_seconds})"
             )
 
+    def relays(self) -> list[SmtpRelay]:
+        """The SMTP relays to send through: ``MAILROOM_SMTP_RELAYS``, or the one relay of the
+        ``MAILROOM_SMTP_*`` values when that is unset."""
+        if self.smtp_relays is not None:
+            return list(self.smtp_relays)
+        # Each value was checked as a MAILROOM_SMTP_* field already.
+        return [
+            SmtpRelay.model_construct(
+                name=DEFAULT_RELAY_NAME,
+                host=self.smtp_host,
+                port=self.smtp_port,
+                security=self.smtp_security,
+                username=self.smtp_username,
+                password=self.smtp_password,
+                timeout_seconds=self.smtp_timeout_seconds,
+                max_connections=None,
+                rate_per_second=None,
+                rate_per_minute=None,
+                weight=1,
+                role="primary",
+            )
+        ]
+
     @property
     def heartbeat_interval_seconds(self) -> float:
         """How often a worker proves it is alive: well inside ``stalled_after_seconds``."""
@@ -318,8 +409,16 @@ def load_settings(**overrides: Any) -> Settings:
 def _describe(exc: ValidationError) -> str:
     lines = []
     for error in exc.errors():
-        field = ".".join(str(part) for part in error["loc"]) or "settings"
+        loc = [str(part) for part in error["loc"]]
+        field = ".".join(loc) or "settings"
         value = error.get("input")
+        if loc[:1] == ["smtp_relays"]:
+            # A relay's values are never echoed: the input may be the whole list, passwords and
+            # all, or a password under a misspelt key. Its position and key say where to look.
+            where = "".join(f"[{p}]" if p.isdigit() else f".{p}" for p in loc[1:])
+            message = error["msg"].removeprefix("Value error, ")
+            lines.append(f"{env_name('smtp_relays')}{where}: {message}")
+            continue
         shown = "" if _is_secret(field) or isinstance(value, dict) else f" (got {value!r})"
         lines.append(f"{env_name(field)}: {error['msg']}{shown}")
     return "; ".join(lines)

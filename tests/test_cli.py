@@ -57,6 +57,12 @@ def test_no_command_is_a_usage_error() -> None:
             "'none', 'starttls' or 'tls'",
         ),
         (
+            {"MAILROOM_SMTP_RELAYS": '[{"name": "a", "host": "h", "weight": 0}]'},
+            "worker",
+            "MAILROOM_SMTP_RELAYS[0].weight",
+            "greater than or equal",
+        ),
+        (
             {"MAILROOM_WORKER_CONCURRENCY": "0"},
             "worker",
             "MAILROOM_WORKER_CONCURRENCY",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
@@ -33,12 +34,13 @@ def postgres_processes(data_dir: Path) -> list[psutil.Process]:
 
 @asynccontextmanager
 async def running_dev(
-    data_dir: Path, cwd: Path = ROOT
+    data_dir: Path, cwd: Path = ROOT, **settings: str
 ) -> AsyncIterator[tuple[asyncio.subprocess.Process, str, str, str]]:
-    """Start ``mailroom dev``; once it says it is running, yield (process, base URL, token,
-    the worker's base URL as printed: its metrics port is picked by the process)."""
+    """Start ``mailroom dev`` (with ``settings``, MAILROOM_* variables, in its environment);
+    once it says it is running, yield (process, base URL, token, the worker's base URL as
+    printed: its metrics port is picked by the process)."""
     port, smtp_port = free_port(), free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MAILROOM_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MAILROOM_")} | settings
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -84,7 +86,9 @@ async def test_dev_delivers_a_batch_to_its_capture_and_stops_cleanly_on_sigterm(
 ) -> None:
     data_dir = pg_data_parent / "data"  # holds the embedded PostgreSQL's data directory
     recipients = [f"dev{i}@example.org" for i in range(5)]
-    async with running_dev(data_dir) as (proc, base, token, _):
+    # Relays configured for production are not used: nothing leaves the machine.
+    production = json.dumps([{"name": "production", "host": "127.0.0.1", "port": free_port()}])
+    async with running_dev(data_dir, MAILROOM_SMTP_RELAYS=production) as (proc, base, token, _):
         auth = {"Authorization": f"Bearer {token}"}
         async with aiohttp.ClientSession(base) as http:
             created = await http.post(

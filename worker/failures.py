@@ -172,3 +172,24 @@ def asks_to_slow_down(failure: DeliveryFailure) -> bool:
     if code is None or not 400 <= code < 500:
         return False
     return code == 421 or failure.stage in {"connect", "mail", "data"}
+
+
+def relay_unavailable(failure: DeliveryFailure) -> bool:
+    """Whether the relay could not take the message and nothing of it can have been delivered,
+    so another relay may carry it without any risk of a second copy.
+
+    That is every failure to connect (refused, timed out, a 421 or other refusal of the
+    greeting, TLS, AUTH), a 421 ("service not available") to any command (a definite refusal,
+    even after the message's text), and a connection dropped or timed out before DATA. A
+    timeout or a dropped connection after the text was sent is not: the relay may have
+    accepted the message without its reply reaching us.
+    """
+    if failure.stage == "connect" or failure.smtp_code == 421:
+        return True
+    return failure.smtp_code is None and failure.stage in {"mail", "rcpt"}
+
+
+def relay_failing(failure: DeliveryFailure) -> bool:
+    """Whether the relay itself is in trouble (it is then marked down): the failures of
+    :func:`relay_unavailable`, and no reply after the message's text was sent."""
+    return relay_unavailable(failure) or (failure.smtp_code is None and failure.stage == "data")

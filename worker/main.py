@@ -33,9 +33,10 @@ from worker.dkim import DkimSigner
 from worker.drafting import Drafter, TemplateDrafter
 from worker.health import start_health_server
 from worker.llm import LlmDrafter, LlmOptions
+from worker.relays import build_mailer
 from worker.retry import BackoffRetry
 from worker.slots import SendSlots
-from worker.smtp import Mailer, SmtpMailer, SmtpServer
+from worker.smtp import Mailer
 from worker.tasks import DEPS_KEY, WorkerDeps, job_summary_middleware, register_tasks
 
 log = structlog.get_logger(__name__)
@@ -77,12 +78,7 @@ async def worker_runtime(
         settings=settings,
         db=Database(pool, chunk_size=settings.chunk_size),
         drafters=drafters or {"template": template, **({"llm": llm} if llm else {})},
-        mailer=mailer
-        or SmtpMailer(
-            SmtpServer.from_settings(settings),
-            size=settings.worker_concurrency,
-            signer=DkimSigner.from_settings(settings),
-        ),
+        mailer=mailer or build_mailer(settings, signer=DkimSigner.from_settings(settings)),
         retry=retry,
         sending=SendSlots(settings.worker_concurrency),
         chunks=asyncio.Semaphore(WorkerDeps.chunks_in_flight(settings)),
@@ -189,8 +185,10 @@ async def _supervise(
                 log.info(
                     "worker_starting",
                     concurrency=settings.worker_concurrency,
-                    smtp_host=settings.smtp_host,
-                    smtp_port=settings.smtp_port,
+                    smtp_relays=[
+                        f"{r.name}={r.host}:{r.port} ({r.role}, weight {r.weight})"
+                        for r in settings.relays()
+                    ],
                     unsubscribe_links=settings.public_url is not None,
                 )
                 if settings.public_url is None:

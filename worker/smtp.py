@@ -16,6 +16,7 @@ import html
 import os
 import re
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from email.header import Header
 from email.utils import formatdate
@@ -31,20 +32,26 @@ from shared.markdown import render_markdown
 from shared.metrics import (
     SMTP_CONCURRENCY_LIMIT,
     SMTP_FAILURES,
+    SMTP_RELAY_FAILURES,
+    SMTP_RELAY_SENDS,
+    SMTP_RELAY_UP,
     SMTP_SEND,
     SMTP_SLOWDOWN_UNTIL,
     SMTP_SLOWED_DOWN,
     SMTP_THROTTLED,
     smtp_reply_class,
 )
-from shared.settings import Settings, SmtpSecurity
+from shared.ratelimits import Limit, LocalWindow
+from shared.settings import DEFAULT_RELAY_NAME, Settings, SmtpRelay, SmtpSecurity
 from shared.templating import UNSUBSCRIBE_MARKER
 from worker.dkim import DkimSigner
 from worker.failures import (
     DeliveryFailure,
     PermanentFailure,
+    RateLimited,
     asks_to_slow_down,
     classify_smtp,
+    relay_failing,
 )
 
 MAX_MESSAGES_PER_CONNECTION = 100
@@ -93,6 +100,8 @@ class SmtpServer:
     security: SmtpSecurity = SmtpSecurity.NONE
     username: str | None = None
     password: str | None = field(default=None, repr=False)
+    # What metrics and log lines call it (a relay's name in MAILROOM_SMTP_RELAYS).
+    name: str = DEFAULT_RELAY_NAME
 
     @classmethod
     def from_settings(cls, settings: Settings) -> SmtpServer:
@@ -104,6 +113,19 @@ class SmtpServer:
             security=settings.smtp_security,
             username=settings.smtp_username,
             password=settings.smtp_password.get_secret_value() if settings.smtp_password else None,
+        )
+
+    @classmethod
+    def from_relay(cls, relay: SmtpRelay) -> SmtpServer:
+        """The server of one relay of the settings (checked when they were read)."""
+        return cls(
+            host=relay.host,
+            port=relay.port,
+            timeout_seconds=relay.timeout_seconds,
+            security=relay.security,
+            username=relay.username,
+            password=relay.password.get_secret_value() if relay.password else None,
+            name=relay.name,
         )
 
 
@@ -470,7 +492,16 @@ class _Connection:
 
 
 class SmtpMailer:
-    """Sends through one SMTP server with at most ``size`` connections, reused.
+    """Sends through one SMTP server (a relay) with at most ``size`` connections, reused.
+
+    The relay is up until a failure says it is in trouble (:func:`worker.failures.relay_failing`:
+    it refused or dropped the connection, timed out, answered 421), then down until a send that
+    started after that succeeds or :meth:`probe` connects; each change is logged
+    (``smtp_relay_down`` with why, ``smtp_relay_up``) and published as
+    ``mailroom_smtp_relay_up``. Being down changes nothing here: :class:`worker.relays.RelayMailer`
+    decides where to send. ``rate_limits`` are this relay's own limits, counted in this process
+    (:class:`shared.ratelimits.LocalWindow`): a full window raises RateLimited before anything
+    is sent.
 
     How many messages are in flight adapts to the server (additive increase, multiplicative
     decrease, as TCP does): a reply that asks this sender to slow down halves the limit, down to
@@ -493,8 +524,19 @@ class SmtpMailer:
         idle_timeout_seconds: float = IDLE_TIMEOUT_SECONDS,
         signer: DkimSigner | None = None,
         slowdown_hold_seconds: float = SLOWDOWN_HOLD_SECONDS,
+        rate_limits: Sequence[Limit] = (),
     ) -> None:
         self._server = server
+        self.name = server.name
+        self._windows = [LocalWindow(limit) for limit in rate_limits]
+        self._sends_metric = SMTP_RELAY_SENDS.labels(relay=server.name)
+        self._failures_metric = SMTP_RELAY_FAILURES.labels(relay=server.name)
+        self._up_metric = SMTP_RELAY_UP.labels(relay=server.name)
+        self._up_metric.set(1)
+        self._down_since: float | None = None  # time.monotonic() when marked down; None: up
+        self._health_epoch = 0  # one more at each mark down
+        # Called whenever the concurrency limit moves; a RelayMailer publishes the sum instead.
+        self.on_limit_change: Callable[[], None] = self._publish_limit
         self._signer = signer
         self._limiter = AdaptiveLimiter(size)
         self._epoch = 0  # one more at each decrease
@@ -506,11 +548,16 @@ class SmtpMailer:
         self._idle_timeout_seconds = idle_timeout_seconds
         self._hold_seconds = slowdown_hold_seconds
         self._slowed_until = 0.0  # time.monotonic() when the slow-down ends; 0: none
-        SMTP_CONCURRENCY_LIMIT.set(size)
+        self.on_limit_change()
         # Read at scrape time, so an idle worker's slow-down shows as over once its time is up.
-        # A worker process has one mailer; the gauges follow the latest one created.
+        # A worker process has one mailer (a RelayMailer replaces these with its relays' sum).
         SMTP_SLOWED_DOWN.set_function(lambda: float(self.slowed_down))
-        SMTP_SLOWDOWN_UNTIL.set_function(self._slowdown_until_unix)
+        SMTP_SLOWDOWN_UNTIL.set_function(self.slowdown_until_unix)
+
+    @property
+    def is_up(self) -> bool:
+        """Whether the relay counts as up (no failure of its own since it last worked)."""
+        return self._down_since is None
 
     @property
     def concurrency_limit(self) -> int:
@@ -528,13 +575,19 @@ class SmtpMailer:
         slower = bool(self._pace_seconds) or self._limiter.limit < self._limiter.size
         return slower and self._slowed_until > time.monotonic()
 
-    def _slowdown_until_unix(self) -> float:
+    def slowdown_until_unix(self) -> float:
+        """Unix time the slow-down ends at the latest (0 when not slowed down)."""
         if not self.slowed_down:
             return 0.0
         return time.time() + (self._slowed_until - time.monotonic())
 
     async def send(self, message: OutgoingMessage) -> str:
-        """Send ``message``; return the server's reply or raise a DeliveryFailure."""
+        """Send ``message``; return the server's reply or raise a DeliveryFailure (or
+        RateLimited when one of the relay's own windows is full)."""
+        for window in self._windows:
+            resume_at = window.take()
+            if resume_at is not None:
+                raise RateLimited(window.limit, resume_at)
         self._end_slowdown_if_over()
         async with self._limiter:
             self._end_slowdown_if_over()  # it may have ended while this send waited
@@ -542,17 +595,54 @@ class SmtpMailer:
                 # Paced only at a limit of one: the holders of the one slot take turns here.
                 await asyncio.sleep(max(0.0, self._next_send_at - time.monotonic()))
                 self._next_send_at = time.monotonic() + self._pace_seconds
-            epoch = self._epoch
+            epoch, health_epoch = self._epoch, self._health_epoch
             try:
                 reply = await self._send(message)
             except DeliveryFailure as failure:
                 if failure.stage is not None:  # a failed exchange, not a message we withheld
                     SMTP_FAILURES.labels(reply=smtp_reply_class(failure.smtp_code)).inc()
+                    self._failures_metric.inc()
                 if asks_to_slow_down(failure):
                     self._slow_down(failure, epoch)
+                if relay_failing(failure):
+                    self._mark_down(failure)
                 raise
+            self._sends_metric.inc()
+            if self._down_since is not None and health_epoch == self._health_epoch:
+                self._mark_up("send")  # started after the relay was marked down, and worked
             self._succeeded(epoch)
             return reply
+
+    async def probe(self) -> None:
+        """Connect (greeting, TLS, AUTH) and keep the connection for the next send; a relay
+        that was down is up again. Raises the DeliveryFailure of a failed connection."""
+        conn = await self._connect()
+        self._idle.append(conn)
+        if self._down_since is not None:
+            self._mark_up("probe")
+
+    def _mark_down(self, failure: DeliveryFailure) -> None:
+        self._health_epoch += 1  # sends that started before this say nothing of the relay now
+        if self._down_since is not None:
+            return
+        self._down_since = time.monotonic()
+        self._up_metric.set(0)
+        log.warning(
+            "smtp_relay_down",
+            relay=self.name,
+            reason=failure.message,
+            stage=failure.stage,
+            smtp_code=failure.smtp_code,
+        )
+
+    def _mark_up(self, via: str) -> None:
+        down_since, self._down_since = self._down_since, None
+        self._up_metric.set(1)
+        down_for = time.monotonic() - down_since if down_since is not None else 0.0
+        log.info("smtp_relay_up", relay=self.name, via=via, down_for_s=round(down_for, 3))
+
+    def _publish_limit(self) -> None:
+        SMTP_CONCURRENCY_LIMIT.set(self._limiter.limit)
 
     def _slow_down(self, failure: DeliveryFailure, epoch: int) -> None:
         SMTP_THROTTLED.inc()
@@ -567,7 +657,7 @@ class SmtpMailer:
         else:
             self._pace_seconds = min(PACE_MAX_SECONDS, max(PACE_MIN_SECONDS, old_pace * 2))
             self._next_send_at = time.monotonic() + self._pace_seconds
-        SMTP_CONCURRENCY_LIMIT.set(self._limiter.limit)
+        self.on_limit_change()
         log.warning(
             "smtp_throttled",
             smtp_code=failure.smtp_code,
@@ -592,7 +682,7 @@ class SmtpMailer:
             self._pace_seconds = pace / 2 if pace / 2 >= PACE_MIN_SECONDS else 0.0
         else:
             self._limiter.set_limit(limit + 1)
-            SMTP_CONCURRENCY_LIMIT.set(self._limiter.limit)
+            self.on_limit_change()
         if not self._pace_seconds and self._limiter.limit >= self._limiter.size:
             self._slowed_until = 0.0
         log.info(
@@ -614,7 +704,7 @@ class SmtpMailer:
         self._successes = 0
         self._pace_seconds = 0.0
         self._limiter.set_limit(self._limiter.size)
-        SMTP_CONCURRENCY_LIMIT.set(self._limiter.limit)
+        self.on_limit_change()
         log.info(
             "smtp_slowdown_ended",
             old_limit=old_limit,
