@@ -37,6 +37,7 @@ from worker.retry import BackoffRetry
 from worker.slots import SendSlots
 from worker.smtp import Mailer, SmtpMailer, SmtpServer
 from worker.tasks import DEPS_KEY, WorkerDeps, job_summary_middleware, register_tasks
+from worker.verp import Verp
 
 log = structlog.get_logger(__name__)
 
@@ -86,6 +87,7 @@ async def worker_runtime(
         retry=retry,
         sending=SendSlots(settings.worker_concurrency),
         chunks=asyncio.Semaphore(WorkerDeps.chunks_in_flight(settings)),
+        verp=Verp.from_settings(settings),
     )
     WORKER_CONCURRENCY.set(settings.worker_concurrency)
     try:
