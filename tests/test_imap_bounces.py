@@ -27,6 +27,7 @@ from tests.dovecot import PASSWORD, USERNAME, Dovecot, dovecot_binary
 from tests.processes import ROOT, environment, free_port
 from tests.smtp_server import RecordingSMTPServer
 from tests.test_bounces import arf, dsn
+from worker import imap
 from worker.bounce_poll import POLL_LOCK, PollFailed, PollSummary, poll_bounce_mailbox
 from worker.imap import ImapServer
 from worker.verp import Verp
@@ -209,8 +210,14 @@ async def test_plain_imap_works_only_when_asked_for(
 
 
 async def test_a_poll_that_stops_between_suppressing_and_marking_counts_nothing_twice(
-    database_url: str, smtp: RecordingSMTPServer, db: Database, dovecot: Dovecot, folder: str
+    database_url: str,
+    smtp: RecordingSMTPServer,
+    db: Database,
+    dovecot: Dovecot,
+    folder: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.setattr(imap, "UIDS_PER_COMMAND", 2)  # the three moves take two commands
     processed = f"{folder}-done"  # not created yet: the move to it fails
     settings = imap_settings(
         database_url, smtp.port, dovecot, folder, imap_processed_mailbox=processed

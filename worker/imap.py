@@ -23,6 +23,7 @@ from typing import Any
 
 from shared.settings import ImapSecurity, Settings
 
+UIDS_PER_COMMAND = 500
 # Room around a message's bytes for the rest of a FETCH response.
 _LITERAL_SLACK_BYTES = 64 * 1024
 _UID = re.compile(rb"\bUID (\d+)")
@@ -234,19 +235,18 @@ class ImapSession:
 
     def sizes(self, uids: list[int]) -> dict[int, int]:
         """The size in bytes (RFC822.SIZE) of each of ``uids`` still in the mailbox."""
-        if not uids:
-            return {}
-        typ, data = self._call(self._open.uid, "FETCH", _uid_set(uids), "(RFC822.SIZE)")
-        if typ != "OK":
-            raise ImapError("protocol", f"FETCH refused: {_shown(data)}")
         sizes: dict[int, int] = {}
-        for item in data:
-            line = item[0] if isinstance(item, tuple) else item
-            if not isinstance(line, bytes):
-                continue
-            uid, size = _UID.search(line), _SIZE.search(line)
-            if uid and size:
-                sizes[int(uid.group(1))] = int(size.group(1))
+        for some in _in_commands(uids):
+            typ, data = self._call(self._open.uid, "FETCH", some, "(RFC822.SIZE)")
+            if typ != "OK":
+                raise ImapError("protocol", f"FETCH refused: {_shown(data)}")
+            for item in data:
+                line = item[0] if isinstance(item, tuple) else item
+                if not isinstance(line, bytes):
+                    continue
+                uid, size = _UID.search(line), _SIZE.search(line)
+                if uid and size:
+                    sizes[int(uid.group(1))] = int(size.group(1))
         return sizes
 
     def fetch(self, uid: int) -> bytes | None:
@@ -265,20 +265,23 @@ class ImapSession:
 
     def mark(self, uids: list[int]) -> None:
         """Mark messages done: moved to the processed mailbox if one is set, else \\Seen."""
-        if not uids:
-            return
+        for some in _in_commands(uids):
+            self._mark(some)
+
+    def _mark(self, uid_set: str) -> None:
         conn, target = self._open, self.server.processed_mailbox
         if target is None:
-            typ, data = self._call(conn.uid, "STORE", _uid_set(uids), "+FLAGS.SILENT", r"(\Seen)")
+            typ, data = self._call(conn.uid, "STORE", uid_set, "+FLAGS.SILENT", r"(\Seen)")
             what = "flag messages \\Seen"
         elif "MOVE" in self._capabilities:
-            typ, data = self._call(conn.uid, "MOVE", _uid_set(uids), _quoted(target))
+            typ, data = self._call(conn.uid, "MOVE", uid_set, _quoted(target))
             what = f"move messages to {target!r}"
         else:
-            typ, data = self._call(conn.uid, "COPY", _uid_set(uids), _quoted(target))
+            # Without MOVE (RFC 6851): copied, then flagged deleted for whoever expunges.
+            typ, data = self._call(conn.uid, "COPY", uid_set, _quoted(target))
             if typ == "OK":
                 typ, data = self._call(
-                    conn.uid, "STORE", _uid_set(uids), "+FLAGS.SILENT", r"(\Seen \Deleted)"
+                    conn.uid, "STORE", uid_set, "+FLAGS.SILENT", r"(\Seen \Deleted)"
                 )
             what = f"copy messages to {target!r}"
         if typ != "OK":
@@ -298,5 +301,10 @@ class ImapSession:
                 pass
 
 
-def _uid_set(uids: list[int]) -> str:
-    return ",".join(str(uid) for uid in uids)
+def _in_commands(uids: list[int]) -> list[str]:
+    """``uids`` as UID sets of at most UIDS_PER_COMMAND each: servers limit a command's
+    length (Dovecot: 64 KB)."""
+    return [
+        ",".join(str(uid) for uid in uids[i : i + UIDS_PER_COMMAND])
+        for i in range(0, len(uids), UIDS_PER_COMMAND)
+    ]

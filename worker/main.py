@@ -194,6 +194,8 @@ async def _supervise(
                     smtp_host=settings.smtp_host,
                     smtp_port=settings.smtp_port,
                     unsubscribe_links=settings.public_url is not None,
+                    bounce_mailbox=settings.imap_host is not None,
+                    verp=deps.verp is not None,
                 )
                 if settings.public_url is None:
                     log.warning(
