@@ -1220,6 +1220,19 @@ class Database:
                 (mailbox, uidvalidity, list(uids)),
             )
 
+    async def prune_bounce_mailbox_messages(self, *, retention_days: int) -> int:
+        """Forget messages read more than ``retention_days`` ago and marked on the server,
+        except each mailbox's highest UID: the next poll starts above it."""
+        async with self.pool.connection() as conn:
+            cursor = await conn.execute(
+                "DELETE FROM bounce_mailbox_messages m"
+                " WHERE marked AND read_at < now() - make_interval(days => %s)"
+                " AND uid < (SELECT max(uid) FROM bounce_mailbox_messages x"
+                "  WHERE x.mailbox = m.mailbox AND x.uidvalidity = m.uidvalidity)",
+                (retention_days,),
+            )
+        return cursor.rowcount
+
     async def recipient_addresses(self, ids: Sequence[int]) -> dict[int, str]:
         """The address of each of these recipients that exists."""
         async with self.pool.connection() as conn:

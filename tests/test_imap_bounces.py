@@ -300,6 +300,21 @@ async def test_only_one_poll_runs_at_a_time(
     assert (await poll(settings, db)).newly_suppressed == 1
 
 
+async def test_old_records_are_pruned_but_the_mailbox_keeps_its_place(
+    settings: Settings, db: Database, dovecot: Dovecot, folder: str, database_url: str
+) -> None:
+    dovecot.append(folder, dsn("a@example.org"), out_of_office(), dsn("b@example.org"))
+    await poll(settings, db)
+    await query(
+        database_url, "UPDATE bounce_mailbox_messages SET read_at = now() - interval '40 days'"
+    )
+    assert await db.prune_bounce_mailbox_messages(retention_days=30) == 2
+    assert await query(database_url, "SELECT uid FROM bounce_mailbox_messages") == [(3,)]
+    assert (await poll(settings, db)).read == 0  # nothing is read again
+    dovecot.append(folder, dsn("c@example.org"))
+    assert (await poll(settings, db)).outcomes == {"report": 1}
+
+
 # -- what goes wrong -------------------------------------------------------------------------------
 
 

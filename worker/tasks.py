@@ -704,6 +704,7 @@ async def prune_jobs(context: JobContext, timestamp: int) -> int:
     deps: WorkerDeps = context.additional_context[DEPS_KEY]
     deleted = await deps.db.prune_finished_jobs(retention_days=deps.settings.retention_days)
     await deps.db.prune_send_windows()
+    await deps.db.prune_bounce_mailbox_messages(retention_days=deps.settings.retention_days)
     if deleted:
         log.info("old_jobs_pruned", deleted=deleted)
     return deleted
