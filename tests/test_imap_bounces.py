@@ -366,27 +366,48 @@ async def test_a_certificate_not_signed_by_the_configured_ca_is_refused(
     assert await suppressions(database_url) == []  # nothing was read
 
 
+async def _poll_a_fake_server(settings: Settings, db: Database, answer: Any) -> PollFailed:
+    """Poll a server on loopback that answers with ``answer(reader, writer)``."""
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        fake = settings.model_copy(update={"imap_security": "none", "imap_port": port})
+        with pytest.raises(PollFailed) as failed:
+            await poll(fake, db)
+    finally:
+        server.close()
+        await server.wait_closed()
+    return failed.value
+
+
 async def test_a_server_that_speaks_garbage_is_a_clear_error(
-    database_url: str, smtp: RecordingSMTPServer, db: Database, dovecot: Dovecot, folder: str
+    settings: Settings, db: Database
 ) -> None:
     async def garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.write(b"\x00\xff HELLO this is not IMAP\r\n" * 3)
         await writer.drain()
         writer.close()
 
-    server = await asyncio.start_server(garbage, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
-        settings = imap_settings(
-            database_url, smtp.port, dovecot, folder, imap_security="none", imap_port=port
-        )
-        with pytest.raises(PollFailed) as failed:
-            await poll(settings, db)
-    finally:
-        server.close()
-        await server.wait_closed()
-    assert failed.value.kind in {"protocol", "connect"}
-    assert f"127.0.0.1:{port}" in str(failed.value)
+    failed = await _poll_a_fake_server(settings, db, garbage)
+    assert failed.kind == "protocol"
+    assert "127.0.0.1:" in str(failed) and "HELLO this is not IMAP" in str(failed)
+
+
+async def test_a_server_announcing_a_huge_literal_is_refused_before_it_is_read(
+    settings: Settings, db: Database
+) -> None:
+    async def huge(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"* OK ready\r\n")
+        await writer.drain()
+        await reader.readline()  # imaplib asks for CAPABILITY first
+        writer.write(b"* CAPABILITY {50000000000}\r\n")
+        await writer.drain()
+        await reader.read()  # until the client hangs up
+        writer.close()
+
+    failed = await _poll_a_fake_server(settings, db, huge)
+    assert failed.kind == "protocol"
+    assert "literal of 50000000000 bytes" in str(failed)
 
 
 # -- VERP ------------------------------------------------------------------------------------------

@@ -106,7 +106,9 @@ class _BoundedReads:
 
     def read(self, size: int) -> bytes:
         if size > self.max_literal_bytes:
-            raise ImapError("protocol", f"the server sent a literal of {size} bytes")
+            raise ImapError(
+                "protocol", f"the IMAP server announced a literal of {size} bytes, over the budget"
+            )
         return super().read(size)  # type: ignore[misc, no-any-return]
 
 
