@@ -461,6 +461,48 @@ async def test_the_worker_polls_as_a_maintenance_task(
     assert (BOUNCE_POLL_TASK,) in runs
 
 
+async def test_a_failing_poll_fails_its_job_and_the_worker_goes_on(
+    database_url: str, smtp: RecordingSMTPServer, db: Database, dovecot: Dovecot, folder: str
+) -> None:
+    settings = imap_settings(database_url, smtp.port, dovecot, folder, imap_password="wrong")
+    await make_batch(db, ["ada@example.org"])
+    failures = metric("mailroom_bounce_poll_failures_total", error="auth")
+    from worker.main import worker_runtime
+
+    async with worker_runtime(settings) as (app, _):
+        await app.configure_task(BOUNCE_POLL_TASK).defer_async(timestamp=0)
+    # The worker's own schedule may add a poll of its own: each one fails, or skips while the
+    # other runs, and neither counts as a success.
+    await drain(settings)
+    assert [r.rcpt_tos for r in smtp.received] == [["ada@example.org"]]  # mail still went out
+    jobs = await query(
+        database_url, "SELECT status FROM procrastinate_jobs WHERE task_name = %s", BOUNCE_POLL_TASK
+    )
+    assert ("failed",) in jobs and all(status == "failed" for (status,) in jobs)
+    assert metric("mailroom_bounce_poll_failures_total", error="auth") >= failures + 1
+    runs = await query(database_url, "SELECT task FROM mailroom_maintenance_runs")
+    assert (BOUNCE_POLL_TASK,) not in runs
+
+
+async def test_a_skipped_poll_is_no_success_of_the_task(
+    settings: Settings, db: Database, database_url: str
+) -> None:
+    from worker.main import worker_runtime
+
+    async with worker_runtime(settings) as (app, _):
+        await app.configure_task(BOUNCE_POLL_TASK).defer_async(timestamp=0)
+    async with db.exclusively(POLL_LOCK):  # another poll is running throughout
+        await drain(settings)
+    runs = await query(database_url, "SELECT task FROM mailroom_maintenance_runs")
+    assert (BOUNCE_POLL_TASK,) not in runs
+    assert (
+        await query(
+            database_url, "SELECT 1 FROM procrastinate_jobs WHERE task_name = %s", BOUNCE_POLL_TASK
+        )
+        == []
+    )  # the job succeeded (and was deleted)
+
+
 # -- the command -----------------------------------------------------------------------------------
 
 

@@ -142,6 +142,20 @@ def test_mailroom_bounces_process_reads_verp_bounces_from_an_mbox(tmp_path: Path
     assert (summary.verp_bounces, summary.not_reports, summary.recipient_ids) == (1, 1, [3])
 
 
+async def test_the_command_suppresses_a_verp_bounce_s_recipient_by_its_row(
+    database_url: str, smtp: RecordingSMTPServer, db: Database
+) -> None:
+    from mailroom.cli import _suppress_findings
+
+    await make_batch(db, ["Ada@example.org", "bob@example.org"])
+    rows = dict(await query(database_url, "SELECT email, id FROM recipients"))
+    settings = make_settings(database_url, smtp.port)
+    assert await _suppress_findings(settings, [], [rows["Ada@example.org"], 999_999]) == 1
+    assert await query(database_url, "SELECT address, reason FROM suppressions") == [
+        ("Ada@example.org", "hard_bounce")
+    ]
+
+
 async def test_each_message_goes_out_with_its_own_verp_envelope_sender(
     database_url: str, smtp: RecordingSMTPServer, db: Database
 ) -> None:

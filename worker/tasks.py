@@ -166,7 +166,7 @@ async def job_summary_middleware(
     try:
         result = await call_next()
         outcome = "succeeded"
-        if job.queue == MAINTENANCE_QUEUE:
+        if job.queue == MAINTENANCE_QUEUE and not isinstance(result, NotRun):
             await _record_maintenance(context, job.task_name)
         return result
     except DeliveryFailure as failure:
@@ -188,6 +188,11 @@ async def job_summary_middleware(
         getattr(log, level)(
             "job_finished", outcome=outcome, result=result, duration_s=round(duration, 4)
         )
+
+
+class NotRun(str):
+    """What a maintenance task returns when it did not do its work (another run holds its
+    lock): the job succeeds, but it is no success of the task to publish."""
 
 
 async def _record_maintenance(context: JobContext, task: str) -> None:
@@ -696,7 +701,7 @@ async def poll_bounces(context: JobContext, timestamp: int) -> str:
         max_messages=deps.settings.imap_max_messages,
         max_message_bytes=deps.settings.imap_max_message_bytes,
     )
-    return "skipped: another poll is running" if summary is None else summary.line()
+    return NotRun("skipped: another poll is running") if summary is None else summary.line()
 
 
 async def prune_jobs(context: JobContext, timestamp: int) -> int:
