@@ -14,6 +14,7 @@ metric and a message that says what to fix and never holds the password.
 
 from __future__ import annotations
 
+import contextlib
 import imaplib
 import re
 import ssl
@@ -195,6 +196,10 @@ class ImapSession:
             except imaplib.IMAP4.error as exc:
                 conn.shutdown()
                 raise ImapError("tls", f"{server.where} refused STARTTLS: {_shown(exc)}") from None
+            except BaseException:  # the handshake failed (an untrusted certificate, say)
+                with contextlib.suppress(OSError):
+                    conn.shutdown()
+                raise
         return conn
 
     def _call(self, method: Any, *args: Any) -> tuple[str, list[Any]]:
