@@ -296,7 +296,10 @@ class Settings(BaseSettings):
                 f"(got {self.imap_poll_interval_seconds})"
             )
         if self.imap_host is not None:
-            self.require("imap_username", "imap_password")
+            try:
+                self.require("imap_username", "imap_password")
+            except ConfigError as exc:
+                raise ConfigError(f"{exc} (MAILROOM_IMAP_HOST is set)") from None
         if self.imap_processed_mailbox is not None and self.imap_processed_mailbox.lower() == (
             self.imap_mailbox.lower()
         ):
