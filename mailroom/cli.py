@@ -21,6 +21,7 @@ from shared.logging import configure_logging
 from shared.settings import ConfigError, Settings, load_settings
 
 if TYPE_CHECKING:
+    from worker.bounce_poll import PollSummary
     from worker.bounces import Finding
 
 EXIT_CONFIG = 2
@@ -124,6 +125,18 @@ def build_parser() -> argparse.ArgumentParser:
         "temporary failures are counted and left alone. Safe to run again on the same mail.",
     )
     bounce_actions = bounces.add_subparsers(dest="action", metavar="ACTION", required=True)
+    bounce_actions.add_parser(
+        "poll",
+        help="read the bounce mailbox over IMAP once, as the worker does on its schedule",
+        description="Connect to the bounce mailbox (MAILROOM_IMAP_HOST, _PORT, _SECURITY, "
+        "_USERNAME, _PASSWORD, _MAILBOX, _CA_FILE), read the messages that arrived since the "
+        "last poll (at most MAILROOM_IMAP_MAX_MESSAGES, each up to "
+        "MAILROOM_IMAP_MAX_MESSAGE_BYTES), suppress what their reports name and mark the "
+        "reports on the server (flagged \\Seen, or moved to MAILROOM_IMAP_PROCESSED_MAILBOX). "
+        "Every message is counted once, however often this runs; a worker polling at the "
+        "same time makes this one skip. Prints what it did. Exit status 1 if the server or "
+        "the database cannot be reached or the login is refused.",
+    )
     process = bounce_actions.add_parser("process", help="read an mbox file of bounce mail")
     process.add_argument("--mbox", type=Path, required=True, help="the mbox file to read")
     process.add_argument(
@@ -272,8 +285,8 @@ def _worker(settings: Settings, args: argparse.Namespace) -> int:
             raise ConfigError(f"MAILROOM_METRICS_PORT + instance {args.instance} exceeds 65535")
         settings = settings.model_copy(update={"metrics_port": port})
     settings.require("database_url", "from_address")
-    if settings.public_url is not None:
-        settings.require("secret_key")  # signs the unsubscribe links
+    if settings.public_url is not None or settings.bounce_address is not None:
+        settings.require("secret_key")  # signs the unsubscribe links and the VERP tokens
     DkimSigner.from_settings(settings)  # a key that cannot be read stops us here, not later
     try:
         asyncio.run(run_worker(settings, name=f"mailroom-worker-{args.instance}"))
@@ -291,35 +304,45 @@ def _check(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _bounces(settings: Settings, args: argparse.Namespace) -> int:
+    if args.action == "poll":
+        return _poll_bounces(settings)
     from worker.bounces import read_mbox
+    from worker.verp import Verp
 
     if not args.dry_run:
         settings.require("database_url")
     try:
-        summary = read_mbox(args.mbox)
+        summary = read_mbox(args.mbox, Verp.from_settings(settings))
     except (OSError, ValueError) as exc:
         print(f"mailroom bounces: cannot read {args.mbox}: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     for finding in summary.findings:
         print(f"{finding.reason}\t{finding.address}\t{finding.detail}")
+    for recipient_id in summary.recipient_ids:
+        print(f"hard_bounce\trecipient {recipient_id}\tbounce to the VERP address")
     added = 0
-    if not args.dry_run and summary.findings:
+    if not args.dry_run and (summary.findings or summary.recipient_ids):
         try:
-            added = asyncio.run(_suppress_findings(settings, summary.findings))
+            added = asyncio.run(
+                _suppress_findings(settings, summary.findings, summary.recipient_ids)
+            )
         except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as exc:
             print(f"mailroom bounces: cannot reach the database: {exc}", file=sys.stderr)
             return 1
     print(
         f"{summary.messages} message(s): {summary.reports} report(s),"
-        f" {summary.not_reports} other, {summary.unreadable} unreadable;"
-        f" {len(summary.findings)} address(es) found,"
+        + (f" {summary.verp_bounces} VERP bounce(s)," if summary.verp_bounces else "")
+        + f" {summary.not_reports} other, {summary.unreadable} unreadable;"
+        f" {len(summary.findings) + len(summary.recipient_ids)} address(es) found,"
         + (" nothing changed (--dry-run)" if args.dry_run else f" {added} newly suppressed"),
         file=sys.stderr,
     )
     return 0
 
 
-async def _suppress_findings(settings: Settings, findings: Sequence[Finding]) -> int:
+async def _suppress_findings(
+    settings: Settings, findings: Sequence[Finding], recipient_ids: Sequence[int] = ()
+) -> int:
     from shared.db import Database, make_pool
 
     assert settings.database_url is not None
@@ -331,11 +354,59 @@ async def _suppress_findings(settings: Settings, findings: Sequence[Finding]) ->
         transaction_pooling=settings.database_transaction_pooling,
     ) as pool:
         db = Database(pool, chunk_size=settings.chunk_size)
-        for reason in ("hard_bounce", "complaint"):
-            addresses = [f.address for f in findings if f.reason == reason]
+        bounced = [f.address for f in findings if f.reason == "hard_bounce"]
+        bounced += (await db.recipient_addresses(recipient_ids)).values()
+        for reason, addresses in (
+            ("hard_bounce", bounced),
+            ("complaint", [f.address for f in findings if f.reason == "complaint"]),
+        ):
             if addresses:
                 added += await db.suppress(addresses, reason=reason, detail="bounce mailbox")
     return added
+
+
+def _poll_bounces(settings: Settings) -> int:
+    from worker.bounce_poll import PollFailed
+
+    settings.require("database_url", "imap_host")
+    try:
+        summary = asyncio.run(_run_poll(settings))
+    except PollFailed as exc:
+        print(f"mailroom bounces poll: {exc}", file=sys.stderr)
+        return 1
+    except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as exc:
+        print(f"mailroom bounces poll: cannot reach the database: {exc}", file=sys.stderr)
+        return 1
+    if summary is None:
+        print("mailroom bounces poll: another poll is running; nothing done", file=sys.stderr)
+        return 1
+    print(summary.line())
+    return 0
+
+
+async def _run_poll(settings: Settings) -> PollSummary | None:
+    from shared.db import Database, make_pool
+    from worker.bounce_poll import poll_bounce_mailbox
+    from worker.imap import ImapServer
+    from worker.verp import Verp
+
+    assert settings.database_url is not None
+    server = ImapServer.from_settings(settings)
+    assert server is not None
+    # Two connections: one holds the poll's lock while the other records what it reads.
+    async with make_pool(
+        settings.database_url,
+        max_size=2,
+        name="mailroom-cli",
+        transaction_pooling=settings.database_transaction_pooling,
+    ) as pool:
+        return await poll_bounce_mailbox(
+            server,
+            Database(pool, chunk_size=settings.chunk_size),
+            verp=Verp.from_settings(settings),
+            max_messages=settings.imap_max_messages,
+            max_message_bytes=settings.imap_max_message_bytes,
+        )
 
 
 def _dead_letters(settings: Settings, args: argparse.Namespace) -> int:

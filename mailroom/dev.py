@@ -107,6 +107,9 @@ async def run_dev(base: Settings, options: DevOptions) -> int:
                 "smtp_password": None,
                 # Nothing leaves the machine: relays set for production are not used here.
                 "smtp_relays": None,
+                # Nor is a production bounce mailbox polled: dev would mark its reports read
+                # (or move them) before the production workers saw them.
+                "imap_host": None,
                 "from_address": base.from_address or DEV_FROM_ADDRESS,
                 "public_url": base.public_url or f"http://{options.host}:{options.port}",
                 "api_token": SecretStr(token),

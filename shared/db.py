@@ -454,6 +454,10 @@ async def _suppress(
     return cursor.rowcount
 
 
+# The first key of Mailroom's two-key advisory locks (:meth:`Database.exclusively`): "mail".
+_LOCK_SPACE = 0x6D61696C
+
+
 def email_key(recipient_id: int) -> str:
     """The idempotency key of the one email a recipient row stands for."""
     return f"email:{recipient_id}"
@@ -1162,6 +1166,129 @@ class Database:
                 (after_id, limit),
             )
             return await cursor.fetchall()
+
+    # -- the bounce mailbox ------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def exclusively(self, name: str) -> AsyncIterator[bool]:
+        """Whether this process alone holds lock ``name`` for the block (False: another does).
+
+        A transaction-level advisory lock on a connection held for the block, so it also works
+        behind a transaction-mode pooler, and it ends with the transaction if the process dies.
+        """
+        async with self.pool.connection() as conn, conn.transaction():
+            cursor = await conn.execute(
+                "SELECT pg_try_advisory_xact_lock(%s, hashtext(%s))", (_LOCK_SPACE, name)
+            )
+            row = await cursor.fetchone()
+            yield bool(row and row[0])
+
+    async def bounce_mailbox_position(
+        self, mailbox: str, uidvalidity: int
+    ) -> tuple[int, list[int]]:
+        """The highest UID of ``mailbox`` read so far (0: none), and the UIDs read whose marking
+        on the server is not done yet (the poll that read them stopped first)."""
+        async with self.pool.connection() as conn:
+            cursor = await conn.execute(
+                "SELECT coalesce(max(uid), 0),"
+                " coalesce(array_agg(uid ORDER BY uid) FILTER (WHERE NOT marked), '{}')"
+                " FROM bounce_mailbox_messages WHERE mailbox = %s AND uidvalidity = %s",
+                (mailbox, uidvalidity),
+            )
+            row = await cursor.fetchone()
+        assert row is not None
+        return int(row[0]), [int(uid) for uid in row[1]]
+
+    async def record_bounce_message(
+        self,
+        mailbox: str,
+        uidvalidity: int,
+        uid: int,
+        *,
+        outcome: str,
+        suppressions: Sequence[tuple[str, str, str]] = (),
+        recipient_ids: Sequence[int] = (),
+        recipient_detail: str = "",
+        marked: bool,
+    ) -> int | None:
+        """Record one message read from the bounce mailbox and suppress what it names, in one
+        statement; return how many addresses were newly suppressed, or ``None`` if the message
+        was recorded before (then nothing is suppressed again).
+
+        ``suppressions`` are (address, reason, detail); ``recipient_ids`` are recipients whose
+        own address is suppressed as a hard bounce with ``recipient_detail`` (a bounce that
+        names its recipient only by the envelope sender it came back to). A complaint wins over
+        a hard bounce of the same address, as in :meth:`suppress`.
+        """
+        addresses = [s[0] for s in suppressions]
+        async with self.pool.connection() as conn:
+            cursor = await conn.execute(
+                "WITH recorded AS ("
+                "  INSERT INTO bounce_mailbox_messages (mailbox, uidvalidity, uid, outcome, marked)"
+                "  VALUES (%(mailbox)s, %(uidvalidity)s, %(uid)s, %(outcome)s, %(marked)s)"
+                "  ON CONFLICT DO NOTHING RETURNING 1),"
+                " named AS ("
+                "  SELECT a, r, d"
+                "  FROM unnest(%(a)s::text[], %(r)s::text[], %(d)s::text[]) t(a, r, d)"
+                "  UNION ALL SELECT email, 'hard_bounce', %(rd)s FROM recipients"
+                "  WHERE id = ANY(%(ids)s::bigint[])),"
+                " added AS ("
+                "  INSERT INTO suppressions (address_key, address, reason, detail)"
+                "  SELECT DISTINCT ON (lower(a)) lower(a), a, r, d FROM named"
+                "  WHERE EXISTS (SELECT 1 FROM recorded) ORDER BY lower(a), r = 'hard_bounce'"
+                "  ON CONFLICT (address_key) DO UPDATE"
+                "  SET reason = excluded.reason, detail = excluded.detail, created_at = now()"
+                "  WHERE suppressions.reason = 'hard_bounce' AND excluded.reason <> 'hard_bounce'"
+                "  RETURNING 1)"
+                " SELECT EXISTS (SELECT 1 FROM recorded), (SELECT count(*) FROM added)",
+                {
+                    "mailbox": mailbox,
+                    "uidvalidity": uidvalidity,
+                    "uid": uid,
+                    "outcome": outcome,
+                    "marked": marked,
+                    "a": addresses,
+                    "r": [s[1] for s in suppressions],
+                    "d": [s[2] for s in suppressions],
+                    "ids": list(recipient_ids),
+                    "rd": recipient_detail,
+                },
+            )
+            row = await cursor.fetchone()
+        assert row is not None
+        return int(row[1]) if row[0] else None
+
+    async def mark_bounce_messages(
+        self, mailbox: str, uidvalidity: int, uids: Sequence[int]
+    ) -> None:
+        """Note that these messages are marked on the server (flagged or moved)."""
+        async with self.pool.connection() as conn:
+            await conn.execute(
+                "UPDATE bounce_mailbox_messages SET marked = true"
+                " WHERE mailbox = %s AND uidvalidity = %s AND uid = ANY(%s::bigint[])",
+                (mailbox, uidvalidity, list(uids)),
+            )
+
+    async def prune_bounce_mailbox_messages(self, *, retention_days: int) -> int:
+        """Forget messages read more than ``retention_days`` ago and marked on the server,
+        except each mailbox's highest UID: the next poll starts above it."""
+        async with self.pool.connection() as conn:
+            cursor = await conn.execute(
+                "DELETE FROM bounce_mailbox_messages m"
+                " WHERE marked AND read_at < now() - make_interval(days => %s)"
+                " AND uid < (SELECT max(uid) FROM bounce_mailbox_messages x"
+                "  WHERE x.mailbox = m.mailbox AND x.uidvalidity = m.uidvalidity)",
+                (retention_days,),
+            )
+        return cursor.rowcount
+
+    async def recipient_addresses(self, ids: Sequence[int]) -> dict[int, str]:
+        """The address of each of these recipients that exists."""
+        async with self.pool.connection() as conn:
+            cursor = await conn.execute(
+                "SELECT id, email FROM recipients WHERE id = ANY(%s::bigint[])", (list(ids),)
+            )
+            return {int(i): str(e) for i, e in await cursor.fetchall()}
 
     async def heartbeat_age_seconds(self, worker_id: int) -> float | None:
         """Seconds since procrastinate last saw worker ``worker_id`` (None: not registered)."""

@@ -211,6 +211,27 @@ SMTP_FAILOVERS = Counter(
     ["relay"],
     registry=_W,
 )
+# The bounce mailbox's poll (worker/bounce_poll.py).
+BOUNCE_OUTCOMES = ("report", "verp_bounce", "not_report", "unreadable", "too_large")
+BOUNCE_MESSAGES = Counter(
+    "mailroom_bounce_messages",
+    "Messages read from the bounce mailbox, by what they were (each counted once).",
+    ["outcome"],
+    registry=_W,
+)
+BOUNCE_FINDINGS = Counter(
+    "mailroom_bounce_findings",
+    "Addresses the bounce mailbox's reports named, by reason (hard_bounce, complaint).",
+    ["reason"],
+    registry=_W,
+)
+BOUNCE_POLL_ERRORS = ("connect", "tls", "auth", "protocol", "database")
+BOUNCE_POLL_FAILURES = Counter(
+    "mailroom_bounce_poll_failures",
+    "Polls of the bounce mailbox that failed, by the step that failed.",
+    ["error"],
+    registry=_W,
+)
 
 
 # -- web --------------------------------------------------------------------------------------
@@ -263,6 +284,12 @@ for _reason in DEAD_LETTER_REASONS:
     DEAD_LETTERS.labels(reason=_reason)
 for _reply in SMTP_REPLY_CLASSES:
     SMTP_FAILURES.labels(reply=_reply)
+for _outcome in BOUNCE_OUTCOMES:
+    BOUNCE_MESSAGES.labels(outcome=_outcome)
+for _reason in ("hard_bounce", "complaint"):
+    BOUNCE_FINDINGS.labels(reason=_reason)
+for _error in BOUNCE_POLL_ERRORS:
+    BOUNCE_POLL_FAILURES.labels(error=_error)
 for _provider in WEBHOOK_PROVIDERS:
     WEBHOOK_REQUESTS.labels(provider=_provider, outcome="accepted")
     for _outcome in WEBHOOK_EVENT_OUTCOMES:

@@ -29,6 +29,8 @@ MAINTENANCE_QUEUE = "maintenance"
 MAINTENANCE_PRIORITY = 100
 SWEEP_TASK = "sweep_stalled_jobs"
 PRUNE_TASK = "prune_jobs"
+# Only where a bounce mailbox is configured (MAILROOM_IMAP_HOST).
+BOUNCE_POLL_TASK = "poll_bounce_mailbox"
 # Each one's last success is recorded (shared.db.Database.record_maintenance_success) and
 # published by the web tier, so an alert sees a sweep that stopped running.
 MAINTENANCE_TASKS = (SWEEP_TASK, PRUNE_TASK)

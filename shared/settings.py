@@ -48,6 +48,23 @@ class SmtpSecurity(enum.StrEnum):
     TLS = "tls"
 
 
+class ImapSecurity(enum.StrEnum):
+    """How the bounce mailbox's IMAP connection is secured: TLS from the first byte (port
+    993), STARTTLS (port 143), or ``none``, which must be asked for (a server on loopback)."""
+
+    TLS = "tls"
+    STARTTLS = "starttls"
+    NONE = "none"
+
+
+# A VERP envelope sender is <local>+<token>@<domain> (worker/verp.py); the token takes up to
+# 37 characters and RFC 5321 allows 64 in a local part, so the bounce address keeps 26.
+BOUNCE_LOCAL_PART_MAX = 26
+# Mailbox names as Mailroom writes them in IMAP commands (quoted): printable ASCII without
+# quotes, backslashes, wildcards or "&" (which starts modified UTF-7, RFC 3501 5.1.3).
+_MAILBOX_NAME = r"^[A-Za-z0-9 ._/+-]{1,200}$"
+
+
 class LogFormat(enum.StrEnum):
     """``auto`` is console output on a TTY and JSON lines otherwise."""
 
@@ -210,6 +227,29 @@ class Settings(BaseSettings):
     llm_timeout_seconds: float = Field(default=30.0, gt=0, le=600)
     llm_concurrency: int = Field(default=4, ge=1, le=256)
 
+    # VERP: the envelope sender of every message is <local>+<token>@<domain> of this address,
+    # the token a signed id of the recipient, so a bounce names its recipient even without a
+    # usable DSN. Unset, the envelope sender is MAILROOM_FROM_ADDRESS.
+    bounce_address: str | None = None
+
+    # The bounce mailbox, polled over IMAP by the worker when a host is set.
+    imap_host: str | None = None
+    imap_port: int | None = Field(default=None, ge=1, le=65535)  # 993 for tls, else 143
+    imap_security: ImapSecurity = ImapSecurity.TLS
+    imap_username: str | None = None
+    imap_password: SecretStr | None = None
+    imap_mailbox: str = Field(default="INBOX", pattern=_MAILBOX_NAME)
+    # Reports read are moved here; unset, they are flagged \Seen where they are.
+    imap_processed_mailbox: str | None = Field(default=None, pattern=_MAILBOX_NAME)
+    # A PEM file of the CA that signed the server's certificate (a private CA); unset, the
+    # system's trusted CAs.
+    imap_ca_file: Path | None = None
+    imap_poll_interval_seconds: int = Field(default=60, ge=1, le=3600)
+    imap_timeout_seconds: float = Field(default=30.0, gt=0, le=600)
+    # The budget of one poll: at most this many messages, each read up to this many bytes
+    # (a larger one is recorded as too large and skipped).
+    imap_max_messages: int = Field(default=200, ge=1, le=10_000)
+    imap_max_message_bytes: int = Field(default=1024 * 1024, ge=1024, le=64 * 1024 * 1024)
     # Provider webhooks for bounces and complaints; each endpoint answers 404 until its
     # setting is given. SES through SNS: the topic ARNs accepted (comma-separated).
     ses_topic_arns: Annotated[tuple[str, ...], NoDecode] = ()
@@ -255,7 +295,34 @@ class Settings(BaseSettings):
         except InvalidAddress as exc:
             raise ValueError(str(exc)) from None
 
-    @field_validator("smtp_host", "smtp_username")
+    @field_validator("bounce_address")
+    @classmethod
+    def _a_bounce_address(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        _header_safe(value)
+        try:
+            address = normalize_address(value)
+        except InvalidAddress as exc:
+            raise ValueError(str(exc)) from None
+        local = address.rsplit("@", 1)[0]
+        if not address.isascii() or "+" in local or '"' in local:
+            raise ValueError("the local part must be ASCII without '+' or quotes")
+        if len(local) > BOUNCE_LOCAL_PART_MAX:
+            raise ValueError(
+                f"the local part may have at most {BOUNCE_LOCAL_PART_MAX} characters"
+                " (the recipient's token takes the rest of the 64)"
+            )
+        return address
+
+    @field_validator("imap_ca_file")
+    @classmethod
+    def _a_readable_file(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"no such file: {value}")
+        return value
+
+    @field_validator("smtp_host", "smtp_username", "imap_host", "imap_username")
     @classmethod
     def _no_line_breaks(cls, value: str | None) -> str | None:
         return _header_safe(value)
@@ -361,6 +428,22 @@ class Settings(BaseSettings):
                 f"{env_name('sweep_interval_seconds')} above 59 must be whole minutes "
                 f"(got {self.sweep_interval_seconds})"
             )
+        if self.imap_poll_interval_seconds > 59 and self.imap_poll_interval_seconds % 60:
+            raise ConfigError(
+                f"{env_name('imap_poll_interval_seconds')} above 59 must be whole minutes "
+                f"(got {self.imap_poll_interval_seconds})"
+            )
+        if self.imap_host is not None:
+            try:
+                self.require("imap_username", "imap_password")
+            except ConfigError as exc:
+                raise ConfigError(f"{exc} (MAILROOM_IMAP_HOST is set)") from None
+        if self.imap_processed_mailbox is not None and self.imap_processed_mailbox.lower() == (
+            self.imap_mailbox.lower()
+        ):
+            raise ConfigError(
+                f"{env_name('imap_processed_mailbox')} must not be {env_name('imap_mailbox')}"
+            )
 
     def relays(self) -> list[SmtpRelay]:
         """The SMTP relays to send through: ``MAILROOM_SMTP_RELAYS``, or the one relay of the
@@ -384,6 +467,13 @@ class Settings(BaseSettings):
                 role="primary",
             )
         ]
+
+    @property
+    def imap_port_or_default(self) -> int:
+        """``imap_port``, or the usual port of ``imap_security`` (993 for TLS, else 143)."""
+        if self.imap_port is not None:
+            return self.imap_port
+        return 993 if self.imap_security is ImapSecurity.TLS else 143
 
     @property
     def heartbeat_interval_seconds(self) -> float:
@@ -431,5 +521,6 @@ def _is_secret(field: str) -> bool:
         "secret_key",
         "metrics_token",
         "groq_api_key",
+        "imap_password",
         "postmark_webhook_credentials",
     }

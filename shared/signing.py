@@ -8,12 +8,14 @@ is not a session. Values are JSON, signed by itsdangerous with HMAC-SHA256.
 
 from __future__ import annotations
 
+import base64
 import enum
 import hashlib
 import hmac
 from typing import Any
 
 from itsdangerous import BadData, URLSafeSerializer
+from itsdangerous.encoding import base64_decode
 
 # HMAC-SHA256 throughout; the key for each purpose is an HMAC of the secret and its salt.
 _SIGNER_OPTIONS: dict[str, Any] = {"digest_method": hashlib.sha256, "key_derivation": "hmac"}
@@ -28,6 +30,8 @@ class Purpose(enum.StrEnum):
     API_TOKEN_FINGERPRINT = "mailroom.api-token-fingerprint"
     # What a page says a form did, carried by the redirect to it (web/pages/feedback.py).
     NOTICE = "mailroom.notice"
+    # The recipient's token in a VERP envelope sender (worker/verp.py).
+    VERP = "mailroom.verp"
 
 
 class SignedValues:
@@ -64,3 +68,15 @@ class SignedValues:
         """A keyed digest of ``secret``: the same for the same secret, useless without the key."""
         signature = self._serializer.make_signer().get_signature(secret.encode())
         return signature.decode("ascii")
+
+    def tag(self, text: str, *, length_bytes: int = 10) -> str:
+        """A short keyed digest of ``text``: lower-case base32 of the first ``length_bytes`` of
+        its HMAC (10 bytes: 16 characters, 80 bits), for places too small for :meth:`sign`
+        (an address's local part) and that may not keep letter case."""
+        digest = base64_decode(self.fingerprint(text))[:length_bytes]
+        return base64.b32encode(digest).decode("ascii").rstrip("=").lower()
+
+    def has_tag(self, text: str, tag: str, *, length_bytes: int = 10) -> bool:
+        """Whether ``tag`` is :meth:`tag` of ``text`` (compared in constant time)."""
+        expected = self.tag(text, length_bytes=length_bytes)
+        return hmac.compare_digest(expected.encode(), tag.encode("ascii", "replace"))

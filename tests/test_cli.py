@@ -26,7 +26,9 @@ def mailroom(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("command", [[], ["dev"], ["web"], ["worker"], ["migrate"]])
+@pytest.mark.parametrize(
+    "command", [[], ["dev"], ["web"], ["worker"], ["migrate"], ["bounces", "poll"]]
+)
 def test_every_command_has_help(command: list[str]) -> None:
     result = mailroom(*command, "--help")
     assert result.returncode == 0
@@ -161,6 +163,23 @@ def test_no_command_is_a_usage_error() -> None:
             "must not be below",
         ),
         ({}, "migrate", "MAILROOM_DATABASE_URL", "required but not set"),
+        (
+            {"MAILROOM_DATABASE_URL": "postgresql://localhost/x"},
+            "bounces poll",
+            "MAILROOM_IMAP_HOST",
+            "required but not set",
+        ),
+        ({"MAILROOM_IMAP_HOST": "imap.example.org"}, "bounces poll", "MAILROOM_IMAP_USERNAME", ""),
+        (
+            {
+                "MAILROOM_DATABASE_URL": "postgresql://localhost/x",
+                "MAILROOM_FROM_ADDRESS": "news@example.org",
+                "MAILROOM_BOUNCE_ADDRESS": "bounces@example.org",
+            },
+            "worker",
+            "MAILROOM_SECRET_KEY",
+            "required",
+        ),
         ({}, "worker", "MAILROOM_DATABASE_URL", "required but not set"),
         (
             {"MAILROOM_DATABASE_URL": "postgresql://localhost/x"},
@@ -185,7 +204,7 @@ def test_no_command_is_a_usage_error() -> None:
 def test_configuration_errors_exit_2_with_one_clear_line(
     env: dict[str, str], command: str, variable: str, fragment: str
 ) -> None:
-    result = mailroom(command, env=env)
+    result = mailroom(*command.split(), env=env)
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()

@@ -398,6 +398,9 @@ async def test_the_template_drafter_refuses_a_subject_naming_the_character(
         ("smtp_username", "user{}name"),
         ("public_url", "https://mail.example.org/{}x"),
         ("groq_base_url", "https://api.example.org/{}x"),
+        ("bounce_address", "bounces@example.org{}"),
+        ("imap_host", "imap.example.org{}x"),
+        ("imap_username", "user{}name"),
     ],
 )
 @pytest.mark.parametrize("char", [*GARBAGE, "\t"])

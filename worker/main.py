@@ -38,6 +38,7 @@ from worker.retry import BackoffRetry
 from worker.slots import SendSlots
 from worker.smtp import Mailer
 from worker.tasks import DEPS_KEY, WorkerDeps, job_summary_middleware, register_tasks
+from worker.verp import Verp
 
 log = structlog.get_logger(__name__)
 
@@ -82,6 +83,7 @@ async def worker_runtime(
         retry=retry,
         sending=SendSlots(settings.worker_concurrency),
         chunks=asyncio.Semaphore(WorkerDeps.chunks_in_flight(settings)),
+        verp=Verp.from_settings(settings),
     )
     WORKER_CONCURRENCY.set(settings.worker_concurrency)
     try:
@@ -190,6 +192,8 @@ async def _supervise(
                         for r in settings.relays()
                     ],
                     unsubscribe_links=settings.public_url is not None,
+                    bounce_mailbox=settings.imap_host is not None,
+                    verp=deps.verp is not None,
                 )
                 if settings.public_url is None:
                     log.warning(

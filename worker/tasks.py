@@ -20,13 +20,15 @@ that runs again (its worker died, the sweep requeued it) skips every recipient a
 Two maintenance tasks run periodically in every deployment: ``sweep_stalled_jobs`` puts the
 jobs of a worker that stopped heartbeating (killed, frozen, cut off) back in the queue, and
 ``prune_jobs`` drops old failed job rows and webhook event ids once their retention period is
-over.
+over. A third, ``poll_bounce_mailbox``, runs only where ``MAILROOM_IMAP_HOST`` is set
+(:mod:`worker.bounce_poll`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 import uuid
 from collections import Counter
@@ -52,6 +54,7 @@ from shared.metrics import (
     RATE_LIMITED,
 )
 from shared.queue import (
+    BOUNCE_POLL_TASK,
     EMAIL_QUEUE,
     MAINTENANCE_PRIORITY,
     MAINTENANCE_QUEUE,
@@ -64,6 +67,7 @@ from shared.ratelimits import limits_for
 from shared.settings import Settings
 from shared.templating import in_render_thread
 from shared.unsubscribe import make_token, unsubscribe_url
+from worker.bounce_poll import poll_bounce_mailbox
 from worker.drafting import Draft, Drafter, storable
 from worker.failures import (
     DeliveryFailure,
@@ -73,8 +77,10 @@ from worker.failures import (
     RateLimited,
     TransientFailure,
 )
+from worker.imap import ImapServer
 from worker.retry import BackoffRetry
 from worker.smtp import Mailer, OutgoingMessage, build_message, message_id_for, sender_domain
+from worker.verp import Verp
 
 log = structlog.get_logger(__name__)
 
@@ -101,6 +107,8 @@ class WorkerDeps:
     # Set when the worker is asked to stop: chunks start no new send, so a stop waits for the
     # sends in flight only, not for the rest of every chunk.
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
+    # MAILROOM_BOUNCE_ADDRESS's envelope senders (None: the sender's address is the envelope's).
+    verp: Verp | None = None
 
     @staticmethod
     def chunks_in_flight(settings: Settings) -> int:
@@ -116,7 +124,7 @@ def register_tasks(app: procrastinate.App, settings: Settings, retry: BackoffRet
     """Attach Mailroom's tasks to ``app``: the email tasks and the periodic maintenance."""
     app.task(name=SEND_CHUNK_TASK, queue=EMAIL_QUEUE, pass_context=True, retry=retry)(send_chunk)
     app.task(name=SEND_EMAIL_TASK, queue=EMAIL_QUEUE, pass_context=True, retry=retry)(send_email)
-    for periodic_id, name, cron, func in (
+    periodic: list[tuple[str, str, str, Callable[..., Awaitable[Any]]]] = [
         (
             "sweep",
             SWEEP_TASK,
@@ -124,9 +132,19 @@ def register_tasks(app: procrastinate.App, settings: Settings, retry: BackoffRet
             sweep_stalled_jobs,
         ),
         ("prune", PRUNE_TASK, "17 * * * *", prune_jobs),
-    ):
+    ]
+    if settings.imap_host is not None:
+        periodic.append(
+            ("bounces", BOUNCE_POLL_TASK, _every(settings.imap_poll_interval_seconds), poll_bounces)
+        )
+    for periodic_id, name, cron, func in periodic:
         task = app.task(
-            name=name, queue=MAINTENANCE_QUEUE, priority=MAINTENANCE_PRIORITY, pass_context=True
+            name=name,
+            queue=MAINTENANCE_QUEUE,
+            priority=MAINTENANCE_PRIORITY,
+            pass_context=True,
+            # One poll waits at a time: a tick while one waits (behind a long poll) is skipped.
+            queueing_lock=name if name == BOUNCE_POLL_TASK else None,
         )(func)
         app.periodic(cron=cron, periodic_id=periodic_id)(task)
 
@@ -148,7 +166,7 @@ async def job_summary_middleware(
     try:
         result = await call_next()
         outcome = "succeeded"
-        if job.queue == MAINTENANCE_QUEUE:
+        if job.queue == MAINTENANCE_QUEUE and not isinstance(result, NotRun):
             await _record_maintenance(context, job.task_name)
         return result
     except DeliveryFailure as failure:
@@ -170,6 +188,11 @@ async def job_summary_middleware(
         getattr(log, level)(
             "job_finished", outcome=outcome, result=result, duration_s=round(duration, 4)
         )
+
+
+class NotRun(str):
+    """What a maintenance task returns when it did not do its work (another run holds its
+    lock): the job succeeds, but it is no success of the task to publish."""
 
 
 async def _record_maintenance(context: JobContext, task: str) -> None:
@@ -581,7 +604,7 @@ async def _deliver(
 def _message_for(deps: WorkerDeps, recipient: RecipientForSend, draft: Draft) -> OutgoingMessage:
     sender = deps.settings.from_address
     assert sender is not None  # required by the worker's startup checks
-    return build_message(
+    message = build_message(
         sender=sender,
         to=recipient.email,
         subject=draft.subject,
@@ -594,6 +617,11 @@ def _message_for(deps: WorkerDeps, recipient: RecipientForSend, draft: Draft) ->
         reply_to=recipient.reply_to or deps.settings.reply_to,
         body_format=recipient.body_format,
     )
+    if deps.verp is None:
+        return message
+    # The envelope sender (MAIL FROM, the Return-Path bounces go to) names the recipient;
+    # the From header stays the configured sender.
+    return dataclasses.replace(message, sender=deps.verp.envelope_sender(recipient.id))
 
 
 async def _take_send_slot(deps: WorkerDeps, address: str) -> None:
@@ -657,11 +685,31 @@ async def sweep_stalled_jobs(context: JobContext, timestamp: int) -> int:
     return len(stalled)
 
 
+async def poll_bounces(context: JobContext, timestamp: int) -> str:
+    """Poll the bounce mailbox once (:func:`worker.bounce_poll.poll_bounce_mailbox`).
+
+    A failure (the server unreachable, a login refused, garbage) is logged and counted there
+    and fails this job; the worker goes on, and the next tick tries again.
+    """
+    deps: WorkerDeps = context.additional_context[DEPS_KEY]
+    server = ImapServer.from_settings(deps.settings)
+    assert server is not None  # registered only with MAILROOM_IMAP_HOST set
+    summary = await poll_bounce_mailbox(
+        server,
+        deps.db,
+        verp=deps.verp,
+        max_messages=deps.settings.imap_max_messages,
+        max_message_bytes=deps.settings.imap_max_message_bytes,
+    )
+    return NotRun("skipped: another poll is running") if summary is None else summary.line()
+
+
 async def prune_jobs(context: JobContext, timestamp: int) -> int:
     """Delete failed job rows and webhook event ids older than ``MAILROOM_RETENTION_DAYS``."""
     deps: WorkerDeps = context.additional_context[DEPS_KEY]
     deleted = await deps.db.prune_finished_jobs(retention_days=deps.settings.retention_days)
     await deps.db.prune_send_windows()
+    await deps.db.prune_bounce_mailbox_messages(retention_days=deps.settings.retention_days)
     await deps.db.prune_webhook_events(retention_days=deps.settings.retention_days)
     if deleted:
         log.info("old_jobs_pruned", deleted=deleted)
