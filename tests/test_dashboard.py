@@ -145,6 +145,11 @@ def test_the_dashboard_shows_every_series_on_call_needs() -> None:
         "mailroom_maintenance_last_success_timestamp_seconds",
         "mailroom_collector_up",
         "mailroom_http_requests_total",
+        "mailroom_smtp_relay_up",
+        "mailroom_bounce_findings_total",
+        "mailroom_bounce_poll_failures_total",
+        "mailroom_webhook_events_total",
+        "mailroom_webhook_requests_total",
     ):
         assert needed in covered, f"the dashboard shows nothing of {needed}"
     (latency,) = [p for p in dashboard()["panels"] if p["title"] == "HTTP latency"]
