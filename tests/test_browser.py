@@ -45,7 +45,7 @@ async def log_in(page: Any, base: str) -> None:
     """Log the browser in through the login form, as an operator does."""
     await page.goto(f"{base}/login")
     await page.fill("input[name=token]", API_TOKEN)
-    await page.click("button[type=submit]")
+    await page.click(".token-login button[type=submit]")
 
 
 @pytest.fixture
