@@ -21,6 +21,8 @@ from pydantic.json_schema import JsonSchemaMode
 from shared.metrics import VERSION
 from web.contract import (
     Approved,
+    AuditEntryPage,
+    AuditQuery,
     Batch,
     BatchesQuery,
     BatchList,
@@ -39,6 +41,7 @@ from web.contract import (
     Health,
     IdempotencyHeaders,
     NewSuppressions,
+    NewToken,
     PageQuery,
     PathIds,
     Readiness,
@@ -50,6 +53,9 @@ from web.contract import (
     SuppressionPage,
     SuppressionsAdded,
     SuppressionsRemoved,
+    TokenCreated,
+    TokenList,
+    TokenRevoked,
 )
 
 routes = web.RouteTableDef()
@@ -58,7 +64,7 @@ REF_TEMPLATE = "#/components/schemas/{model}"
 ERRORS = {
     400: "Malformed request (bad JSON, not UTF-8, nested too deep)",
     401: "Missing or wrong Bearer token",
-    403: "Forbidden (CSRF)",
+    403: "Forbidden: the caller's role does not allow this (or a wrong CSRF token)",
     404: "Not found",
     409: "Conflict",
     413: "Request too large",
@@ -100,7 +106,7 @@ class Operation:
         if self.query is not None:
             statuses.add(422)
         if not self.public:
-            statuses |= {401, 429}
+            statuses |= {401, 403, 429}
         return sorted(statuses)
 
 
@@ -221,6 +227,34 @@ OPERATIONS = [
         "One captured message, decoded (only in `mailroom dev`)",
         {200: (CapturedMessageView, "The message's headers, parts and links")},
         errors=(404,),
+    ),
+    Operation(
+        "GET",
+        "/api/tokens",
+        "The caller's personal API tokens (an admin's ?all=1: everyone's), never the tokens",
+        {200: (TokenList, "Tokens, newest first")},
+    ),
+    Operation(
+        "POST",
+        "/api/tokens",
+        "Make a personal API token: it acts as the caller, with the caller's role",
+        {201: (TokenCreated, "The token, shown this once")},
+        errors=(409,),
+        body=NewToken,
+    ),
+    Operation(
+        "DELETE",
+        "/api/tokens/{token_id}",
+        "Revoke a personal token (the caller's own; an admin's: anyone's)",
+        {200: (TokenRevoked, "Revoked")},
+        errors=(404, 409),
+    ),
+    Operation(
+        "GET",
+        "/api/audit",
+        "The audit log, newest first (admins)",
+        {200: (AuditEntryPage, "A page of entries")},
+        query=AuditQuery,
     ),
     Operation(
         "GET",

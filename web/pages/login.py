@@ -10,7 +10,13 @@ from datetime import UTC, datetime
 from aiohttp import web
 from yarl import URL
 
-from shared.accounts import MAX_NAME_CHARS, MAX_PASSWORD_CHARS, Role, verify_password
+from shared.accounts import (
+    MAX_PASSWORD_CHARS,
+    InvalidAccount,
+    Role,
+    check_name,
+    verify_password,
+)
 from web.auth import SESSION_COOKIE, SESSION_TTL_SECONDS, requires
 from web.keys import AUTH, DB, LOGIN_LIMITER, SESSION, SETTINGS
 from web.pages.html import read_checked_form, read_form, render, text_field
@@ -100,11 +106,20 @@ async def login(request: web.Request) -> web.StreamResponse:
 async def _password_user(request: web.Request, name: str, password: str) -> int | None:
     """The id of the enabled user ``name`` whose password this is, else None (after the same
     work either way: argon2 in a thread, against a dummy hash for an unknown name)."""
-    user = await request.app[DB].user_by_name(name[:MAX_NAME_CHARS]) if name else None
+    # A name no user can have (a NUL, a space, too long) is looked up by no query.
+    user = await request.app[DB].user_by_name(name) if _could_be_a_name(name) else None
     usable = user is not None and user["disabled_at"] is None
     stored = user["password_hash"] if user is not None and usable else None
     matches = await asyncio.to_thread(verify_password, stored, password[:MAX_PASSWORD_CHARS])
     return int(user["id"]) if matches and user is not None and usable else None
+
+
+def _could_be_a_name(name: str) -> bool:
+    try:
+        check_name(name)
+    except InvalidAccount:
+        return False
+    return True
 
 
 async def start_session(
