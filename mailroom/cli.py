@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import psycopg
 import psycopg_pool
 
-from shared.accounts import ROLES
+from shared.accounts import CLI_ACTOR, ROLES
 from shared.logging import configure_logging
 from shared.settings import ConfigError, Settings, load_settings
 
@@ -226,6 +226,8 @@ def _add_users(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     disable = actions.add_parser(
         "disable",
         help="disable a user: their sessions end and their tokens are revoked at once",
+        description="Disable a user: they can no longer log in, their sessions end and their "
+        "personal API tokens are revoked, at once. The user stays in the audit log.",
     )
     disable.add_argument("name", help="the user's name (any case)")
 
@@ -371,7 +373,9 @@ async def _suppress_findings(settings: Settings, findings: Sequence[Finding]) ->
         for reason in ("hard_bounce", "complaint"):
             addresses = [f.address for f in findings if f.reason == reason]
             if addresses:
-                added += await db.suppress(addresses, reason=reason, detail="bounce mailbox")
+                added += await db.suppress(
+                    addresses, reason=reason, detail="bounce mailbox", actor=CLI_ACTOR
+                )
     return added
 
 
@@ -412,9 +416,9 @@ async def _run_dead_letters(settings: Settings, args: argparse.Namespace) -> int
             return 0
         selection = Selection(ids=args.ids, batch_id=args.batch, everything=args.all)
         if args.action == "redrive":
-            print(f"redriven: {await db.redrive(selection)}")
+            print(f"redriven: {await db.redrive(selection, actor=CLI_ACTOR)}")
         else:
-            print(f"discarded: {await db.discard(selection)}")
+            print(f"discarded: {await db.discard(selection, actor=CLI_ACTOR)}")
     return 0
 
 
@@ -457,7 +461,7 @@ def _read_password(*, from_stdin: bool) -> str:
 async def _users_in_database(
     settings: Settings, args: argparse.Namespace, password_hash: str | None
 ) -> int:
-    from shared.accounts import CLI_ACTOR, Role
+    from shared.accounts import Role
     from shared.db import Database, NameTaken, make_pool
 
     assert settings.database_url is not None
