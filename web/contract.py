@@ -453,6 +453,13 @@ def _token_name(value: str) -> str:
         raise ValueError(str(exc)) from None
 
 
+class TokensQuery(BaseModel):
+    """``GET /api/tokens?all=``: the caller's own tokens, or (an admin, ``all=true``)
+    everyone's."""
+
+    all: bool = False
+
+
 class NewToken(BaseModel):
     """``POST /api/tokens``: ``{"name": "what it is for"}``."""
 

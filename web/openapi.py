@@ -56,6 +56,7 @@ from web.contract import (
     TokenCreated,
     TokenList,
     TokenRevoked,
+    TokensQuery,
 )
 
 routes = web.RouteTableDef()
@@ -231,8 +232,9 @@ OPERATIONS = [
     Operation(
         "GET",
         "/api/tokens",
-        "The caller's personal API tokens (an admin's ?all=1: everyone's), never the tokens",
+        "The caller's personal API tokens (an admin's ?all=true: everyone's), never the tokens",
         {200: (TokenList, "Tokens, newest first")},
+        query=TokensQuery,
     ),
     Operation(
         "POST",

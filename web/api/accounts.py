@@ -15,6 +15,7 @@ from web.contract import (
     TokenInfo,
     TokenList,
     TokenRevoked,
+    TokensQuery,
     respond,
 )
 from web.errors import ApiError
@@ -37,9 +38,10 @@ def _user_of(principal: Principal) -> int:
 @routes.get("/api/tokens")
 @requires(Role.VIEWER)
 async def list_tokens(request: web.Request) -> web.Response:
-    """The caller's own tokens, newest first (an admin's ``?all=1``: everyone's)."""
+    """The caller's own tokens, newest first (an admin's ``?all=true``: everyone's)."""
     principal = request[PRINCIPAL]
-    everyone = request.query.get("all") == "1" and principal.role.allows(Role.ADMIN)
+    query = read_query(request, TokensQuery)
+    everyone = query.all and principal.role.allows(Role.ADMIN)
     if everyone:
         rows = await request.app[DB].list_tokens()
     elif principal.user_id is None:
