@@ -540,3 +540,91 @@ def test_the_cli_takes_no_password_as_an_argument(
         users_cli(settings, monkeypatch, "add", "ann", "--role", "viewer", "--password", PASSWORD)
     assert exit_.value.code == 2
     assert "unrecognized arguments" in capsys.readouterr().err
+
+
+async def test_every_change_through_the_pages_is_in_the_audit_log(
+    client: TestClient, db: Database, settings: Settings, users: dict[str, int]
+) -> None:
+    csrf = await log_in_as(client, "sender-ann")
+    created = await client.post(
+        "/batches",
+        data={"csrf_token": csrf, "recipients": "a@example.org", "subject": "S", "body": "B"},
+        allow_redirects=False,
+    )
+    assert created.status == 303
+    (batch_id,) = (await query(settings.database_url or "", "SELECT id FROM batches"))[0]
+    await client.post(f"/batches/{batch_id}/cancel", data={"csrf_token": csrf})
+    await query(settings.database_url or "", "UPDATE recipients SET status = 'dead'")
+    await client.post(
+        "/dead-letters",
+        data={"csrf_token": csrf, "action": "discard", "target": "all", "confirm": "1"},
+    )
+    await client.post(
+        "/suppressions", data={"csrf_token": csrf, "addresses": "z@example.org", "reason": "manual"}
+    )
+    await client.post(
+        "/suppressions", data={"csrf_token": csrf, "action": "remove", "address": "z@example.org"}
+    )
+    made = await client.post(
+        "/account", data={"csrf_token": csrf, "action": "create_token", "name": "cron"}
+    )
+    shown = re.search(r'<code id="token-value">(mrt_[^<]+)</code>', await made.text())
+    assert shown
+    assert "mrt_" not in await (await client.get("/account")).text()  # shown once
+    rows = await db.list_audit(limit=50)
+    assert [(r["actor"], r["action"]) for r in reversed(rows) if r["actor"] != "test"] == [
+        ("sender-ann", "batch_created"),
+        ("sender-ann", "batch_cancelled"),
+        ("sender-ann", "dead_letters_discarded"),
+        ("sender-ann", "addresses_suppressed"),
+        ("sender-ann", "addresses_unsuppressed"),
+        ("sender-ann", "token_created"),
+    ]
+    assert rows[3]["detail"] == {"all": True}  # newest first
+    # An admin sees everyone's tokens; the token made on the page works as a Bearer.
+    client.session.cookie_jar.clear()
+    everyone = await (await client.get("/api/tokens?all=true", headers=AUTH)).json()
+    assert [t["user_name"] for t in everyone["tokens"]] == ["sender-ann"]
+    assert (await client.get("/api/batches", headers=bearer(shown[1]))).status == 200
+
+
+async def test_the_command_line_is_audited_as_cli(
+    settings: Settings, db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import asyncio
+
+    from mailroom.cli import main
+
+    batch_id = await make_batch(db, ["a@example.org"])
+    await query(settings.database_url or "", "UPDATE recipients SET status = 'dead'")
+    monkeypatch.setenv("MAILROOM_DATABASE_URL", settings.database_url or "")
+    # main() runs its own event loop: in a thread, as from a shell.
+    assert await asyncio.to_thread(main, ["dead-letters", "redrive", "--batch", str(batch_id)]) == 0
+    rows = await db.list_audit(limit=1)
+    assert (rows[0]["actor"], rows[0]["action"], rows[0]["count"]) == (
+        "cli",
+        "dead_letters_redriven",
+        1,
+    )
+    assert rows[0]["batch_id"] == batch_id
+
+
+@pytest.mark.parametrize(
+    ("command", "fragment"),
+    [
+        (["users"], "sender (create, send, cancel"),
+        (["users", "add"], "--password-stdin"),
+        (["users", "disable"], "tokens are revoked"),
+    ],
+)
+def test_the_users_command_explains_itself(
+    command: list[str], fragment: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from mailroom.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main([*command, "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: mailroom users")
+    assert fragment in " ".join(out.split())
