@@ -8,6 +8,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+import psycopg
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
@@ -497,6 +498,9 @@ def test_the_cli_adds_lists_and_disables_users(
     assert re.search(r"^cli-ann\s+sender\s+0\s", out, re.MULTILINE), out
     assert users_cli(settings, monkeypatch, "disable", "CLI-ANN") == 0
     assert "disabled CLI-ANN: 0 session(s) ended, 0 token(s) revoked" in capsys.readouterr().out
+    with psycopg.connect(settings.database_url or "") as conn:
+        rows = conn.execute("SELECT actor, action, subject FROM audit_log ORDER BY id").fetchall()
+    assert rows == [("cli", "user_added", "cli-ann"), ("cli", "user_disabled", "cli-ann")]
 
 
 @pytest.mark.parametrize(
