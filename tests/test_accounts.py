@@ -632,3 +632,19 @@ def test_the_users_command_explains_itself(
     out = capsys.readouterr().out
     assert out.startswith("usage: mailroom users")
     assert fragment in " ".join(out.split())
+
+
+@pytest.mark.parametrize("name", ["\x00", "nobody", "a b", "x" * 1000])
+@pytest.mark.parametrize("action", ["role", "disable"])
+async def test_the_users_page_answers_an_unknown_or_impossible_name_with_404(
+    client: TestClient, name: str, action: str
+) -> None:
+    await client.post("/login", data={"token": API_TOKEN})
+    page = await (await client.get("/users")).text()
+    csrf = re.search(r'name="csrf_token" value="([^"]+)"', page)
+    assert csrf
+    response = await client.post(
+        "/users", data={"csrf_token": csrf[1], "action": action, "name": name, "role": "admin"}
+    )
+    assert response.status == 404
+    assert "There is no such user." in await response.text()

@@ -31,7 +31,7 @@ from web.auth import requires
 from web.inputs import actor
 from web.keys import DB, PRINCIPAL
 from web.pages.html import Form, read_checked_form, render, text_field
-from web.pages.login import start_session
+from web.pages.login import could_be_a_name, start_session
 
 routes = web.RouteTableDef()
 
@@ -157,6 +157,8 @@ async def users_action(request: web.Request) -> web.StreamResponse:
                 await db.add_user(name, password_hash, role, actor=actor(request))
             except NameTaken:
                 raise InvalidAccount(f"a user {name!r} exists already") from None
+        elif action in {"role", "disable"} and not could_be_a_name(name):
+            raise web.HTTPNotFound(text="There is no such user.")
         elif action == "role":
             if not await db.set_role(
                 name, check_role(text_field(form, "role")), actor=actor(request)

@@ -107,14 +107,15 @@ async def _password_user(request: web.Request, name: str, password: str) -> int 
     """The id of the enabled user ``name`` whose password this is, else None (after the same
     work either way: argon2 in a thread, against a dummy hash for an unknown name)."""
     # A name no user can have (a NUL, a space, too long) is looked up by no query.
-    user = await request.app[DB].user_by_name(name) if _could_be_a_name(name) else None
+    user = await request.app[DB].user_by_name(name) if could_be_a_name(name) else None
     usable = user is not None and user["disabled_at"] is None
     stored = user["password_hash"] if user is not None and usable else None
     matches = await asyncio.to_thread(verify_password, stored, password[:MAX_PASSWORD_CHARS])
     return int(user["id"]) if matches and user is not None and usable else None
 
 
-def _could_be_a_name(name: str) -> bool:
+def could_be_a_name(name: str) -> bool:
+    """Whether some user could have this name (else no query needs to look for it)."""
     try:
         check_name(name)
     except InvalidAccount:
