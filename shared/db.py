@@ -467,6 +467,34 @@ def _selection_audit(selection: Selection) -> dict[str, Any]:
     }
 
 
+class WebhookDelivery:
+    """One webhook delivery's transaction (:meth:`Database.webhook_events`)."""
+
+    def __init__(self, conn: psycopg.AsyncConnection, new: frozenset[str]) -> None:
+        self._conn = conn
+        self.new = new
+
+    async def suppress(
+        self, addresses: Sequence[str], *, reason: str, detail: str | None = None
+    ) -> int:
+        """:meth:`Database.suppress`, in this delivery's transaction."""
+        return await _suppress(self._conn, addresses, reason=reason, detail=detail)
+
+
+async def _suppress(
+    conn: psycopg.AsyncConnection, addresses: Sequence[str], *, reason: str, detail: str | None
+) -> int:
+    cursor = await conn.execute(
+        "INSERT INTO suppressions (address_key, address, reason, detail)"
+        " SELECT DISTINCT ON (lower(a)) lower(a), a, %s, %s FROM unnest(%s::text[]) a"
+        " ON CONFLICT (address_key) DO UPDATE"
+        " SET reason = excluded.reason, detail = excluded.detail, created_at = now()"
+        " WHERE suppressions.reason = 'hard_bounce' AND excluded.reason <> 'hard_bounce'",
+        (reason, detail, list(addresses)),
+    )
+    return cursor.rowcount
+
+
 def email_key(recipient_id: int) -> str:
     """The idempotency key of the one email a recipient row stands for."""
     return f"email:{recipient_id}"
@@ -1378,15 +1406,7 @@ class Database:
         unsubscription with them.
         """
         async with self._changing(actor) as conn:
-            cursor = await conn.execute(
-                "INSERT INTO suppressions (address_key, address, reason, detail)"
-                " SELECT DISTINCT ON (lower(a)) lower(a), a, %s, %s FROM unnest(%s::text[]) a"
-                " ON CONFLICT (address_key) DO UPDATE"
-                " SET reason = excluded.reason, detail = excluded.detail, created_at = now()"
-                " WHERE suppressions.reason = 'hard_bounce' AND excluded.reason <> 'hard_bounce'",
-                (reason, detail, list(addresses)),
-            )
-            added = cursor.rowcount
+            added = await _suppress(conn, addresses, reason=reason, detail=detail)
             if actor is not None:
                 await _audit(
                     conn,
@@ -1396,6 +1416,35 @@ class Database:
                     detail={"reason": reason, "given": len(addresses)},
                 )
         return added
+
+    @asynccontextmanager
+    async def webhook_events(
+        self, provider: str, event_ids: Sequence[str]
+    ) -> AsyncIterator[WebhookDelivery]:
+        """A transaction that records a provider's webhook events and what they suppress.
+
+        ``event_ids`` are inserted into ``webhook_events`` first; :attr:`WebhookDelivery.new`
+        holds those never seen before (a concurrent delivery of the same id waits for this one
+        and then finds it seen). Suppressions made through the delivery commit with the ids,
+        and an exception rolls both back, so a delivery is acted on exactly once.
+        """
+        async with self.pool.connection() as conn, conn.transaction():
+            cursor = await conn.execute(
+                "INSERT INTO webhook_events (provider, event_id)"
+                " SELECT %s, unnest(%s::text[]) ON CONFLICT DO NOTHING RETURNING event_id",
+                (provider, list(event_ids)),
+            )
+            new = frozenset(row[0] for row in await cursor.fetchall())
+            yield WebhookDelivery(conn, new)
+
+    async def prune_webhook_events(self, *, retention_days: int) -> int:
+        """Forget webhook event ids older than the retention period; return how many."""
+        async with self.pool.connection() as conn:
+            cursor = await conn.execute(
+                "DELETE FROM webhook_events WHERE received_at < now() - make_interval(days => %s)",
+                (retention_days,),
+            )
+        return cursor.rowcount
 
     async def unsuppress(self, addresses: Sequence[str], *, actor: str | None = None) -> int:
         """Remove addresses from the suppressions; return how many were there."""

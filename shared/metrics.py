@@ -192,6 +192,24 @@ RECIPIENTS_ENQUEUED = Counter("mailroom_recipients_enqueued", "Recipients enqueu
 UNSUBSCRIBES = Counter(
     "mailroom_unsubscribes", "Addresses unsubscribed through their link.", registry=_WEB
 )
+# Provider webhooks: each request by outcome ("accepted", or the code it was refused with),
+# and each event in an accepted request by what became of it.
+WEBHOOK_PROVIDERS = ("ses", "postmark", "sendgrid")
+WEBHOOK_EVENT_OUTCOMES = (
+    "hard_bounce", "complaint", "ignored", "invalid_address", "malformed", "duplicate",
+)  # fmt: skip
+WEBHOOK_REQUESTS = Counter(
+    "mailroom_webhook_requests",
+    "Provider webhook requests, by provider and outcome (accepted, or why it was refused).",
+    ["provider", "outcome"],
+    registry=_WEB,
+)
+WEBHOOK_EVENTS = Counter(
+    "mailroom_webhook_events",
+    "Events in accepted webhook requests, by provider and what became of them.",
+    ["provider", "outcome"],
+    registry=_WEB,
+)
 HTTP_REQUESTS = Counter(
     "mailroom_http_requests",
     "HTTP requests answered.",
@@ -217,6 +235,10 @@ for _reason in DEAD_LETTER_REASONS:
     DEAD_LETTERS.labels(reason=_reason)
 for _reply in SMTP_REPLY_CLASSES:
     SMTP_FAILURES.labels(reply=_reply)
+for _provider in WEBHOOK_PROVIDERS:
+    WEBHOOK_REQUESTS.labels(provider=_provider, outcome="accepted")
+    for _outcome in WEBHOOK_EVENT_OUTCOMES:
+        WEBHOOK_EVENTS.labels(provider=_provider, outcome=_outcome)
 
 
 # -- a process's own database pool ------------------------------------------------------------

@@ -8,12 +8,17 @@ command line prints as one line before exiting with status 2.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import enum
+import re
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import load_der_public_key, load_pem_public_key
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from shared.addresses import InvalidAddress, normalize_address
 from shared.composition import checked_reply_to, from_name_problem
@@ -41,6 +46,28 @@ class LogFormat(enum.StrEnum):
     AUTO = "auto"
     JSON = "json"
     CONSOLE = "console"
+
+
+# An SNS topic's ARN: partition, region, account, topic name (a FIFO topic ends in .fifo).
+_SNS_TOPIC_ARN = re.compile(
+    r"arn:aws(?:-cn|-us-gov)?:sns:[a-z0-9-]{1,30}:[0-9]{12}:[A-Za-z0-9_-]{1,256}(?:\.fifo)?"
+)
+
+
+def p256_public_key(text: str) -> ec.EllipticCurvePublicKey:
+    """An ECDSA P-256 public key from PEM or from base64 DER (as SendGrid shows its
+    verification key), or ValueError saying what is wrong."""
+    given = text.strip()
+    try:
+        if given.startswith("-----BEGIN"):
+            key = load_pem_public_key(given.encode())
+        else:
+            key = load_der_public_key(base64.b64decode(given, validate=True))
+    except (ValueError, binascii.Error, TypeError):
+        raise ValueError("must be a public key, PEM or base64 DER") from None
+    if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != "secp256r1":
+        raise ValueError("must be an ECDSA P-256 public key")
+    return key
 
 
 def _header_safe(value: str | None) -> str | None:
@@ -138,6 +165,16 @@ class Settings(BaseSettings):
     llm_timeout_seconds: float = Field(default=30.0, gt=0, le=600)
     llm_concurrency: int = Field(default=4, ge=1, le=256)
 
+    # Provider webhooks for bounces and complaints; each endpoint answers 404 until its
+    # setting is given. SES through SNS: the topic ARNs accepted (comma-separated).
+    ses_topic_arns: Annotated[tuple[str, ...], NoDecode] = ()
+    # Postmark: the "user:password" written into the webhook URL (HTTP Basic).
+    postmark_webhook_credentials: SecretStr | None = None
+    # SendGrid's signed event webhook: its verification key (base64 DER, or PEM).
+    sendgrid_webhook_public_key: str | None = None
+    # A signed SNS message or SendGrid request older than this is refused as a replay.
+    webhook_max_age_seconds: float = Field(default=3600.0, ge=60, le=7 * 86_400)
+
     log_level: str = "INFO"
     log_format: LogFormat = LogFormat.AUTO
 
@@ -177,6 +214,41 @@ class Settings(BaseSettings):
     @classmethod
     def _no_line_breaks(cls, value: str | None) -> str | None:
         return _header_safe(value)
+
+    @field_validator("ses_topic_arns", mode="before")
+    @classmethod
+    def _topic_arns(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if isinstance(value, (list, tuple)):
+            for arn in value:
+                if not isinstance(arn, str) or not _SNS_TOPIC_ARN.fullmatch(arn):
+                    shown = arn[:80] if isinstance(arn, str) else type(arn).__name__
+                    raise ValueError(
+                        "must be SNS topic ARNs separated by commas, like "
+                        f"arn:aws:sns:us-east-1:123456789012:ses-bounces (not {shown!r})"
+                    )
+            return tuple(value)
+        return value
+
+    @field_validator("postmark_webhook_credentials")
+    @classmethod
+    def _user_and_password(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None:
+            return None
+        user, colon, password = value.get_secret_value().partition(":")
+        text = value.get_secret_value()
+        if not colon or not user or not password or any(ord(c) < 33 or ord(c) > 126 for c in text):
+            raise ValueError("must be user:password, printable ASCII without spaces")
+        return value
+
+    @field_validator("sendgrid_webhook_public_key")
+    @classmethod
+    def _p256_key(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        p256_public_key(value)
+        return value.strip()
 
     @field_validator("log_level")
     @classmethod
@@ -254,4 +326,11 @@ def _describe(exc: ValidationError) -> str:
 
 
 def _is_secret(field: str) -> bool:
-    return field in {"smtp_password", "api_token", "secret_key", "metrics_token", "groq_api_key"}
+    return field in {
+        "smtp_password",
+        "api_token",
+        "secret_key",
+        "metrics_token",
+        "groq_api_key",
+        "postmark_webhook_credentials",
+    }

@@ -13,6 +13,7 @@ allow anything but a 5xx.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import re
@@ -26,6 +27,8 @@ from typing import Any
 
 import pytest
 import schemathesis
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from yarl import URL
@@ -64,6 +67,15 @@ def web_base_url(pg_admin_uri: str, template_db: str) -> Iterator[str]:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     env = environment(make_settings(database_uri(pg_admin_uri, name), 25, web_port=port))
+    sendgrid_key = ec.generate_private_key(ec.SECP256R1()).public_key()
+    # Every webhook on, so the hostile requests below reach their handlers, not a 404.
+    webhooks = {
+        "MAILROOM_SES_TOPIC_ARNS": "arn:aws:sns:us-east-1:123456789012:ses-feedback",
+        "MAILROOM_POSTMARK_WEBHOOK_CREDENTIALS": "postmark:hook-secret",
+        "MAILROOM_SENDGRID_WEBHOOK_PUBLIC_KEY": base64.b64encode(
+            sendgrid_key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+        ).decode(),
+    }
     proc = subprocess.Popen(
         [sys.executable, "-m", "mailroom", "web"],
         env={
@@ -73,6 +85,7 @@ def web_base_url(pg_admin_uri: str, template_db: str) -> Iterator[str]:
             # The hostile requests below send many wrong tokens on purpose; a lock-out would
             # turn the rest into 429s and test nothing.
             "MAILROOM_LOGIN_ATTEMPTS_PER_MINUTE": "10000",
+            **webhooks,
         },
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
@@ -145,6 +158,24 @@ def test_the_document_describes_exactly_the_routes_of_the_api() -> None:
     }
     assert served - documented == set(), "routes missing from the document"
     assert documented - served == set(), "documented operations no route serves"
+
+
+def test_provider_webhooks_are_served_but_are_not_part_of_the_document() -> None:
+    from web.app import create_app
+    from web.openapi import document
+
+    app = create_app(make_settings("postgresql://unused/x", 25))
+    served = {
+        (route.method, route.resource.canonical)
+        for route in app.router.routes()
+        if route.resource is not None and route.resource.canonical.startswith("/webhooks/")
+    }
+    assert served == {
+        ("POST", "/webhooks/ses"),
+        ("POST", "/webhooks/postmark"),
+        ("POST", "/webhooks/sendgrid"),
+    }
+    assert not [path for path in document()["paths"] if path.startswith("/webhooks/")]
 
 
 def test_every_schema_the_document_refers_to_is_in_it() -> None:
@@ -236,6 +267,8 @@ HOSTILE_TARGETS = [
     b"/static/%FF",
     b"/static/..%2F..%2Fpyproject.toml",
     b"/metrics?x=%FF",
+    b"/webhooks/%FF",
+    b"/webhooks/ses?%ED%A0%80",
 ]
 
 

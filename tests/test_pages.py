@@ -361,6 +361,11 @@ async def test_no_page_and_no_api_route_answers_without_authentication(client: T
         if path.startswith("/u/"):
             # Unsubscribe links are public (RFC 8058); a token not signed by us gets nothing.
             assert response.status == 404, (route.method, path, response.status)
+        elif path.startswith("/webhooks/"):
+            # Provider webhooks prove themselves (a signature, Postmark's credentials); these
+            # settings configure none, so each is off.
+            assert response.status == 404, (route.method, path, response.status)
+            assert (await response.json())["error"]["code"] == "webhook_disabled"
         elif path.startswith("/api/"):
             assert response.status == 401, (route.method, path, response.status)
         else:

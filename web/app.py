@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import aiohttp
 import aiohttp_jinja2
 import jinja2
 import psycopg
@@ -21,7 +22,16 @@ from web import api, openapi, pages
 from web.auth import Authenticator, LoginLimiter, required_role, secret_equal
 from web.captured_mail import CapturedMail
 from web.errors import api_error
-from web.keys import AUTH, CAPTURED_MAIL, DB, LOGIN_LIMITER, METRICS_REGISTRY, SETTINGS
+from web.keys import (
+    AUTH,
+    CAPTURED_MAIL,
+    DB,
+    LOGIN_LIMITER,
+    METRICS_REGISTRY,
+    SETTINGS,
+    SNS,
+    WEBHOOK_LIMITER,
+)
 from web.middlewares import (
     auth_middleware,
     error_middleware,
@@ -30,6 +40,8 @@ from web.middlewares import (
     request_id_middleware,
     security_headers_middleware,
 )
+from web.webhooks import postmark, sendgrid, ses
+from web.webhooks.sns import FETCH_TIMEOUT_SECONDS, SnsClient
 
 log = structlog.get_logger(__name__)
 
@@ -80,9 +92,17 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 def create_app(
-    settings: Settings, *, db: Database | None = None, captured_mail: CapturedMail | None = None
+    settings: Settings,
+    *,
+    db: Database | None = None,
+    captured_mail: CapturedMail | None = None,
+    webhook_http: aiohttp.ClientSession | None = None,
 ) -> web.Application:
-    """Build the web application; without ``db`` it opens its own pool from the settings."""
+    """Build the web application; without ``db`` it opens its own pool from the settings.
+
+    ``webhook_http`` is the HTTP client the SES webhook fetches SNS certificates and confirms
+    subscriptions with (the caller closes it); without one the app opens its own.
+    """
     settings.require("api_token", "secret_key")
     assert settings.api_token is not None and settings.secret_key is not None
     app = web.Application(
@@ -103,6 +123,14 @@ def create_app(
     app[LOGIN_LIMITER] = LoginLimiter(
         settings.login_attempts_per_minute, trust_proxy=settings.trust_proxy
     )
+    # Counted apart from LOGIN_LIMITER: a provider's bad signatures never lock an operator out.
+    app[WEBHOOK_LIMITER] = LoginLimiter(
+        settings.login_attempts_per_minute, trust_proxy=settings.trust_proxy
+    )
+    if webhook_http is not None:
+        app[SNS] = SnsClient(webhook_http)
+    else:
+        app.cleanup_ctx.append(_webhook_http_context)
     if captured_mail is not None:
         app[CAPTURED_MAIL] = captured_mail
     # This app's own collectors: its database pool and the queue, read at scrape time.
@@ -129,6 +157,8 @@ def create_app(
     app.router.add_routes(api.routes)
     app.router.add_routes(openapi.routes)
     app.router.add_routes(pages.routes)
+    for provider in (ses, postmark, sendgrid):
+        app.router.add_routes(provider.routes)
     app.router.add_static("/static", HERE / "static")
     check_roles(app)
     return app
@@ -169,6 +199,16 @@ async def _pool_context(app: web.Application) -> AsyncIterator[None]:
     app[DB] = Database(pool, chunk_size=settings.chunk_size)
     yield
     await pool.close()
+
+
+async def _webhook_http_context(app: web.Application) -> AsyncIterator[None]:
+    # Nothing from the environment (no proxy settings, no .netrc): only SNS's own hosts are
+    # ever asked, and only after the URL is checked.
+    async with aiohttp.ClientSession(
+        timeout=aiohttp.ClientTimeout(total=FETCH_TIMEOUT_SECONDS), trust_env=False
+    ) as http:
+        app[SNS] = SnsClient(http)
+        yield
 
 
 def run_web(settings: Settings) -> None:

@@ -38,22 +38,7 @@ async def read_json(request: web.Request, *, invalid: str) -> dict[str, Any]:
     if request.content_type != "application/json":
         raise ApiError(415, "unsupported_media_type", "send the body as application/json")
     raw = await request.read()  # over client_max_size: 413, in the error shape
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ApiError(
-            400, "malformed_json", f"the body is not valid UTF-8 (byte {exc.start})"
-        ) from None
-    if too_deep(text):
-        raise ApiError(
-            400, "json_too_deep", f"the body nests arrays and objects more than {MAX_DEPTH} deep"
-        )
-    try:
-        payload = json.loads(text, parse_constant=_no_constant, parse_float=_finite)
-    except RecursionError:  # cannot happen after too_deep(); kept so it can never be a 500
-        raise ApiError(400, "json_too_deep", "the body nests too deep") from None
-    except ValueError as exc:  # JSONDecodeError, a non-finite number, an over-long integer
-        raise ApiError(400, "malformed_json", f"the body is not valid JSON: {exc}") from None
+    payload = parse_json(raw)
     if not isinstance(payload, dict):
         raise ApiError(
             422,
@@ -75,6 +60,34 @@ async def read_json(request: web.Request, *, invalid: str) -> dict[str, Any]:
             problem["position"] = path[1]
         raise ApiError(422, invalid, problem["message"], {"problems": [problem]})
     return payload
+
+
+def parse_json(raw: bytes) -> Any:
+    """``raw`` as strict UTF-8 JSON (any value), or a 400 :class:`ApiError` saying why not:
+    ``malformed_json`` (not UTF-8, a BOM, ``NaN``, a huge number, not JSON) or
+    ``json_too_deep`` (checked on the text, before parsing)."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ApiError(
+            400, "malformed_json", f"the body is not valid UTF-8 (byte {exc.start})"
+        ) from None
+    if too_deep(text):
+        raise ApiError(
+            400, "json_too_deep", f"the body nests arrays and objects more than {MAX_DEPTH} deep"
+        )
+    try:
+        return json.loads(text, parse_constant=_no_constant, parse_float=_finite)
+    except RecursionError:  # cannot happen after too_deep(); kept so it can never be a 500
+        raise ApiError(400, "json_too_deep", "the body nests too deep") from None
+    except ValueError as exc:  # JSONDecodeError, a non-finite number, an over-long integer
+        raise ApiError(400, "malformed_json", f"the body is not valid JSON: {exc}") from None
+
+
+def lone_surrogate_at(value: Any) -> str | None:
+    """Where in ``value`` (parsed JSON) the first lone surrogate is, as a dotted path, or None."""
+    found = _lone_surrogate(value, [])
+    return _dotted(found[0]) if found else None
 
 
 def too_deep(text: str, limit: int = MAX_DEPTH) -> bool:

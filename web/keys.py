@@ -10,6 +10,7 @@ from shared.db import Database
 from shared.settings import Settings
 from web.auth import Authenticator, LoginLimiter, Session
 from web.captured_mail import CapturedMail
+from web.webhooks.sns import SnsClient
 
 SETTINGS = web.AppKey("settings", Settings)
 DB = web.AppKey("db", Database)
@@ -17,6 +18,9 @@ AUTH = web.AppKey("auth", Authenticator)
 LOGIN_LIMITER = web.AppKey("login_limiter", LoginLimiter)
 CAPTURED_MAIL = web.AppKey("captured_mail", CapturedMail)
 METRICS_REGISTRY = web.AppKey("metrics_registry", CollectorRegistry)
+# Provider webhooks: the SNS certificate fetcher, and failed authentications per client.
+SNS = web.AppKey("sns", SnsClient)
+WEBHOOK_LIMITER = web.AppKey("webhook_limiter", LoginLimiter)
 
 # Per request, set by the middlewares.
 REQUEST_ID = web.RequestKey("request_id", str)

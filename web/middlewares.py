@@ -26,7 +26,8 @@ REQUEST_ID_HEADER = "X-Request-ID"
 _SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 # /metrics checks its own token (MAILROOM_METRICS_TOKEN), so Prometheus needs no session.
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/login", "/metrics", "/api/openapi.json"})
-PUBLIC_PREFIXES = ("/static/", "/u/")
+# Provider webhooks authenticate themselves (a signature, or Postmark's Basic credentials).
+PUBLIC_PREFIXES = ("/static/", "/u/", "/webhooks/")
 CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
     "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"

@@ -5,6 +5,10 @@ models of ``web/contract.py``, whose JSON Schemas pydantic generates into
 ``components/schemas``. Tests check that the rows and the application's routes are the same
 set, and run schemathesis against the document: every documented response must match, and no
 input may produce a 5xx.
+
+The provider webhooks (``/webhooks/ses``, ``/webhooks/postmark``, ``/webhooks/sendgrid``) are
+not part of this API and not in the document: their bodies are the providers' own formats,
+their callers the providers, and ``web/webhooks/`` says what each accepts.
 """
 
 from __future__ import annotations

@@ -19,7 +19,8 @@ that runs again (its worker died, the sweep requeued it) skips every recipient a
 
 Two maintenance tasks run periodically in every deployment: ``sweep_stalled_jobs`` puts the
 jobs of a worker that stopped heartbeating (killed, frozen, cut off) back in the queue, and
-``prune_jobs`` drops old failed job rows once their retention period is over.
+``prune_jobs`` drops old failed job rows and webhook event ids once their retention period is
+over.
 """
 
 from __future__ import annotations
@@ -657,10 +658,11 @@ async def sweep_stalled_jobs(context: JobContext, timestamp: int) -> int:
 
 
 async def prune_jobs(context: JobContext, timestamp: int) -> int:
-    """Delete failed job rows older than ``MAILROOM_RETENTION_DAYS``."""
+    """Delete failed job rows and webhook event ids older than ``MAILROOM_RETENTION_DAYS``."""
     deps: WorkerDeps = context.additional_context[DEPS_KEY]
     deleted = await deps.db.prune_finished_jobs(retention_days=deps.settings.retention_days)
     await deps.db.prune_send_windows()
+    await deps.db.prune_webhook_events(retention_days=deps.settings.retention_days)
     if deleted:
         log.info("old_jobs_pruned", deleted=deleted)
     return deleted
