@@ -1,4 +1,4 @@
-"""The ``mailroom`` command: dev, web, worker, migrate, dead-letters, bounces and check.
+"""The ``mailroom`` command: dev, web, worker, migrate, dead-letters, bounces, check and users.
 
 Each subcommand builds the settings once, configures logging once and hands both down. A
 configuration problem prints one line naming the variable and exits with status 2.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import getpass
 import sys
 import uuid
 from collections.abc import Callable, Sequence
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING
 import psycopg
 import psycopg_pool
 
+from shared.accounts import CLI_ACTOR, ROLES
 from shared.logging import configure_logging
 from shared.settings import ConfigError, Settings, load_settings
 
@@ -27,7 +29,7 @@ if TYPE_CHECKING:
 EXIT_CONFIG = 2
 # Commands an operator runs by hand: with no MAILROOM_DATABASE_URL they use a running
 # `mailroom dev` in this directory. The long-running roles never guess their database.
-OPERATOR_COMMANDS = frozenset({"dead-letters", "bounces", "check"})
+OPERATOR_COMMANDS = frozenset({"dead-letters", "bounces", "check", "users"})
 
 DESCRIPTION = """\
 Mailroom sends a batch of emails from a web form through your own SMTP server, durably:
@@ -116,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="jobs in flight at once (default: MAILROOM_WORKER_CONCURRENCY)",
     )
     _add_dead_letters(commands)
+    _add_users(commands)
     bounces = commands.add_parser(
         "bounces",
         help="suppress the addresses named by bounce and complaint reports",
@@ -207,6 +210,41 @@ def _add_dead_letters(commands: argparse._SubParsersAction[argparse.ArgumentPars
         target.add_argument("--all", action="store_true", help=f"{verb} every dead letter")
 
 
+def _add_users(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    users = commands.add_parser(
+        "users",
+        help="add, list or disable the operators who log in to the web tier",
+        description="Operators log in with a user name and password, or use personal API "
+        "tokens they make on their account page. A role says what they may do: viewer (read "
+        "only), sender (create, send, cancel, edit, redrive, discard, suppress) or admin "
+        "(also users and the audit log). MAILROOM_API_TOKEN always acts as an admin.",
+    )
+    actions = users.add_subparsers(dest="action", metavar="ACTION", required=True)
+    add = actions.add_parser(
+        "add",
+        help="add a user (the password is asked for twice, or read from stdin)",
+        description="Add a user. The password is never an argument (it would be in the shell "
+        "history and the process list): it is asked for twice, or with --password-stdin read "
+        "from the first line of standard input.",
+        allow_abbrev=False,  # no --password prefix of --password-stdin
+    )
+    add.add_argument("name", help="1-64 letters, digits and . _ @ -, unique in any case")
+    add.add_argument("--role", required=True, help=f"one of: {', '.join(ROLES)}")
+    add.add_argument(
+        "--password-stdin",
+        action="store_true",
+        help="read the password from the first line of standard input (for scripts)",
+    )
+    actions.add_parser("list", help="show every user, their role and whether they are disabled")
+    disable = actions.add_parser(
+        "disable",
+        help="disable a user: their sessions end and their tokens are revoked at once",
+        description="Disable a user: they can no longer log in, their sessions end and their "
+        "personal API tokens are revoked, at once. The user stays in the audit log.",
+    )
+    disable.add_argument("name", help="the user's name (any case)")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``mailroom`` console script."""
     args = build_parser().parse_args(argv)
@@ -218,6 +256,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "dead-letters": _dead_letters,
         "check": _check,
         "bounces": _bounces,
+        "users": _users,
     }
     try:
         settings = load_settings()
@@ -361,7 +400,9 @@ async def _suppress_findings(
             ("complaint", [f.address for f in findings if f.reason == "complaint"]),
         ):
             if addresses:
-                added += await db.suppress(addresses, reason=reason, detail="bounce mailbox")
+                added += await db.suppress(
+                    addresses, reason=reason, detail="bounce mailbox", actor=CLI_ACTOR
+                )
     return added
 
 
@@ -446,9 +487,89 @@ async def _run_dead_letters(settings: Settings, args: argparse.Namespace) -> int
             return 0
         selection = Selection(ids=args.ids, batch_id=args.batch, everything=args.all)
         if args.action == "redrive":
-            print(f"redriven: {await db.redrive(selection)}")
+            print(f"redriven: {await db.redrive(selection, actor=CLI_ACTOR)}")
         else:
-            print(f"discarded: {await db.discard(selection)}")
+            print(f"discarded: {await db.discard(selection, actor=CLI_ACTOR)}")
+    return 0
+
+
+def _users(settings: Settings, args: argparse.Namespace) -> int:
+    from shared.accounts import InvalidAccount, check_name, check_role, hash_password
+
+    settings.require("database_url")
+    password_hash = None
+    if args.action == "add":
+        try:
+            check_name(args.name)
+            check_role(args.role)
+            password = _read_password(from_stdin=args.password_stdin)
+            password_hash = hash_password(password)
+        except InvalidAccount as exc:
+            print(f"mailroom users add: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
+    try:
+        return asyncio.run(_users_in_database(settings, args, password_hash))
+    except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as exc:
+        print(f"mailroom users: cannot reach the database: {exc}", file=sys.stderr)
+        return 1
+
+
+def _read_password(*, from_stdin: bool) -> str:
+    """The new user's password: the first line of stdin, or typed twice at a prompt."""
+    from shared.accounts import InvalidAccount, check_password
+
+    if from_stdin:
+        line = sys.stdin.readline()
+        return check_password(line.removesuffix("\n").removesuffix("\r"))
+    if not sys.stdin.isatty():
+        raise InvalidAccount("no terminal to ask for the password: use --password-stdin")
+    first = check_password(getpass.getpass("Password: "))
+    if getpass.getpass("Again: ") != first:
+        raise InvalidAccount("the two passwords differ")
+    return first
+
+
+async def _users_in_database(
+    settings: Settings, args: argparse.Namespace, password_hash: str | None
+) -> int:
+    from shared.accounts import Role
+    from shared.db import Database, NameTaken, make_pool
+
+    assert settings.database_url is not None
+    async with make_pool(
+        settings.database_url,
+        max_size=1,
+        name="mailroom-cli",
+        transaction_pooling=settings.database_transaction_pooling,
+    ) as pool:
+        db = Database(pool, chunk_size=settings.chunk_size)
+        if args.action == "add":
+            assert password_hash is not None
+            try:
+                await db.add_user(args.name, password_hash, Role(args.role), actor=CLI_ACTOR)
+            except NameTaken:
+                print(f"mailroom users add: a user {args.name!r} exists already", file=sys.stderr)
+                return 1
+            print(f"added {args.name} ({args.role})")
+        elif args.action == "list":
+            rows = await db.list_users()
+            print(f"{'NAME':<24} {'ROLE':<7} {'TOKENS':>6}  {'CREATED':<16}  DISABLED")
+            for row in rows:
+                disabled = f"{row['disabled_at']:%Y-%m-%d %H:%M}" if row["disabled_at"] else ""
+                print(
+                    f"{row['name']:<24} {row['role']:<7} {row['tokens']:>6}  "
+                    f"{row['created_at']:%Y-%m-%d %H:%M}  {disabled}".rstrip()
+                )
+            print(f"{len(rows)} user(s)", file=sys.stderr)
+        else:
+            ended = await db.disable_user(args.name, actor=CLI_ACTOR)
+            if ended is None:
+                print(f"mailroom users disable: no user {args.name!r}", file=sys.stderr)
+                return 1
+            print(
+                f"disabled {args.name}: {ended['sessions']} session(s) ended,"
+                f" {ended['tokens']} token(s) revoked"
+            )
     return 0
 
 

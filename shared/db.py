@@ -25,6 +25,7 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
+from shared.accounts import BOOTSTRAP_ACTOR, Principal, Role
 from shared.batch_names import default_name
 from shared.composition import Composition
 from shared.procrastinate_sql import (
@@ -426,6 +427,46 @@ class KeyReused(Exception):
         self.same_request = same_request
 
 
+class NameTaken(Exception):
+    """A user of this name (in any case) exists already."""
+
+
+async def _audit(
+    conn: psycopg.AsyncConnection,
+    actor: str,
+    action: str,
+    *,
+    batch_id: uuid.UUID | None = None,
+    recipient_ids: Sequence[int] | None = None,
+    count: int | None = None,
+    subject: str | None = None,
+    detail: Mapping[str, Any] | None = None,
+) -> None:
+    """One ``audit_log`` entry, on ``conn``: in the transaction of the change it records."""
+    await conn.execute(
+        "INSERT INTO audit_log (actor, action, batch_id, recipient_ids, count, subject, detail)"
+        " VALUES (%s, %s, %s, %s, %s, %s, %s)",
+        (
+            actor,
+            action,
+            batch_id,
+            list(recipient_ids) if recipient_ids else None,
+            count,
+            subject,
+            Jsonb(dict(detail or {})),
+        ),
+    )
+
+
+def _selection_audit(selection: Selection) -> dict[str, Any]:
+    """What an audit entry says about a selection of dead letters."""
+    return {
+        "batch_id": selection.batch_id,
+        "recipient_ids": selection.ids,
+        "detail": {"all": True} if selection.everything else None,
+    }
+
+
 class WebhookDelivery:
     """One webhook delivery's transaction (:meth:`Database.webhook_events`)."""
 
@@ -551,6 +592,17 @@ class Database:
     def _defer_params(self, **overrides: Any) -> dict[str, Any]:
         return {**_DEFER_PARAMS, "chunk_size": self.chunk_size, **overrides}
 
+    @asynccontextmanager
+    async def _changing(self, actor: str | None) -> AsyncIterator[psycopg.AsyncConnection]:
+        """A connection for a change: in a transaction when ``actor`` is given, so the change
+        and its audit entry commit together (without one, autocommit as before)."""
+        async with self.pool.connection() as conn:
+            if actor is None:
+                yield conn
+            else:
+                async with conn.transaction():
+                    yield conn
+
     # -- enqueue ---------------------------------------------------------------------------
 
     async def create_batch(
@@ -621,6 +673,14 @@ class Database:
             expected = -(-row[0] // self.chunk_size) if row else None
             if row is None or (row[1] or 0) != expected:
                 raise RuntimeError("deferred job count does not match the recipients queued")
+            await _audit(
+                conn,
+                batch.created_by,
+                "batch_created",
+                batch_id=batch_id,
+                count=len(emails),
+                detail={"review": batch.review},
+            )
         await self._analyze_after(len(emails))
         return batch_id
 
@@ -647,7 +707,7 @@ class Database:
             assert row is not None
             raise KeyReused(row[0], same_request=row[1] == request_hash)
 
-    async def cancel(self, batch_id: uuid.UUID) -> int | None:
+    async def cancel(self, batch_id: uuid.UUID, *, actor: str | None = None) -> int | None:
         """Cancel what is left of a batch; ``None`` if there is no such batch.
 
         Queued, retrying, drafted and sending recipients become ``cancelled`` and their
@@ -682,7 +742,10 @@ class Database:
                 {"batch_id": batch_id, "queue": EMAIL_QUEUE, "chunk_task": SEND_CHUNK_TASK},
             )
             row = await cursor.fetchone()
-        return int(row[0]) if row else 0
+            cancelled = int(row[0]) if row else 0
+            if actor is not None:
+                await _audit(conn, actor, "batch_cancelled", batch_id=batch_id, count=cancelled)
+        return cancelled
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -874,7 +937,7 @@ class Database:
             )
         return True
 
-    async def approve(self, batch_id: uuid.UUID) -> int | None:
+    async def approve(self, batch_id: uuid.UUID, *, actor: str | None = None) -> int | None:
         """Send a reviewed batch: its drafted recipients are queued in new chunk jobs, at once.
 
         Returns how many were queued, or ``None`` if the batch does not exist. Recipients still
@@ -896,21 +959,39 @@ class Database:
                 {"batch_id": batch_id, **self._defer_params()},
             )
             row = await cursor.fetchone()
-        queued = int(row[0] or 0) if row else 0
+            queued = int(row[0] or 0) if row else 0
+            if actor is not None:
+                await _audit(conn, actor, "batch_sent", batch_id=batch_id, count=queued)
         await self._analyze_after(queued)
         return queued
 
     async def edit_draft(
-        self, batch_id: uuid.UUID, recipient_id: int, subject: str, body: str
+        self,
+        batch_id: uuid.UUID,
+        recipient_id: int,
+        subject: str,
+        body: str,
+        *,
+        actor: str | None = None,
     ) -> bool:
         """Replace a draft that is waiting for review; False if it is not (or no longer) one."""
-        async with self.pool.connection() as conn:
+        async with self._changing(actor) as conn:
             cursor = await conn.execute(
                 "UPDATE recipients SET subject = %s, body = %s, updated_at = now()"
                 " WHERE id = %s AND batch_id = %s AND status = 'drafted'",
                 (subject, body, recipient_id, batch_id),
             )
-        return cursor.rowcount == 1
+            edited = cursor.rowcount == 1
+            if actor is not None and edited:
+                await _audit(
+                    conn,
+                    actor,
+                    "draft_edited",
+                    batch_id=batch_id,
+                    recipient_ids=[recipient_id],
+                    count=1,
+                )
+        return edited
 
     @asynccontextmanager
     async def claim_delivery(self, recipient_id: int) -> AsyncIterator[DeliveryClaim]:
@@ -1078,32 +1159,248 @@ class Database:
 
     # -- web sessions ------------------------------------------------------------------------
 
-    async def start_session(self, id_hash: bytes, expires_at: datetime) -> None:
-        """Record a login (by the hash of its session id); forget sessions that have expired."""
+    async def start_session(
+        self, id_hash: bytes, expires_at: datetime, *, user_id: int | None = None
+    ) -> None:
+        """Record a login (by the hash of its session id) of a user, or (``user_id`` None) of
+        the bootstrap token; forget sessions that have expired."""
         async with self.pool.connection() as conn:
             await conn.execute(
                 "WITH expired AS (DELETE FROM web_sessions WHERE expires_at < now())"
-                " INSERT INTO web_sessions (id_hash, expires_at) VALUES (%s, %s)",
-                (id_hash, expires_at),
+                " INSERT INTO web_sessions (id_hash, expires_at, user_id) VALUES (%s, %s, %s)",
+                (id_hash, expires_at, user_id),
             )
 
-    async def session_active(self, id_hash: bytes) -> bool:
-        """Whether the session is logged in: not logged out, not expired."""
+    async def session_owner(self, id_hash: bytes) -> Principal | None:
+        """Who a logged-in session belongs to; None if it is logged out, expired, or its user
+        is disabled. A session of the bootstrap token is :data:`shared.accounts.BOOTSTRAP`
+        with the role it has (admin)."""
         async with self.pool.connection() as conn:
             cursor = await conn.execute(
-                "SELECT 1 FROM web_sessions WHERE id_hash = %s AND expires_at > now()", (id_hash,)
+                "SELECT s.user_id, u.name, u.role FROM web_sessions s"
+                " LEFT JOIN users u ON u.id = s.user_id"
+                " WHERE s.id_hash = %s AND s.expires_at > now()"
+                " AND (s.user_id IS NULL OR u.disabled_at IS NULL)",
+                (id_hash,),
             )
-            return await cursor.fetchone() is not None
+            row = await cursor.fetchone()
+        if row is None:
+            return None
+        if row[0] is None:
+            return Principal(BOOTSTRAP_ACTOR, Role.ADMIN)
+        return Principal(row[1], Role(row[2]), user_id=row[0])
 
     async def end_session(self, id_hash: bytes) -> None:
         """Log the session out: its cookie is refused from now on, by every web process."""
         async with self.pool.connection() as conn:
             await conn.execute("DELETE FROM web_sessions WHERE id_hash = %s", (id_hash,))
 
+    # -- users and their API tokens ----------------------------------------------------------
+
+    async def add_user(self, name: str, password_hash: str, role: Role, *, actor: str) -> int:
+        """A new user (its name checked by :func:`shared.accounts.check_name`); raises
+        :class:`NameTaken` if one of that name, in any case, exists."""
+        try:
+            async with self.pool.connection() as conn, conn.transaction():
+                cursor = await conn.execute(
+                    "INSERT INTO users (name, password_hash, role) VALUES (%s, %s, %s)"
+                    " RETURNING id",
+                    (name, password_hash, role.value),
+                )
+                row = await cursor.fetchone()
+                assert row is not None
+                await _audit(conn, actor, "user_added", subject=name, detail={"role": role})
+        except psycopg.errors.UniqueViolation:
+            raise NameTaken(name) from None
+        return int(row[0])
+
+    async def list_users(self) -> list[dict[str, Any]]:
+        """Every user, by name (any case), with how many live tokens each has."""
+        async with self.pool.connection() as conn:
+            cursor = conn.cursor(row_factory=dict_row)
+            await cursor.execute(
+                "SELECT u.id, u.name, u.role, u.disabled_at, u.created_at,"
+                " (SELECT count(*) FROM api_tokens t"
+                "   WHERE t.user_id = u.id AND t.revoked_at IS NULL) AS tokens"
+                " FROM users u ORDER BY lower(u.name)"
+            )
+            return await cursor.fetchall()
+
+    async def user_by_name(self, name: str) -> dict[str, Any] | None:
+        """The user of this name in any case (id, name, role, password_hash, disabled_at)."""
+        async with self.pool.connection() as conn:
+            cursor = conn.cursor(row_factory=dict_row)
+            await cursor.execute(
+                "SELECT id, name, role, password_hash, disabled_at FROM users"
+                " WHERE lower(name) = lower(%s)",
+                (name,),
+            )
+            return await cursor.fetchone()
+
+    async def disable_user(self, name: str, *, actor: str) -> dict[str, int] | None:
+        """Disable a user: their sessions end and their tokens are revoked, in one transaction.
+
+        Returns how many sessions and tokens were ended, or None if there is no such user.
+        Disabling a user again changes nothing more (and is audited again).
+        """
+        async with self.pool.connection() as conn, conn.transaction():
+            cursor = await conn.execute(
+                "UPDATE users SET disabled_at = coalesce(disabled_at, now())"
+                " WHERE lower(name) = lower(%s) RETURNING id, name",
+                (name,),
+            )
+            row = await cursor.fetchone()
+            if row is None:
+                return None
+            ended = await self._end_sessions_of(conn, row[0])
+            cursor = await conn.execute(
+                "UPDATE api_tokens SET revoked_at = now()"
+                " WHERE user_id = %s AND revoked_at IS NULL",
+                (row[0],),
+            )
+            revoked = cursor.rowcount
+            await _audit(
+                conn,
+                actor,
+                "user_disabled",
+                subject=row[1],
+                detail={"sessions_ended": ended, "tokens_revoked": revoked},
+            )
+        return {"sessions": ended, "tokens": revoked}
+
+    async def set_role(self, name: str, role: Role, *, actor: str) -> bool:
+        """Give a user another role (their sessions and tokens carry it from the next request);
+        False if there is no such user."""
+        async with self.pool.connection() as conn, conn.transaction():
+            cursor = await conn.execute(
+                "UPDATE users SET role = %s WHERE lower(name) = lower(%s) RETURNING name",
+                (role.value, name),
+            )
+            row = await cursor.fetchone()
+            if row is None:
+                return False
+            await _audit(conn, actor, "role_changed", subject=row[0], detail={"role": role})
+        return True
+
+    async def set_password(self, user_id: int, password_hash: str, *, actor: str) -> None:
+        """A user's new password: every session of theirs ends in the same transaction."""
+        async with self.pool.connection() as conn, conn.transaction():
+            cursor = await conn.execute(
+                "UPDATE users SET password_hash = %s WHERE id = %s RETURNING name",
+                (password_hash, user_id),
+            )
+            row = await cursor.fetchone()
+            if row is None:
+                return
+            ended = await self._end_sessions_of(conn, user_id)
+            await _audit(
+                conn, actor, "password_changed", subject=row[0], detail={"sessions_ended": ended}
+            )
+
+    @staticmethod
+    async def _end_sessions_of(conn: psycopg.AsyncConnection, user_id: int) -> int:
+        cursor = await conn.execute("DELETE FROM web_sessions WHERE user_id = %s", (user_id,))
+        return cursor.rowcount
+
+    async def create_token(
+        self, user_id: int, name: str, token_hash: bytes, *, actor: str
+    ) -> dict[str, Any]:
+        """Record a personal API token (only its hash) for a user: its id, name and time."""
+        async with self.pool.connection() as conn, conn.transaction():
+            cursor = conn.cursor(row_factory=dict_row)
+            await cursor.execute(
+                "INSERT INTO api_tokens (user_id, name, token_hash) VALUES (%s, %s, %s)"
+                " RETURNING id, name, created_at, revoked_at",
+                (user_id, name, token_hash),
+            )
+            row = await cursor.fetchone()
+            assert row is not None
+            await _audit(conn, actor, "token_created", subject=name, detail={"token_id": row["id"]})
+        return row
+
+    async def list_tokens(self, user_id: int | None = None) -> list[dict[str, Any]]:
+        """A user's tokens (or everyone's, with their user's name), newest first."""
+        async with self.pool.connection() as conn:
+            cursor = conn.cursor(row_factory=dict_row)
+            await cursor.execute(
+                "SELECT t.id, t.name, t.created_at, t.revoked_at, u.name AS user_name"
+                " FROM api_tokens t JOIN users u ON u.id = t.user_id"
+                " WHERE %(user_id)s::bigint IS NULL OR t.user_id = %(user_id)s::bigint"
+                " ORDER BY t.id DESC",
+                {"user_id": user_id},
+            )
+            return await cursor.fetchall()
+
+    async def revoke_token(self, token_id: int, *, owner_id: int | None, actor: str) -> bool | None:
+        """Revoke a token: refused from the next request on. ``owner_id`` restricts it to that
+        user's tokens (None: anyone's, for an admin). None if there is no such token (for this
+        owner); False if it was revoked already."""
+        async with self.pool.connection() as conn, conn.transaction():
+            cursor = await conn.execute(
+                "SELECT t.revoked_at IS NOT NULL, t.name, u.name FROM api_tokens t"
+                " JOIN users u ON u.id = t.user_id"
+                " WHERE t.id = %(id)s AND (%(owner)s::bigint IS NULL OR t.user_id = %(owner)s)"
+                " FOR UPDATE OF t",
+                {"id": token_id, "owner": owner_id},
+            )
+            row = await cursor.fetchone()
+            if row is None:
+                return None
+            if row[0]:
+                return False
+            await conn.execute(
+                "UPDATE api_tokens SET revoked_at = now() WHERE id = %s", (token_id,)
+            )
+            await _audit(
+                conn,
+                actor,
+                "token_revoked",
+                subject=row[1],
+                detail={"token_id": token_id, "user": row[2]},
+            )
+        return True
+
+    async def token_owner(self, token_hash: bytes) -> Principal | None:
+        """Who a personal API token acts for; None if unknown, revoked, or its user disabled."""
+        async with self.pool.connection() as conn:
+            cursor = await conn.execute(
+                "SELECT u.id, u.name, u.role FROM api_tokens t JOIN users u ON u.id = t.user_id"
+                " WHERE t.token_hash = %s AND t.revoked_at IS NULL AND u.disabled_at IS NULL",
+                (token_hash,),
+            )
+            row = await cursor.fetchone()
+        return Principal(row[1], Role(row[2]), user_id=row[0]) if row else None
+
+    # -- the audit log -----------------------------------------------------------------------
+
+    async def audit(self, actor: str, action: str, **entry: Any) -> None:
+        """Record an action that has no change of its own to share a transaction with."""
+        async with self.pool.connection() as conn:
+            await _audit(conn, actor, action, **entry)
+
+    async def list_audit(
+        self, *, before_id: int | None = None, limit: int = 50
+    ) -> list[dict[str, Any]]:
+        """A page of the audit log, newest first, keyset-paginated on ``id``."""
+        async with self.pool.connection() as conn:
+            cursor = conn.cursor(row_factory=dict_row)
+            await cursor.execute(
+                "SELECT id, at, actor, action, batch_id, recipient_ids, count, subject, detail"
+                " FROM audit_log WHERE %(before)s::bigint IS NULL OR id < %(before)s::bigint"
+                " ORDER BY id DESC LIMIT %(limit)s",
+                {"before": before_id, "limit": limit},
+            )
+            return await cursor.fetchall()
+
     # -- suppressions ------------------------------------------------------------------------
 
     async def suppress(
-        self, addresses: Sequence[str], *, reason: str, detail: str | None = None
+        self,
+        addresses: Sequence[str],
+        *,
+        reason: str,
+        detail: str | None = None,
+        actor: str | None = None,
     ) -> int:
         """Add addresses to the suppressions; return how many were added (or changed).
 
@@ -1112,8 +1409,17 @@ class Database:
         operator's own request replaces: a redrive lifts hard bounces, and must never lift an
         unsubscription with them.
         """
-        async with self.pool.connection() as conn:
-            return await _suppress(conn, addresses, reason=reason, detail=detail)
+        async with self._changing(actor) as conn:
+            added = await _suppress(conn, addresses, reason=reason, detail=detail)
+            if actor is not None:
+                await _audit(
+                    conn,
+                    actor,
+                    "addresses_suppressed",
+                    count=added,
+                    detail={"reason": reason, "given": len(addresses)},
+                )
+        return added
 
     @asynccontextmanager
     async def webhook_events(
@@ -1144,15 +1450,24 @@ class Database:
             )
         return cursor.rowcount
 
-    async def unsuppress(self, addresses: Sequence[str]) -> int:
+    async def unsuppress(self, addresses: Sequence[str], *, actor: str | None = None) -> int:
         """Remove addresses from the suppressions; return how many were there."""
-        async with self.pool.connection() as conn:
+        async with self._changing(actor) as conn:
             cursor = await conn.execute(
                 "DELETE FROM suppressions WHERE address_key = ANY("
                 " SELECT lower(a) FROM unnest(%s::text[]) a)",
                 (list(addresses),),
             )
-        return cursor.rowcount
+            removed = cursor.rowcount
+            if actor is not None:
+                await _audit(
+                    conn,
+                    actor,
+                    "addresses_unsuppressed",
+                    count=removed,
+                    detail={"given": len(addresses)},
+                )
+        return removed
 
     async def list_suppressions(
         self, *, after_id: int = 0, limit: int = 100
@@ -1334,7 +1649,7 @@ class Database:
             )
             return await cursor.fetchall()
 
-    async def redrive(self, selection: Selection) -> int:
+    async def redrive(self, selection: Selection, *, actor: str | None = None) -> int:
         """Requeue the selected dead letters with a fresh attempt budget; return how many.
 
         One statement: the recipients go back to ``queued`` in *new* chunk jobs, per batch
@@ -1342,7 +1657,7 @@ class Database:
         addresses' hard-bounce suppressions are lifted. Only ``dead`` rows are touched, so a
         recipient that was sent is never sent again.
         """
-        async with self.pool.connection() as conn:
+        async with self._changing(actor) as conn:
             # A redrive says the cause was fixed: a hard bounce recorded for these addresses is
             # lifted with it (an unsubscription or a complaint never is).
             cursor = await conn.execute(
@@ -1355,19 +1670,36 @@ class Database:
                 {**selection.params(), **self._defer_params()},
             )
             row = await cursor.fetchone()
-        queued = int(row[0] or 0) if row else 0
+            queued = int(row[0] or 0) if row else 0
+            if actor is not None:
+                await _audit(
+                    conn,
+                    actor,
+                    "dead_letters_redriven",
+                    count=queued,
+                    **_selection_audit(selection),
+                )
         await self._analyze_after(queued)
         return queued
 
-    async def discard(self, selection: Selection) -> int:
+    async def discard(self, selection: Selection, *, actor: str | None = None) -> int:
         """Give up on the selected dead letters (they become ``cancelled``, evidence kept)."""
-        async with self.pool.connection() as conn:
+        async with self._changing(actor) as conn:
             cursor = await conn.execute(
                 "UPDATE recipients SET status = 'cancelled', updated_at = now()"
                 f" WHERE status = 'dead' AND {_SELECTED}",
                 selection.params(),
             )
-        return cursor.rowcount
+            discarded = cursor.rowcount
+            if actor is not None:
+                await _audit(
+                    conn,
+                    actor,
+                    "dead_letters_discarded",
+                    count=discarded,
+                    **_selection_audit(selection),
+                )
+        return discarded
 
     # -- housekeeping ------------------------------------------------------------------------
 

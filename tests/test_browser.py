@@ -45,7 +45,7 @@ async def log_in(page: Any, base: str) -> None:
     """Log the browser in through the login form, as an operator does."""
     await page.goto(f"{base}/login")
     await page.fill("input[name=token]", API_TOKEN)
-    await page.click("button[type=submit]")
+    await page.click(".token-login button[type=submit]")
 
 
 @pytest.fixture
@@ -86,7 +86,7 @@ async def test_an_operator_uploads_fixes_watches_and_redrives(
             await expect(page.locator("h1")).to_have_text("Log in")
             await page.screenshot(path=ARTIFACTS / "1-login.png")
             await page.fill("#token", API_TOKEN)
-            await page.click("button[type=submit]")
+            await page.click(".token-login button[type=submit]")
             await expect(page.locator("h1")).to_have_text("New batch")
 
             bad = b"email,name\nada@example.org,Ada\nnot-an-address,Oops\nbounce@example.org,Bo\n"

@@ -33,7 +33,7 @@ async def _log_in(page: Any, base: str) -> None:
 
     await page.goto(f"{base}/")
     await page.fill("#token", API_TOKEN)
-    await page.click("button[type=submit]")
+    await page.click(".token-login button[type=submit]")
     await expect(page.locator("h1")).to_have_text("New batch")
 
 

@@ -154,6 +154,7 @@ JSON_ROUTES = [
     ("POST", "/api/dead-letters/discard"),
     ("POST", "/api/suppressions"),
     ("POST", "/api/suppressions/remove"),
+    ("POST", "/api/tokens"),
     ("PATCH", f"/api/batches/{NO_BATCH}/recipients/1"),
 ]
 JSON = {**AUTH, "Content-Type": "application/json"}

@@ -131,7 +131,7 @@ async def test_an_operator_reads_captured_mail_and_unsubscribes_from_it(
 
             await page.goto(base + "/login?next=/dev/mail")
             await page.fill("input[name=token]", API_TOKEN)
-            await page.click("button[type=submit]")
+            await page.click(".token-login button[type=submit]")
             await page.wait_for_url("**/dev/mail")
             await expect(page.locator("#mail-range")).to_have_text(f"1{EN_DASH}3 of 3")
             # The subject is shown as text, never as markup.

@@ -192,7 +192,7 @@ def test_every_paged_list_has_the_same_envelope() -> None:
 
     schemas = document()["components"]["schemas"]
     pages = {name: schema for name, schema in schemas.items() if name.endswith("Page")}
-    assert set(pages) == {"RecipientPage", "DeadLetterPage", "SuppressionPage"}
+    assert set(pages) == {"RecipientPage", "DeadLetterPage", "SuppressionPage", "AuditEntryPage"}
     for schema in pages.values():
         (items,) = set(schema["properties"]) - {"next_after"}
         assert schema["required"] == [items, "next_after"]
@@ -295,7 +295,13 @@ class Target:
         self.host, self.port = str(url.host), int(url.port or 80)
         self.cookie = b""
         self.csrf = ""
-        self.ids = {"batch_id": NO_BATCH, "recipient_id": "1", "key": "x", "token": "x"}
+        self.ids = {
+            "batch_id": NO_BATCH,
+            "recipient_id": "1",
+            "key": "x",
+            "token": "x",
+            "token_id": "1",
+        }
 
     async def setup(self) -> None:
         created = await self.send(

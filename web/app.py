@@ -19,7 +19,7 @@ from shared.metrics import WEB_REGISTRY, PoolCollector, QueueCollector, render
 from shared.schema import pending_migrations
 from shared.settings import Settings
 from web import api, openapi, pages
-from web.auth import Authenticator, LoginLimiter, secret_equal
+from web.auth import Authenticator, LoginLimiter, required_role, secret_equal
 from web.captured_mail import CapturedMail
 from web.errors import api_error
 from web.keys import (
@@ -35,6 +35,7 @@ from web.keys import (
 from web.middlewares import (
     auth_middleware,
     error_middleware,
+    is_public,
     metrics_middleware,
     request_id_middleware,
     security_headers_middleware,
@@ -159,7 +160,29 @@ def create_app(
     for provider in (ses, postmark, sendgrid):
         app.router.add_routes(provider.routes)
     app.router.add_static("/static", HERE / "static")
+    check_roles(app)
     return app
+
+
+class RouteWithoutRole(RuntimeError):
+    """A route that is not public declares no role (``web.auth.requires``)."""
+
+
+def check_roles(app: web.Application) -> None:
+    """Refuse to build an app with a route that is neither public nor declares its role, so
+    no route can be added that anyone logged in may use by accident."""
+    missing = [
+        f"{route.method} {route.resource.canonical}"
+        for route in app.router.routes()
+        if route.resource is not None
+        and not isinstance(route.resource, web.StaticResource)  # under /static/: public
+        and not is_public(route.resource.canonical)
+        and required_role(route.handler) is None
+    ]
+    if missing:
+        raise RouteWithoutRole(
+            "routes without a role (add @requires(Role...)): " + ", ".join(missing)
+        )
 
 
 async def _pool_context(app: web.Application) -> AsyncIterator[None]:

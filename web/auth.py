@@ -9,12 +9,17 @@ all of these hold:
   move to :mod:`shared.signing`: every session lives in ``web_sessions`` under a random id
   anyway, so a cookie of the earlier format is refused and its owner logs in again);
 - it has not expired (``SESSION_TTL_SECONDS``);
-- its fingerprint is the current token's (rotating ``MAILROOM_API_TOKEN`` ends every session:
-  whoever logged in with a token that leaked is logged out with it). The fingerprint is an
-  HMAC of the token under a key of its own, so a cookie reveals nothing to test guesses of the
-  token against;
-- the session's row is in ``web_sessions`` (checked by the middleware): logging out deletes it,
-  so a copied cookie stops working at once, in every web process.
+- a session of the bootstrap token (``MAILROOM_API_TOKEN``) carries the current token's
+  fingerprint (rotating the token ends every such session: whoever logged in with a token that
+  leaked is logged out with it). The fingerprint is an HMAC of the token under a key of its
+  own, so a cookie reveals nothing to test guesses of the token against. A user's session
+  carries ``"user"`` there instead, and its row names the user;
+- the session's row is in ``web_sessions`` and its user is not disabled (checked by the
+  middleware): logging out, disabling the user or changing their password deletes it, so a
+  copied cookie stops working at once, in every web process.
+
+Every route declares the role it needs with :func:`requires` (or is public, see
+``web/middlewares.py``); ``create_app`` refuses to build an app with a route that does not.
 
 Tokens are compared in constant time.
 """
@@ -26,14 +31,41 @@ import hmac
 import ipaddress
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from aiohttp import web
 
+from shared.accounts import Role
 from shared.signing import Purpose, SignedValues
 
 SESSION_COOKIE = "mailroom_session"
 SESSION_TTL_SECONDS = 12 * 3600
+# What a user's session cookie carries where a bootstrap session has the token's fingerprint.
+USER_SESSION = "user"
+ROLE_ATTRIBUTE = "mailroom_required_role"
+
+Handler = TypeVar("Handler", bound=Callable[..., object])
+
+
+def requires(role: Role) -> Callable[[Handler], Handler]:
+    """Declare the least role a route's handler needs (the auth middleware enforces it).
+
+    Put it under the route decorator or over it: it marks the function itself.
+    """
+
+    def mark(handler: Handler) -> Handler:
+        setattr(handler, ROLE_ATTRIBUTE, role)
+        return handler
+
+    return mark
+
+
+def required_role(handler: object) -> Role | None:
+    """The role a handler declared with :func:`requires`, None if it declared none."""
+    role = getattr(handler, ROLE_ATTRIBUTE, None)
+    return role if isinstance(role, Role) else None
 
 
 @dataclass(frozen=True)
@@ -41,6 +73,8 @@ class Session:
     id: str
     expires_at: float
     csrf_token: str
+    # A user's session (its row names the user), or one of the bootstrap token.
+    of_user: bool = False
 
     @property
     def id_hash(self) -> bytes:
@@ -75,23 +109,32 @@ class Authenticator:
     def token_matches(self, candidate: str) -> bool:
         return secret_equal(candidate, self._api_token)
 
-    def bearer_ok(self, request: web.Request) -> bool:
+    @staticmethod
+    def bearer_of(request: web.Request) -> str | None:
+        """The Bearer token the ``Authorization`` header gives, None if it gives none."""
         header = request.headers.get("Authorization", "")
         scheme, _, token = header.partition(" ")
-        return scheme.lower() == "bearer" and bool(token) and self.token_matches(token.strip())
+        token = token.strip()
+        return token if scheme.lower() == "bearer" and token else None
 
-    def new_session(self) -> tuple[Session, str]:
+    def bearer_ok(self, request: web.Request) -> bool:
+        """Whether the request's Bearer is ``MAILROOM_API_TOKEN``."""
+        token = self.bearer_of(request)
+        return token is not None and self.token_matches(token)
+
+    def new_session(self, *, of_user: bool = False) -> tuple[Session, str]:
         """A new session and its cookie value; the caller records it (``start_session``)."""
         session = Session(
             id=secrets.token_urlsafe(32),
             expires_at=time.time() + SESSION_TTL_SECONDS,
             csrf_token=secrets.token_urlsafe(24),
+            of_user=of_user,
         )
         claims = {
             "sid": session.id,
             "exp": session.expires_at,
             "csrf": session.csrf_token,
-            "tok": self._token_fingerprint,
+            "tok": USER_SESSION if of_user else self._token_fingerprint,
         }
         return session, self._cookies.sign(claims)
 
@@ -104,13 +147,18 @@ class Authenticator:
         if not isinstance(data, dict):
             return None
         try:
-            session = Session(
-                id=str(data["sid"]), expires_at=float(data["exp"]), csrf_token=str(data["csrf"])
-            )
             fingerprint = str(data["tok"])
+            session = Session(
+                id=str(data["sid"]),
+                expires_at=float(data["exp"]),
+                csrf_token=str(data["csrf"]),
+                of_user=fingerprint == USER_SESSION,
+            )
         except (ValueError, KeyError, TypeError):
             return None
-        if not hmac.compare_digest(fingerprint.encode(), self._token_fingerprint.encode()):
+        if not session.of_user and not hmac.compare_digest(
+            fingerprint.encode("utf-8", "surrogatepass"), self._token_fingerprint.encode()
+        ):
             return None
         return session if session.expires_at > time.time() else None
 
@@ -118,8 +166,10 @@ class Authenticator:
 class LoginLimiter:
     """At most ``per_minute`` failed attempts per client in any sliding minute, then a lock-out.
 
-    A failed attempt is a wrong token at the login form or a wrong ``Authorization`` header on
-    any protected route: both guess the same secret, so they share one budget per client.
+    A failed attempt is a wrong token or password at the login form or a wrong
+    ``Authorization`` header on any protected route: they guess the same secrets, so they share
+    one budget per client. A wrong password also counts against the user name it was tried for
+    (``name_key``), so guesses at one account from many clients are locked out too.
 
     The client is the peer address, or with ``trust_proxy`` (``MAILROOM_TRUST_PROXY``) the
     right-most ``X-Forwarded-For`` hop: the address the proxy in front of us saw and appended.
@@ -146,6 +196,11 @@ class LoginLimiter:
             if hop is not None:
                 return _address_key(hop)
         return _address_key(peer)
+
+    @staticmethod
+    def name_key(name: str) -> str:
+        """The key failed passwords for a user name are counted under (any case, bounded)."""
+        return "user:" + name[:100].lower()
 
     def blocked(self, client: str) -> bool:
         return len(self._recent(client)) >= self._per_minute

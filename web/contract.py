@@ -37,6 +37,7 @@ from pydantic import (
     create_model,
 )
 
+from shared.accounts import MAX_TOKEN_NAME_CHARS, InvalidAccount, check_token_name
 from shared.batch_names import MAX_NAME_CHARS, name_problem
 from shared.composition import BodyFormat
 from shared.db import (
@@ -440,11 +441,43 @@ class BatchesQuery(BaseModel):
         return BatchFilter(status=self.status, name_contains=self.q or None, before=before)
 
 
+class AuditQuery(PageQuery):
+    """``GET /api/audit?after=&limit=``: newest first; a page's ``next_after`` is the next
+    (older) page's ``after``."""
+
+
+def _token_name(value: str) -> str:
+    try:
+        return check_token_name(value)
+    except InvalidAccount as exc:
+        raise ValueError(str(exc)) from None
+
+
+class TokensQuery(BaseModel):
+    """``GET /api/tokens?all=``: the caller's own tokens, or (an admin, ``all=true``)
+    everyone's."""
+
+    all: bool = False
+
+
+class NewToken(BaseModel):
+    """``POST /api/tokens``: ``{"name": "what it is for"}``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Annotated[
+        StrictStr,
+        Field(min_length=1, max_length=MAX_TOKEN_NAME_CHARS),
+        AfterValidator(_token_name),
+    ]
+
+
 class PathIds(BaseModel):
     """What the ids in the API's paths are (the document's path parameters)."""
 
     batch_id: uuid.UUID
     recipient_id: int
+    token_id: Annotated[int, Field(ge=1, le=MAX_ID)]
     key: Annotated[str, Field(pattern=KEY_PATTERN, description="a captured message's file name")]
 
 
@@ -623,7 +656,48 @@ def page_of(items_field: str, item: type[Item]) -> type[Page]:
     return model
 
 
+class AuditEntry(BaseModel):
+    """Who did what, and when: ``actor`` is a user's name, ``api-token`` for
+    ``MAILROOM_API_TOKEN`` or ``cli`` for the command line."""
+
+    id: int
+    at: datetime
+    actor: str
+    action: str
+    batch_id: uuid.UUID | None
+    recipient_ids: list[int] | None
+    count: int | None
+    subject: str | None
+    detail: dict[str, Any]
+
+
+class TokenInfo(BaseModel):
+    """A personal API token as listed: never the token itself."""
+
+    id: int
+    name: str
+    user_name: str
+    created_at: datetime
+    revoked_at: datetime | None
+
+
+class TokenList(BaseModel):
+    tokens: list[TokenInfo]
+
+
+class TokenCreated(TokenInfo):
+    """The new token; ``token`` is shown this once and never again (only its hash is kept)."""
+
+    token: str
+
+
+class TokenRevoked(BaseModel):
+    id: int
+    revoked: bool
+
+
 RecipientPage = page_of("recipients", Recipient)
+AuditEntryPage = page_of("entries", AuditEntry)
 DeadLetterPage = page_of("dead_letters", DeadLetter)
 SuppressionPage = page_of("suppressions", Suppression)
 

@@ -8,7 +8,7 @@ import structlog
 from aiohttp import web
 
 from shared.metrics import BATCHES_CREATED, RECIPIENTS_ENQUEUED
-from web.keys import AUTH_KIND, DB, REQUEST_ID, SETTINGS
+from web.keys import DB, PRINCIPAL, REQUEST_ID, SETTINGS
 from web.validation import Limits, Submission
 
 log = structlog.get_logger(__name__)
@@ -31,7 +31,7 @@ async def create_batch(
     used before.
     """
     batch = submission.to_new_batch(
-        created_by=request.get(AUTH_KIND, "unknown"), request_id=request.get(REQUEST_ID)
+        created_by=request[PRINCIPAL].name, request_id=request.get(REQUEST_ID)
     )
     batch_id = await request.app[DB].create_batch(batch, idempotency=idempotency)
     BATCHES_CREATED.inc()

@@ -17,7 +17,7 @@ from shared.ratelimits import sender_limits
 from web.contract import SELECTIONS, IdempotencyHeaders, Problem, SelectAll, SelectIds, problems_of
 from web.errors import ApiError
 from web.json_body import read_json
-from web.keys import DB, SETTINGS
+from web.keys import DB, PRINCIPAL, SETTINGS
 
 Model = TypeVar("Model", bound=BaseModel)
 
@@ -116,3 +116,9 @@ def recipient_id_of(request: web.Request) -> int:
     if not 1 <= recipient_id <= MAX_ID:
         raise web.HTTPNotFound(text="no such recipient")
     return recipient_id
+
+
+def actor(request: web.Request) -> str:
+    """Who the audit log names for what this request changes: the user's name, or
+    ``api-token`` for ``MAILROOM_API_TOKEN``."""
+    return request[PRINCIPAL].name

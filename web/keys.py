@@ -5,6 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from shared.accounts import Principal
 from shared.db import Database
 from shared.settings import Settings
 from web.auth import Authenticator, LoginLimiter, Session
@@ -25,3 +26,4 @@ WEBHOOK_LIMITER = web.AppKey("webhook_limiter", LoginLimiter)
 REQUEST_ID = web.RequestKey("request_id", str)
 AUTH_KIND = web.RequestKey("auth_kind", str)  # "token" or "session"
 SESSION = web.RequestKey("session", Session)
+PRINCIPAL = web.RequestKey("principal", Principal)  # who the request acts for

@@ -11,9 +11,11 @@ from collections.abc import Awaitable, Callable
 import structlog
 from aiohttp import web
 
+from shared.accounts import BOOTSTRAP, TOKEN_PREFIX, Principal, Role, token_hash
 from shared.metrics import HTTP_DURATION, HTTP_REQUESTS
+from web.auth import required_role
 from web.errors import ApiError, api_error
-from web.keys import AUTH, AUTH_KIND, DB, LOGIN_LIMITER, REQUEST_ID, SESSION
+from web.keys import AUTH, AUTH_KIND, DB, LOGIN_LIMITER, PRINCIPAL, REQUEST_ID, SESSION
 from web.pages.html import render
 
 log = structlog.get_logger(__name__)
@@ -146,41 +148,92 @@ async def security_headers_middleware(request: web.Request, handler: Handler) ->
     return response
 
 
+def is_public(path: str) -> bool:
+    """Whether a path is served to anyone (health, metrics, the document, static files,
+    unsubscribe links): everything else needs a credential and a role."""
+    return path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES)
+
+
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every route but the public ones needs a Bearer token or a valid session."""
+    """Every route but the public ones needs a credential and the role the route declares.
+
+    The credential is a Bearer token (``MAILROOM_API_TOKEN``, acting as the admin
+    ``api-token``, or a user's personal token, acting as that user) or a session cookie. A
+    route that declared no role (``web.auth.requires``) needs an admin; ``create_app`` refuses
+    such a route anyway.
+    """
     # Unsubscribe links are public: their signed token is the authority (RFC 8058).
-    if request.path in PUBLIC_PATHS or request.path.startswith(PUBLIC_PREFIXES):
+    if is_public(request.path):
         return await handler(request)
     auth, limiter = request.app[AUTH], request.app[LOGIN_LIMITER]
+    principal: Principal | None = None
     if "Authorization" in request.headers:
-        # A wrong token is a guess at MAILROOM_API_TOKEN: the login form's budget applies.
+        # A wrong token is a guess at a secret: the login form's budget applies.
         client = limiter.client_of(request)
         if limiter.blocked(client):
             return _too_many_attempts(request)
-        if auth.bearer_ok(request):
+        principal = await _bearer_principal(request)
+        if principal is None:
+            limiter.failed(client)
+        else:
             request[AUTH_KIND] = "token"
-            return await handler(request)
-        limiter.failed(client)
-    session = auth.read_session(request)
-    if session is not None and await request.app[DB].session_active(session.id_hash):
-        request[AUTH_KIND] = "session"
-        request[SESSION] = session
-        if request.method not in {"GET", "HEAD", "OPTIONS"} and is_api(request):
-            # Cookie-authenticated API writes must prove they come from our own pages.
-            header = request.headers.get("X-CSRF-Token", "")
-            if not session.csrf_matches(header):
-                return api_error(403, "csrf_failed", "missing or wrong X-CSRF-Token header")
-        return await handler(request)
+    if principal is None:
+        session = auth.read_session(request)
+        owner = await request.app[DB].session_owner(session.id_hash) if session else None
+        if session is not None and owner is not None and session.of_user != owner.is_bootstrap:
+            request[AUTH_KIND] = "session"
+            request[SESSION] = session
+            principal = owner
+            if request.method not in {"GET", "HEAD", "OPTIONS"} and is_api(request):
+                # Cookie-authenticated API writes must prove they come from our own pages.
+                header = request.headers.get("X-CSRF-Token", "")
+                if not session.csrf_matches(header):
+                    return api_error(403, "csrf_failed", "missing or wrong X-CSRF-Token header")
+    if principal is None:
+        if is_api(request):
+            return api_error(
+                401, "unauthorized", "send 'Authorization: Bearer <token>' (or log in)"
+            )
+        raise web.HTTPSeeOther(
+            location=f"/login?next={request.path_qs}" if request.method == "GET" else "/login"
+        )
+    request[PRINCIPAL] = principal
+    # aiohttp's own answers (404, 405) have no handler of ours: they come out as they are.
+    if request.match_info.http_exception is None:
+        needed = required_role(request.match_info.handler) or Role.ADMIN
+        if not principal.role.allows(needed):
+            return _forbidden(request, principal, needed)
+    return await handler(request)
+
+
+async def _bearer_principal(request: web.Request) -> Principal | None:
+    """Who the request's Bearer token acts for, None if it names no one."""
+    auth = request.app[AUTH]
+    token = auth.bearer_of(request)
+    if token is None:
+        return None
+    if auth.token_matches(token):
+        return BOOTSTRAP
+    if token.startswith(TOKEN_PREFIX) and len(token) <= 200:
+        return await request.app[DB].token_owner(token_hash(token))
+    return None
+
+
+def _forbidden(request: web.Request, principal: Principal, needed: Role) -> web.Response:
+    message = f"this needs the {needed} role; {principal.name} is a {principal.role}"
     if is_api(request):
-        return api_error(401, "unauthorized", "send 'Authorization: Bearer <MAILROOM_API_TOKEN>'")
-    raise web.HTTPSeeOther(
-        location=f"/login?next={request.path_qs}" if request.method == "GET" else "/login"
+        return api_error(403, "forbidden", message)
+    return _error_page(
+        request,
+        403,
+        f"You may not do this: it needs the {needed} role, and "
+        f"you ({principal.name}) are a {principal.role}.",
     )
 
 
 def _too_many_attempts(request: web.Request) -> web.Response:
-    message = "too many wrong tokens from this address; wait a minute and try again"
+    message = "too many wrong tokens or passwords from this address; wait a minute and try again"
     if is_api(request):
         response = api_error(429, "too_many_attempts", message)
     else:

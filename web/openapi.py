@@ -25,6 +25,8 @@ from pydantic.json_schema import JsonSchemaMode
 from shared.metrics import VERSION
 from web.contract import (
     Approved,
+    AuditEntryPage,
+    AuditQuery,
     Batch,
     BatchesQuery,
     BatchList,
@@ -43,6 +45,7 @@ from web.contract import (
     Health,
     IdempotencyHeaders,
     NewSuppressions,
+    NewToken,
     PageQuery,
     PathIds,
     Readiness,
@@ -54,6 +57,10 @@ from web.contract import (
     SuppressionPage,
     SuppressionsAdded,
     SuppressionsRemoved,
+    TokenCreated,
+    TokenList,
+    TokenRevoked,
+    TokensQuery,
 )
 
 routes = web.RouteTableDef()
@@ -62,7 +69,7 @@ REF_TEMPLATE = "#/components/schemas/{model}"
 ERRORS = {
     400: "Malformed request (bad JSON, not UTF-8, nested too deep)",
     401: "Missing or wrong Bearer token",
-    403: "Forbidden (CSRF)",
+    403: "Forbidden: the caller's role does not allow this (or a wrong CSRF token)",
     404: "Not found",
     409: "Conflict",
     413: "Request too large",
@@ -104,7 +111,7 @@ class Operation:
         if self.query is not None:
             statuses.add(422)
         if not self.public:
-            statuses |= {401, 429}
+            statuses |= {401, 403, 429}
         return sorted(statuses)
 
 
@@ -225,6 +232,35 @@ OPERATIONS = [
         "One captured message, decoded (only in `mailroom dev`)",
         {200: (CapturedMessageView, "The message's headers, parts and links")},
         errors=(404,),
+    ),
+    Operation(
+        "GET",
+        "/api/tokens",
+        "The caller's personal API tokens (an admin's ?all=true: everyone's), never the tokens",
+        {200: (TokenList, "Tokens, newest first")},
+        query=TokensQuery,
+    ),
+    Operation(
+        "POST",
+        "/api/tokens",
+        "Make a personal API token: it acts as the caller, with the caller's role",
+        {201: (TokenCreated, "The token, shown this once")},
+        errors=(409,),
+        body=NewToken,
+    ),
+    Operation(
+        "DELETE",
+        "/api/tokens/{token_id}",
+        "Revoke a personal token (the caller's own; an admin's: anyone's)",
+        {200: (TokenRevoked, "Revoked")},
+        errors=(404, 409),
+    ),
+    Operation(
+        "GET",
+        "/api/audit",
+        "The audit log, newest first (admins)",
+        {200: (AuditEntryPage, "A page of entries")},
+        query=AuditQuery,
     ),
     Operation(
         "GET",

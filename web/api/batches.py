@@ -9,9 +9,11 @@ from typing import Any
 import structlog
 from aiohttp import web
 
+from shared.accounts import Role
 from shared.db import KeyReused
 from shared.ratelimits import sender_limits
 from shared.templating import in_render_thread
+from web.auth import requires
 from web.contract import (
     Approved,
     Batch,
@@ -28,6 +30,7 @@ from web.contract import (
 from web.enqueue import create_batch, limits
 from web.errors import ApiError
 from web.inputs import (
+    actor,
     batch_id_of,
     batch_of,
     idempotency_key,
@@ -46,6 +49,7 @@ routes = web.RouteTableDef()
 
 
 @routes.post("/api/batches")
+@requires(Role.SENDER)
 async def post_batch(request: web.Request) -> web.Response:
     """Create a batch; with an ``Idempotency-Key``, a retry of the same body gets the same one."""
     key = idempotency_key(request)
@@ -79,6 +83,7 @@ def _request_hash(payload: Any) -> str:
 
 
 @routes.get("/api/batches")
+@requires(Role.VIEWER)
 async def get_batches(request: web.Request) -> web.Response:
     """A page of batches, newest first, by state and a piece of the name."""
     query = read_query(request, BatchesQuery)
@@ -89,11 +94,13 @@ async def get_batches(request: web.Request) -> web.Response:
 
 
 @routes.get("/api/batches/{batch_id}")
+@requires(Role.VIEWER)
 async def get_batch(request: web.Request) -> web.Response:
     return respond(Batch.of(await batch_of(request)))
 
 
 @routes.get("/api/batches/{batch_id}/recipients")
+@requires(Role.VIEWER)
 async def get_recipients(request: web.Request) -> web.Response:
     batch_id = batch_id_of(request)
     query = read_query(request, RecipientsQuery)
@@ -107,10 +114,11 @@ async def get_recipients(request: web.Request) -> web.Response:
 
 
 @routes.post("/api/batches/{batch_id}/cancel")
+@requires(Role.SENDER)
 async def cancel_batch(request: web.Request) -> web.Response:
     """Cancel what is left of a batch; sends already in flight finish."""
     batch_id = batch_id_of(request)
-    cancelled = await request.app[DB].cancel(batch_id)
+    cancelled = await request.app[DB].cancel(batch_id, actor=actor(request))
     if cancelled is None:
         raise no_such_batch()
     log.info("batch_cancelled", batch_id=str(batch_id), cancelled=cancelled)
@@ -118,13 +126,14 @@ async def cancel_batch(request: web.Request) -> web.Response:
 
 
 @routes.post("/api/batches/{batch_id}/send")
+@requires(Role.SENDER)
 async def send_reviewed(request: web.Request) -> web.Response:
     """Send a batch created with ``"send": false`` once its drafts have been reviewed."""
     summary = await batch_of(request)
     if not summary.review:
         raise ApiError(409, "not_a_review_batch", "this batch was sent without review")
     batch_id = summary.id
-    queued = await request.app[DB].approve(batch_id)
+    queued = await request.app[DB].approve(batch_id, actor=actor(request))
     if queued is None:  # deleted since
         raise no_such_batch()
     log.info("batch_approved", batch_id=str(batch_id), queued=queued)
@@ -132,11 +141,14 @@ async def send_reviewed(request: web.Request) -> web.Response:
 
 
 @routes.patch("/api/batches/{batch_id}/recipients/{recipient_id}")
+@requires(Role.SENDER)
 async def edit_draft(request: web.Request) -> web.Response:
     """Replace the subject and body of a draft that waits for review."""
     batch_id = batch_id_of(request)
     recipient_id = recipient_id_of(request)
     edit = await read_body(request, DraftEdit, invalid_code="invalid_draft")
-    if not await request.app[DB].edit_draft(batch_id, recipient_id, edit.subject, edit.body):
+    if not await request.app[DB].edit_draft(
+        batch_id, recipient_id, edit.subject, edit.body, actor=actor(request)
+    ):
         raise ApiError(409, "not_editable", "only a draft waiting for review can be edited")
     return respond(DraftSaved(id=recipient_id, subject=edit.subject))

@@ -10,6 +10,8 @@ import asyncio
 
 from aiohttp import web
 
+from shared.accounts import Role
+from web.auth import requires
 from web.captured_mail import CapturedMail
 from web.contract import (
     CapturedHeader,
@@ -34,6 +36,7 @@ def _capture(request: web.Request) -> CapturedMail:
 
 
 @routes.get("/api/dev/messages")
+@requires(Role.VIEWER)
 async def get_dev_messages(request: web.Request) -> web.Response:
     capture = _capture(request)
     asked = read_query(request, DevMessagesQuery)
@@ -52,6 +55,7 @@ async def get_dev_messages(request: web.Request) -> web.Response:
 
 
 @routes.get("/api/dev/messages/{key}")
+@requires(Role.VIEWER)
 async def get_dev_message(request: web.Request) -> web.Response:
     capture = _capture(request)
     view = await asyncio.to_thread(capture.view, request.match_info["key"])
@@ -75,6 +79,7 @@ async def get_dev_message(request: web.Request) -> web.Response:
 
 
 @routes.delete("/api/dev/messages")
+@requires(Role.SENDER)
 async def delete_dev_messages(request: web.Request) -> web.Response:
     capture = _capture(request)
     await asyncio.to_thread(capture.delete_all)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import structlog
 from aiohttp import web
 
+from shared.accounts import Role
+from web.auth import requires
 from web.contract import (
     NewSuppressions,
     PageQuery,
@@ -14,7 +16,7 @@ from web.contract import (
     SuppressionsRemoved,
     respond,
 )
-from web.inputs import invalid, read_body, read_query
+from web.inputs import actor, invalid, read_body, read_query
 from web.keys import DB
 from web.validation import InvalidSubmission, addresses_from_list
 
@@ -23,6 +25,7 @@ routes = web.RouteTableDef()
 
 
 @routes.get("/api/suppressions")
+@requires(Role.VIEWER)
 async def list_suppressions(request: web.Request) -> web.Response:
     query = read_query(request, PageQuery)
     rows = await request.app[DB].list_suppressions(after_id=query.after, limit=query.limit)
@@ -30,12 +33,13 @@ async def list_suppressions(request: web.Request) -> web.Response:
 
 
 @routes.post("/api/suppressions")
+@requires(Role.SENDER)
 async def add_suppressions(request: web.Request) -> web.Response:
     """``{"addresses": [...], "reason": "manual"}``: never send to these addresses again."""
     given = await read_body(request, NewSuppressions, invalid_code="invalid_suppression")
     addresses = _normalized(given.addresses)
     added = await request.app[DB].suppress(
-        addresses, reason=given.reason, detail="added by an operator"
+        addresses, reason=given.reason, detail="added by an operator", actor=actor(request)
     )
     log.info("suppressions_added", added=added, given=len(addresses), reason=given.reason)
     distinct = len({a.lower() for a in addresses})  # as the database keys them
@@ -43,10 +47,11 @@ async def add_suppressions(request: web.Request) -> web.Response:
 
 
 @routes.post("/api/suppressions/remove")
+@requires(Role.SENDER)
 async def remove_suppressions(request: web.Request) -> web.Response:
     """``{"addresses": [...]}``: these addresses may be sent to again."""
     given = await read_body(request, RemovedSuppressions, invalid_code="invalid_suppression")
-    removed = await request.app[DB].unsuppress(_normalized(given.addresses))
+    removed = await request.app[DB].unsuppress(_normalized(given.addresses), actor=actor(request))
     log.info("suppressions_removed", removed=removed)
     return respond(SuppressionsRemoved(removed=removed))
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp.web import RouteDef
 
-from web.pages import batches, dead_letters, dev_mail, login, suppressions, unsubscribe
+from web.pages import accounts, batches, dead_letters, dev_mail, login, suppressions, unsubscribe
 
 routes: list[RouteDef] = [
     *login.routes,
@@ -13,4 +13,5 @@ routes: list[RouteDef] = [
     *suppressions.routes,
     *unsubscribe.routes,
     *dev_mail.routes,
+    *accounts.routes,
 ]

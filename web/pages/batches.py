@@ -9,12 +9,14 @@ from aiohttp import web
 from pydantic import ValidationError
 from yarl import URL
 
+from shared.accounts import Role
 from shared.db import BATCH_STATES, RECIPIENT_STATUSES, Selection
 from shared.ratelimits import sender_limits
 from shared.templating import in_render_thread
+from web.auth import requires
 from web.contract import Batch, BatchesQuery, BatchList, DraftEdit, problems_of
 from web.enqueue import create_batch, limits
-from web.inputs import batch_id_of, batch_of, recipient_id_of
+from web.inputs import actor, batch_id_of, batch_of, recipient_id_of
 from web.keys import DB, SETTINGS
 from web.pages.feedback import plural, shown_problems, with_notice
 from web.pages.html import read_checked_form, render, text_field, uploaded_csv
@@ -39,6 +41,7 @@ COMPOSITION_FIELDS = ("body_format", "from_name", "reply_to")
 
 
 @routes.get("/")
+@requires(Role.VIEWER)
 async def index(request: web.Request) -> web.Response:
     return await _index(request, {"form": {}, "problems": []})
 
@@ -79,6 +82,7 @@ async def _index(
 
 
 @routes.post("/batches")
+@requires(Role.SENDER)
 async def submit_batch(request: web.Request) -> web.StreamResponse:
     form = await read_checked_form(request)
     fields = {name: text_field(form, name) for name in (*FORM_FIELDS, *COMPOSITION_FIELDS)}
@@ -117,6 +121,7 @@ def _what_was_merged(submission: Submission) -> list[str]:
 
 
 @routes.get("/batches/{batch_id}")
+@requires(Role.VIEWER)
 async def batch_page(request: web.Request) -> web.Response:
     summary = await batch_of(request)
     db = request.app[DB]
@@ -156,20 +161,23 @@ def _back_to(batch_id: uuid.UUID) -> web.HTTPSeeOther:
 
 
 @routes.post("/batches/{batch_id}/send")
+@requires(Role.SENDER)
 async def send_reviewed_page(request: web.Request) -> web.StreamResponse:
     batch_id = await _posted_to_batch(request)
-    await request.app[DB].approve(batch_id)
+    await request.app[DB].approve(batch_id, actor=actor(request))
     raise _back_to(batch_id)
 
 
 @routes.post("/batches/{batch_id}/cancel")
+@requires(Role.SENDER)
 async def cancel_batch_page(request: web.Request) -> web.StreamResponse:
     batch_id = await _posted_to_batch(request)
-    await request.app[DB].cancel(batch_id)
+    await request.app[DB].cancel(batch_id, actor=actor(request))
     raise _back_to(batch_id)
 
 
 @routes.post("/batches/{batch_id}/redrive")
+@requires(Role.SENDER)
 async def redrive_batch_page(request: web.Request) -> web.StreamResponse:
     """Redrive the batch's dead letters once confirmed (the browser's prompt, or a page that
     asks), then say on the batch page how many were requeued."""
@@ -180,7 +188,7 @@ async def redrive_batch_page(request: web.Request) -> web.StreamResponse:
     if text_field(form, "confirm") != "1":
         count = await db.count_dead_letters(selection)
         return render(request, "confirm_redrive.html", {"batch_id": batch_id, "count": count})
-    count = await db.redrive(selection)
+    count = await db.redrive(selection, actor=actor(request))
     lines = (
         [f"{plural(count, 'dead letter', 'dead letters')} requeued."]
         if count
@@ -190,6 +198,7 @@ async def redrive_batch_page(request: web.Request) -> web.StreamResponse:
 
 
 @routes.get("/batches/{batch_id}/recipients/{recipient_id}/edit")
+@requires(Role.SENDER)
 async def edit_draft_page(request: web.Request) -> web.Response:
     batch_id = batch_id_of(request)
     draft = await _draft(request, batch_id)
@@ -197,6 +206,7 @@ async def edit_draft_page(request: web.Request) -> web.Response:
 
 
 @routes.post("/batches/{batch_id}/recipients/{recipient_id}/edit")
+@requires(Role.SENDER)
 async def save_draft_page(request: web.Request) -> web.StreamResponse:
     form = await read_checked_form(request)
     batch_id = batch_id_of(request)
@@ -212,7 +222,9 @@ async def save_draft_page(request: web.Request) -> web.StreamResponse:
             {"batch_id": batch_id, "draft": {**draft, **given}, "error": error},
             status=422,
         )
-    if not await request.app[DB].edit_draft(batch_id, draft["id"], edit.subject, edit.body):
+    if not await request.app[DB].edit_draft(
+        batch_id, draft["id"], edit.subject, edit.body, actor=actor(request)
+    ):
         raise web.HTTPConflict(text="this draft is no longer waiting for review")
     raise _back_to(batch_id)
 

@@ -12,7 +12,10 @@ from typing import Any
 
 from aiohttp import web
 
+from shared.accounts import Role
 from shared.db import MAX_ID, Selection
+from web.auth import requires
+from web.inputs import actor
 from web.keys import DB
 from web.pages.feedback import notice_of, plural, with_notice
 from web.pages.html import read_checked_form, render, text_field
@@ -27,6 +30,7 @@ _DONE = {"redrive": "requeued", "discard": "discarded"}
 
 
 @routes.get(PAGE)
+@requires(Role.VIEWER)
 async def dead_letters_page(request: web.Request) -> web.Response:
     return await _page(request, confirm=None)
 
@@ -52,6 +56,7 @@ async def _page(request: web.Request, confirm: dict[str, Any] | None) -> web.Res
 
 
 @routes.post(PAGE)
+@requires(Role.SENDER)
 async def dead_letters_action(request: web.Request) -> web.StreamResponse:
     form = await read_checked_form(request)
     action = text_field(form, "action")
@@ -70,9 +75,9 @@ async def dead_letters_action(request: web.Request) -> web.StreamResponse:
             if selection.ids
             else [r["id"] for r in await db.list_dead_letters(limit=REQUEUED_LISTED)]
         )
-        count = await db.redrive(selection)
+        count = await db.redrive(selection, actor=actor(request))
     else:
-        shown, count = [], await db.discard(selection)
+        shown, count = [], await db.discard(selection, actor=actor(request))
     if count:
         lines = [f"{plural(count, 'dead letter', 'dead letters')} {_DONE[action]}."]
     else:

@@ -18,7 +18,9 @@ from urllib.parse import urlencode
 
 from aiohttp import web
 
+from shared.accounts import Role
 from shared.db import MAX_ID
+from web.auth import requires
 from web.captured_mail import CapturedMail, display_text
 from web.contract import DEFAULT_MAIL_PAGE_SIZE, MAX_SEARCH_CHARS
 from web.keys import CAPTURED_MAIL
@@ -59,6 +61,7 @@ def _list_url(query: str, offset: int) -> str:
 
 
 @routes.get("/dev/mail")
+@requires(Role.VIEWER)
 async def captured_mail(request: web.Request) -> web.Response:
     capture = _capture(request)
     query, offset = _search(request)
@@ -77,6 +80,7 @@ async def captured_mail(request: web.Request) -> web.Response:
 
 
 @routes.post("/dev/mail")
+@requires(Role.SENDER)
 async def delete_captured_mail(request: web.Request) -> web.Response:
     """Ask first; delete every captured message once the confirmation is posted."""
     form = await read_checked_form(request)
@@ -89,6 +93,7 @@ async def delete_captured_mail(request: web.Request) -> web.Response:
 
 
 @routes.get("/dev/mail/{key}")
+@requires(Role.VIEWER)
 async def captured_message(request: web.Request) -> web.Response:
     view = await asyncio.to_thread(_capture(request).view, request.match_info["key"])
     if view is None:
@@ -99,6 +104,7 @@ async def captured_message(request: web.Request) -> web.Response:
 
 
 @routes.get("/dev/mail/{key}/html")
+@requires(Role.VIEWER)
 async def captured_html(request: web.Request) -> web.Response:
     """The message's HTML part, for the message page's sandboxed frame only."""
     view = await asyncio.to_thread(_capture(request).view, request.match_info["key"])
@@ -119,6 +125,7 @@ async def captured_html(request: web.Request) -> web.Response:
 
 
 @routes.get("/dev/mail/{key}/raw")
+@requires(Role.VIEWER)
 async def captured_raw(request: web.Request) -> web.Response:
     """The message as received, as a download (never shown by the browser)."""
     key = request.match_info["key"]

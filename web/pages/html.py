@@ -11,7 +11,8 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_request import FileField
 from multidict import MultiDictProxy
 
-from web.keys import CAPTURED_MAIL, SESSION
+from shared.accounts import Role
+from web.keys import CAPTURED_MAIL, PRINCIPAL, SESSION
 from web.pages.feedback import notice_lines
 
 Form = MultiDictProxy[str | bytes | bytearray | FileField]
@@ -21,10 +22,15 @@ def render(
     request: web.Request, template: str, values: dict[str, Any], *, status: int = 200
 ) -> web.Response:
     """Render a page with what every page needs (the CSRF token, whether this is dev mode,
-    the notice a form's redirect brought)."""
+    the notice a form's redirect brought, who is logged in and what their role lets them do:
+    a page shows no button its viewer may not press)."""
     session = request.get(SESSION)
+    principal = request.get(PRINCIPAL)
     context = {
         "csrf_token": session.csrf_token if session else "",
+        "user": principal,
+        "can_send": principal is not None and principal.role.allows(Role.SENDER),
+        "is_admin": principal is not None and principal.role.allows(Role.ADMIN),
         "dev_mode": CAPTURED_MAIL in request.app,
         "notices": notice_lines(request),
         **values,

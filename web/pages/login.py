@@ -1,14 +1,23 @@
-"""Logging in and out of the pages: the token form, the session cookie, where to go next."""
+"""Logging in and out of the pages: the password and token forms, the session cookie, where
+to go next."""
 
 from __future__ import annotations
 
+import asyncio
 import unicodedata
 from datetime import UTC, datetime
 
 from aiohttp import web
 from yarl import URL
 
-from web.auth import SESSION_COOKIE, SESSION_TTL_SECONDS
+from shared.accounts import (
+    MAX_PASSWORD_CHARS,
+    InvalidAccount,
+    Role,
+    check_name,
+    verify_password,
+)
+from web.auth import SESSION_COOKIE, SESSION_TTL_SECONDS, requires
 from web.keys import AUTH, DB, LOGIN_LIMITER, SESSION, SETTINGS
 from web.pages.html import read_checked_form, read_form, render, text_field
 
@@ -46,34 +55,82 @@ def safe_next(target: str) -> str:
 
 @routes.get("/login")
 async def login_form(request: web.Request) -> web.Response:
-    return render(
-        request, "login.html", {"next": safe_next(request.query.get("next", "/")), "error": None}
-    )
+    return _login_page(request, safe_next(request.query.get("next", "/")))
+
+
+def _login_page(
+    request: web.Request, target: str, error: str | None = None, *, status: int = 200
+) -> web.Response:
+    return render(request, "login.html", {"next": target, "error": error}, status=status)
+
+
+WRONG_PASSWORD = "That user name and password do not match."
 
 
 @routes.post("/login")
 async def login(request: web.Request) -> web.StreamResponse:
+    """Log in with a user name and password, or with ``MAILROOM_API_TOKEN`` (``token``).
+
+    A wrong password counts against the client and the user name; an unknown name gets the
+    same answer after the same work (a dummy hash is verified), so the form does not say which
+    names exist.
+    """
     form = await read_form(request)
     target = safe_next(text_field(form, "next") or "/")
-    auth, limiter = request.app[AUTH], request.app[LOGIN_LIMITER]
+    limiter = request.app[LOGIN_LIMITER]
     client = limiter.client_of(request)
-    if limiter.blocked(client):
-        response = render(
-            request,
-            "login.html",
-            {"next": target, "error": "Too many failed attempts. Wait a minute and try again."},
-            status=429,
+    token = text_field(form, "token")
+    name = text_field(form, "name").strip()
+    keys = [client] if token or not name else [client, limiter.name_key(name)]
+    if any(limiter.blocked(key) for key in keys):
+        response = _login_page(
+            request, target, "Too many failed attempts. Wait a minute and try again.", status=429
         )
         response.headers["Retry-After"] = "60"
         return response
-    if not auth.token_matches(text_field(form, "token")):
-        limiter.failed(client)
-        return render(
-            request, "login.html", {"next": target, "error": "That token is not right."}, status=401
-        )
-    session, cookie = auth.new_session()
+    if token or not name:
+        user_id = None
+        if not request.app[AUTH].token_matches(token):
+            limiter.failed(client)
+            return _login_page(request, target, "That token is not right.", status=401)
+    else:
+        found = await _password_user(request, name, text_field(form, "password"))
+        if found is None:
+            for key in keys:
+                limiter.failed(key)
+            return _login_page(request, target, WRONG_PASSWORD, status=401)
+        user_id = found
+    raise await start_session(request, target, user_id=user_id)
+
+
+async def _password_user(request: web.Request, name: str, password: str) -> int | None:
+    """The id of the enabled user ``name`` whose password this is, else None (after the same
+    work either way: argon2 in a thread, against a dummy hash for an unknown name)."""
+    # A name no user can have (a NUL, a space, too long) is looked up by no query.
+    user = await request.app[DB].user_by_name(name) if could_be_a_name(name) else None
+    usable = user is not None and user["disabled_at"] is None
+    stored = user["password_hash"] if user is not None and usable else None
+    matches = await asyncio.to_thread(verify_password, stored, password[:MAX_PASSWORD_CHARS])
+    return int(user["id"]) if matches and user is not None and usable else None
+
+
+def could_be_a_name(name: str) -> bool:
+    """Whether some user could have this name (else no query needs to look for it)."""
+    try:
+        check_name(name)
+    except InvalidAccount:
+        return False
+    return True
+
+
+async def start_session(
+    request: web.Request, target: str, *, user_id: int | None
+) -> web.HTTPSeeOther:
+    """A new session for a user (or the bootstrap token), as a redirect to ``target`` that
+    sets its cookie."""
+    session, cookie = request.app[AUTH].new_session(of_user=user_id is not None)
     await request.app[DB].start_session(
-        session.id_hash, datetime.fromtimestamp(session.expires_at, tz=UTC)
+        session.id_hash, datetime.fromtimestamp(session.expires_at, tz=UTC), user_id=user_id
     )
     response = web.HTTPSeeOther(location=target)
     response.set_cookie(
@@ -85,7 +142,7 @@ async def login(request: web.Request) -> web.StreamResponse:
         secure=is_https(request),
         path="/",
     )
-    raise response
+    return response
 
 
 def is_https(request: web.Request) -> bool:
@@ -97,6 +154,7 @@ def is_https(request: web.Request) -> bool:
 
 
 @routes.post("/logout")
+@requires(Role.VIEWER)
 async def logout(request: web.Request) -> web.StreamResponse:
     """End the session for good: its row goes, so the cookie is refused even if kept."""
     await read_checked_form(request)

@@ -6,7 +6,10 @@ from typing import Any
 
 from aiohttp import web
 
+from shared.accounts import Role
 from shared.db import SUPPRESSION_REASONS
+from web.auth import requires
+from web.inputs import actor
 from web.keys import DB, SETTINGS
 from web.pages.html import read_checked_form, render, text_field, uploaded_csv
 from web.validation import InvalidSubmission, addresses_from_form
@@ -15,6 +18,7 @@ routes = web.RouteTableDef()
 
 
 @routes.get("/suppressions")
+@requires(Role.VIEWER)
 async def suppressions_page(request: web.Request) -> web.Response:
     return await _suppressions(request, {})
 
@@ -28,12 +32,13 @@ async def _suppressions(
 
 
 @routes.post("/suppressions")
+@requires(Role.SENDER)
 async def suppressions_action(request: web.Request) -> web.StreamResponse:
     """Add pasted or uploaded addresses, or remove one, then show the list again."""
     form = await read_checked_form(request)
     db = request.app[DB]
     if text_field(form, "action") == "remove":
-        await db.unsuppress([text_field(form, "address")])
+        await db.unsuppress([text_field(form, "address")], actor=actor(request))
         raise web.HTTPSeeOther(location="/suppressions")
     reason = text_field(form, "reason") if "reason" in form else "manual"
     if reason not in SUPPRESSION_REASONS:
@@ -46,5 +51,5 @@ async def suppressions_action(request: web.Request) -> web.StreamResponse:
         return await _suppressions(
             request, {"problems": exc.problems, "addresses": text, "reason": reason}, status=422
         )
-    await db.suppress(addresses, reason=reason, detail="added by an operator")
+    await db.suppress(addresses, reason=reason, detail="added by an operator", actor=actor(request))
     raise web.HTTPSeeOther(location="/suppressions")
