@@ -32,6 +32,11 @@ BOOTSTRAP_ACTOR = "api-token"
 # What the command line writes to the audit log as its actor.
 CLI_ACTOR = "cli"
 RESERVED_NAMES = frozenset({BOOTSTRAP_ACTOR, CLI_ACTOR})
+# The audit log's actors for suppressions nobody logged in made: a provider's webhook, the
+# bounce mailbox, a recipient's unsubscribe link. Each holds a ":", which no user name can.
+WEBHOOK_ACTOR_PREFIX = "webhook:"
+BOUNCE_MAILBOX_ACTOR = "imap:bounce-mailbox"
+UNSUBSCRIBE_ACTOR = "link:unsubscribe"
 
 MAX_NAME_CHARS = 64
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]*$")

@@ -25,7 +25,13 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
-from shared.accounts import BOOTSTRAP_ACTOR, Principal, Role
+from shared.accounts import (
+    BOOTSTRAP_ACTOR,
+    BOUNCE_MAILBOX_ACTOR,
+    WEBHOOK_ACTOR_PREFIX,
+    Principal,
+    Role,
+)
 from shared.batch_names import default_name
 from shared.composition import Composition
 from shared.procrastinate_sql import (
@@ -470,15 +476,26 @@ def _selection_audit(selection: Selection) -> dict[str, Any]:
 class WebhookDelivery:
     """One webhook delivery's transaction (:meth:`Database.webhook_events`)."""
 
-    def __init__(self, conn: psycopg.AsyncConnection, new: frozenset[str]) -> None:
+    def __init__(self, conn: psycopg.AsyncConnection, provider: str, new: frozenset[str]) -> None:
         self._conn = conn
+        self._provider = provider
         self.new = new
 
     async def suppress(
         self, addresses: Sequence[str], *, reason: str, detail: str | None = None
     ) -> int:
-        """:meth:`Database.suppress`, in this delivery's transaction."""
-        return await _suppress(self._conn, addresses, reason=reason, detail=detail)
+        """:meth:`Database.suppress`, in this delivery's transaction, audited as the provider's
+        when it added (or changed) a suppression."""
+        added = await _suppress(self._conn, addresses, reason=reason, detail=detail)
+        if added:
+            await _audit(
+                self._conn,
+                f"{WEBHOOK_ACTOR_PREFIX}{self._provider}",
+                "addresses_suppressed",
+                count=added,
+                detail={"reason": reason, "given": len(addresses)},
+            )
+        return added
 
 
 async def _suppress(
@@ -1401,17 +1418,19 @@ class Database:
         reason: str,
         detail: str | None = None,
         actor: str | None = None,
+        audit_unchanged: bool = True,
     ) -> int:
         """Add addresses to the suppressions; return how many were added (or changed).
 
         Queued recipients of these addresses are skipped when their turn comes. An address
         already suppressed keeps its reason, except a hard bounce, which a person's or an
         operator's own request replaces: a redrive lifts hard bounces, and must never lift an
-        unsubscription with them.
+        unsubscription with them. With ``audit_unchanged`` false, a call that changed nothing
+        writes no audit entry (a public link followed again must not fill the log).
         """
         async with self._changing(actor) as conn:
             added = await _suppress(conn, addresses, reason=reason, detail=detail)
-            if actor is not None:
+            if actor is not None and (added or audit_unchanged):
                 await _audit(
                     conn,
                     actor,
@@ -1439,7 +1458,7 @@ class Database:
                 (provider, list(event_ids)),
             )
             new = frozenset(row[0] for row in await cursor.fetchall())
-            yield WebhookDelivery(conn, new)
+            yield WebhookDelivery(conn, provider, new)
 
     async def prune_webhook_events(self, *, retention_days: int) -> int:
         """Forget webhook event ids older than the retention period; return how many."""
@@ -1554,7 +1573,12 @@ class Database:
                 "  ON CONFLICT (address_key) DO UPDATE"
                 "  SET reason = excluded.reason, detail = excluded.detail, created_at = now()"
                 "  WHERE suppressions.reason = 'hard_bounce' AND excluded.reason <> 'hard_bounce'"
-                "  RETURNING 1)"
+                "  RETURNING 1),"
+                " audited AS ("
+                "  INSERT INTO audit_log (actor, action, count, detail)"
+                "  SELECT %(actor)s, 'addresses_suppressed', count(*),"
+                "   jsonb_build_object('outcome', %(outcome)s::text, 'uid', %(uid)s::bigint)"
+                "  FROM added HAVING count(*) > 0)"
                 " SELECT EXISTS (SELECT 1 FROM recorded), (SELECT count(*) FROM added)",
                 {
                     "mailbox": mailbox,
@@ -1567,6 +1591,7 @@ class Database:
                     "d": [s[2] for s in suppressions],
                     "ids": list(recipient_ids),
                     "rd": recipient_detail,
+                    "actor": BOUNCE_MAILBOX_ACTOR,
                 },
             )
             row = await cursor.fetchone()

@@ -25,6 +25,7 @@ from aiohttp.test_utils import TestClient
 from aiosmtplib.protocol import normalize_message_line_endings
 from dkim.util import parse_tag_value
 
+from shared.db import Database
 from shared.settings import ConfigError, Settings
 from shared.unsubscribe import make_token, read_token
 from tests.conftest import AUTH, drain, make_settings, query
@@ -124,7 +125,7 @@ async def test_a_body_template_can_place_the_link_itself_instead_of_the_footer(
 
 
 async def test_one_click_post_unsubscribes_without_a_session_or_csrf_token(
-    client: TestClient, settings: Settings, smtp: RecordingSMTPServer
+    client: TestClient, settings: Settings, smtp: RecordingSMTPServer, db: Database
 ) -> None:
     await _batch(client, ["ada@example.org"])
     await drain(settings)
@@ -141,6 +142,9 @@ async def test_one_click_post_unsubscribes_without_a_session_or_csrf_token(
         assert response.status == 200
         assert "You are unsubscribed" in await response.text()
     assert await _suppressed(settings) == {"ada@example.org": "unsubscribed"}
+    # Audited once, as the link's: following it again changed nothing and wrote nothing.
+    audit = [e for e in await db.list_audit() if e["action"] == "addresses_suppressed"]
+    assert [(e["actor"], e["count"]) for e in audit] == [("link:unsubscribe", 1)]
 
     # The next batch counts Ada but never sends to her.
     smtp.reset()

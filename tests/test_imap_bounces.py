@@ -162,6 +162,12 @@ async def test_a_dsn_and_an_arf_report_suppress_their_addresses_and_nothing_is_c
     again = await poll(settings, db)
     assert (again.read, again.newly_suppressed, again.marked) == (0, 0, 0)
     assert metric("mailroom_bounce_messages_total", outcome="report") == before + 2
+    # Each report that suppressed something is in the audit log as the bounce mailbox's.
+    audit = [e for e in await db.list_audit() if e["action"] == "addresses_suppressed"]
+    assert [(e["actor"], e["count"], e["detail"]["outcome"]) for e in audit] == [
+        ("imap:bounce-mailbox", 1, "report"),
+        ("imap:bounce-mailbox", 1, "report"),
+    ]
 
     # Only what arrived since is read next time.
     dovecot.append(folder, dsn("later@example.org"))

@@ -500,6 +500,7 @@ async def test_a_replayed_message_id_is_refused_and_changes_nothing(
     status, body = await post_sns(hooks, message)
     assert (status, body["error"]["code"]) == (409, "replayed")
     assert await _suppressed(str(hook_settings.database_url)) == {}
+    assert [e["actor"] for e in await db.list_audit()] == ["webhook:postmark"]
     # The same id with another (validly signed) message is the same delivery.
     again = sns(pki, ses_bounce("bob@example.org"), message_id=message["MessageId"])
     assert (await post_sns(hooks, again))[0] == 409
@@ -662,7 +663,7 @@ async def post_postmark(
 
 
 async def test_postmark_hard_bounces_and_spam_complaints_suppress_and_the_rest_do_not(
-    hooks: TestClient, hook_settings: Settings
+    hooks: TestClient, hook_settings: Settings, db: Database
 ) -> None:
     records = [
         postmark("Bounce", "HardBounce", "ada@example.org", 4323372036854775807),
@@ -684,6 +685,13 @@ async def test_postmark_hard_bounces_and_spam_complaints_suppress_and_the_rest_d
         "bob@example.org": "hard_bounce",
         "cy@example.org": "complaint",
     }
+    # The audit log says who suppressed them: one entry per record that changed something.
+    entries = [e for e in await db.list_audit() if e["action"] == "addresses_suppressed"]
+    assert [(e["actor"], e["count"], e["detail"]["reason"]) for e in reversed(entries)] == [
+        ("webhook:postmark", 1, "hard_bounce"),
+        ("webhook:postmark", 1, "hard_bounce"),
+        ("webhook:postmark", 1, "complaint"),
+    ]
 
 
 async def test_postmark_needs_its_credentials(
@@ -718,6 +726,7 @@ async def test_a_repeated_postmark_record_changes_nothing(
     status, body = await post_postmark(hooks, record)
     assert (status, body["error"]["code"]) == (409, "replayed")
     assert await _suppressed(str(hook_settings.database_url)) == {}
+    assert [e["actor"] for e in await db.list_audit()] == ["webhook:postmark"]
     assert await _recorded(str(hook_settings.database_url)) == [("postmark", "77")]
 
 
@@ -856,6 +865,7 @@ async def test_replayed_sendgrid_events_are_refused_and_repeats_are_duplicates(
     status, body = await post_sendgrid(hooks, first, pki)  # freshly signed, same events
     assert (status, body["error"]["code"]) == (409, "replayed")
     assert await _suppressed(str(hook_settings.database_url)) == {}
+    assert [e["actor"] for e in await db.list_audit()] == ["webhook:postmark"]
     second = [*first, sg("spamreport", "bob@example.org", "e2"), *first]
     status, body = await post_sendgrid(hooks, second, pki)
     assert (status, body["duplicates"], body["complaints"]) == (200, 2, 1)

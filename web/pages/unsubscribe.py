@@ -12,6 +12,7 @@ import aiohttp_jinja2
 import structlog
 from aiohttp import web
 
+from shared.accounts import UNSUBSCRIBE_ACTOR
 from shared.metrics import UNSUBSCRIBES
 from shared.unsubscribe import Unsubscription, read_token
 from web.keys import DB, SETTINGS
@@ -52,7 +53,11 @@ async def unsubscribe(request: web.Request) -> web.Response:
     if found is None:
         return _page(request, "invalid", None, status=404)
     added = await request.app[DB].suppress(
-        [found.address], reason="unsubscribed", detail=f"link in mail from {found.sender}"
+        [found.address],
+        reason="unsubscribed",
+        detail=f"link in mail from {found.sender}",
+        actor=UNSUBSCRIBE_ACTOR,
+        audit_unchanged=False,
     )
     if added:
         UNSUBSCRIBES.inc()
