@@ -231,8 +231,9 @@ def _banner(
         f"                           (worker health: {worker_url}healthz)\n"
         f"  Data lives in            {options.data_dir.resolve()}\n"
         f"  Database                 {settings.database_url}\n"
-        "                           (mailroom dead-letters, bounces and check run in this\n"
-        "                           directory use it while dev runs)\n"
+        "                           (mailroom dead-letters, bounces, users and check run in\n"
+        "                           this directory use it while dev runs: `mailroom users add\n"
+        "                           NAME --role sender` makes an account to log in with)\n"
         "  Press Ctrl-C to stop.\n",
         flush=True,
     )
