@@ -208,11 +208,33 @@ AUTH = {"Authorization": f"Bearer {API_TOKEN}"}
 
 
 async def drain(settings: Settings, *, drafters: Any = None, **overrides: Any) -> None:
-    """Run a worker until no job is ready, then return (no sleeps, no timing guesses)."""
+    """Run a worker until no job is ready, then return (no sleeps, no timing guesses).
+
+    As every worker does, it defers the periodic maintenance jobs when it starts (the sweep's
+    latest tick, and pruning's in the ten minutes after its hourly one) in a side task that
+    races the worker's own fetches: a drain may return with one of them still ``todo`` on the
+    maintenance queue. What a test asserts about the queue is about the email queue
+    (``EMAIL_JOB_STATUSES``).
+
+    procrastinate's worker with ``wait=False`` stops fetching at the first fetch that finds
+    nothing, which is as soon as it holds every ready job, and then shuts down: it waits for
+    the jobs it runs only up to its shutdown grace (5 s here) and cuts off the rest. A batch
+    that takes longer on a busy machine would be cut off mid-send, so a drain waits for its
+    jobs however long they take (a test about the grace passes its own
+    ``shutdown_graceful_timeout``).
+    """
+    options = {"shutdown_graceful_timeout": None, **overrides}
     async with worker_runtime(settings, drafters=drafters) as (app, deps):
         await app.run_worker_async(
-            **worker_options(settings, deps, wait=False, install_signal_handlers=False, **overrides)
+            **worker_options(settings, deps, wait=False, install_signal_handlers=False, **options)
         )
+
+
+# The jobs left on the email queue, after a worker ran: the maintenance queue is not the
+# test's (see ``drain``).
+EMAIL_JOB_STATUSES = (
+    "SELECT status::text FROM procrastinate_jobs WHERE queue_name = 'emails' ORDER BY id"
+)
 
 
 # For a test that checks what one attempt left behind: a drain goes on until no job is ready,

@@ -15,7 +15,7 @@ from typing import Any
 from shared.db import Database, Selection
 from shared.queue import SEND_CHUNK_TASK, SEND_EMAIL_TASK
 from shared.settings import Settings
-from tests.conftest import NO_RETRY_WITHIN_A_DRAIN, drain, make_batch, query
+from tests.conftest import EMAIL_JOB_STATUSES, NO_RETRY_WITHIN_A_DRAIN, drain, make_batch, query
 from tests.processes import wait_until
 from tests.smtp_server import RecordingSMTPServer, Rule
 
@@ -62,7 +62,9 @@ async def test_a_chunk_with_mixed_outcomes_leaves_each_recipient_in_its_own_stat
     ]
     # The chunk is done; the 451 waits in a job of its own, behind fresh emails.
     jobs = await query(
-        url, "SELECT task_name, status::text, priority, args FROM procrastinate_jobs"
+        url,
+        "SELECT task_name, status::text, priority, args FROM procrastinate_jobs"
+        " WHERE queue_name = 'emails'",
     )
     later_id = (await query(url, "SELECT id FROM recipients WHERE email = 'later@example.org'"))[0]
     assert jobs == [(SEND_EMAIL_TASK, "todo", -1, {"recipient_id": later_id[0]})]
@@ -220,7 +222,7 @@ async def test_a_send_in_flight_when_its_batch_is_cancelled_is_not_retried_after
     assert await db.cancel(batch_id) == 0  # nothing cancellable: the one send is in flight
     await worker
     assert await _recipients(url) == [("slow@example.org", "cancelled", 1, True)]
-    assert await query(url, "SELECT status::text FROM procrastinate_jobs") == []
+    assert await query(url, EMAIL_JOB_STATUSES) == []
     await drain(settings)
     assert smtp.received == []
 

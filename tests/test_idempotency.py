@@ -7,7 +7,7 @@ import uuid
 
 from shared.db import Database, NewBatch, NewRecipient
 from shared.settings import Settings
-from tests.conftest import NO_RETRY_WITHIN_A_DRAIN, drain, query, retries_due
+from tests.conftest import EMAIL_JOB_STATUSES, NO_RETRY_WITHIN_A_DRAIN, drain, query, retries_due
 from tests.smtp_server import RecordingSMTPServer, Rule
 
 
@@ -60,8 +60,7 @@ async def test_a_job_that_finds_the_key_committed_acknowledges_without_sending(
     await _duplicate_job(url, recipient_id)
     await drain(settings)
     assert len(smtp.received) == 1
-    results = await query(url, "SELECT status::text FROM procrastinate_jobs ORDER BY id")
-    assert results == []
+    assert await query(url, EMAIL_JOB_STATUSES) == []
 
 
 async def test_two_workers_racing_on_one_recipient_send_once(
@@ -76,8 +75,7 @@ async def test_two_workers_racing_on_one_recipient_send_once(
     await asyncio.gather(drain(settings), drain(settings), drain(settings))
     assert len(smtp.received) == 1
     assert await query(url, "SELECT count(*) FROM processed_jobs") == [(1,)]
-    statuses = await query(url, "SELECT status::text, count(*) FROM procrastinate_jobs GROUP BY 1")
-    assert statuses == []  # succeeded jobs are deleted as they finish
+    assert await query(url, EMAIL_JOB_STATUSES) == []  # succeeded jobs are deleted as they finish
 
 
 async def test_a_failed_send_rolls_the_claim_back_and_a_retry_sends(
