@@ -500,7 +500,7 @@ async def test_a_replayed_message_id_is_refused_and_changes_nothing(
     status, body = await post_sns(hooks, message)
     assert (status, body["error"]["code"]) == (409, "replayed")
     assert await _suppressed(str(hook_settings.database_url)) == {}
-    assert [e["actor"] for e in await db.list_audit()] == ["webhook:postmark"]
+    assert [e["actor"] for e in await db.list_audit()] == ["webhook:ses"]
     # The same id with another (validly signed) message is the same delivery.
     again = sns(pki, ses_bounce("bob@example.org"), message_id=message["MessageId"])
     assert (await post_sns(hooks, again))[0] == 409
@@ -865,7 +865,7 @@ async def test_replayed_sendgrid_events_are_refused_and_repeats_are_duplicates(
     status, body = await post_sendgrid(hooks, first, pki)  # freshly signed, same events
     assert (status, body["error"]["code"]) == (409, "replayed")
     assert await _suppressed(str(hook_settings.database_url)) == {}
-    assert [e["actor"] for e in await db.list_audit()] == ["webhook:postmark"]
+    assert [e["actor"] for e in await db.list_audit()] == ["webhook:sendgrid"]
     second = [*first, sg("spamreport", "bob@example.org", "e2"), *first]
     status, body = await post_sendgrid(hooks, second, pki)
     assert (status, body["duplicates"], body["complaints"]) == (200, 2, 1)
