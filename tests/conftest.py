@@ -237,8 +237,9 @@ EMAIL_JOB_STATUSES = (
 )
 
 
-# For a test that checks what one attempt left behind: a drain goes on until no job is ready,
-# so it runs a retry it has just scheduled when the wait full jitter picked is almost nothing,
+# For a test that checks what one attempt left behind: a drain fetches until a fetch finds no
+# job ready, so it runs a retry it has just scheduled when that retry is ready before the last
+# fetch: when the wait full jitter picked is almost nothing,
 # which the usual waits of up to 50 ms here sometimes are. One drawn from an hour practically
 # never is, and waits for ``retries_due``.
 NO_RETRY_WITHIN_A_DRAIN: dict[str, Any] = {
