@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from tests.processes import free_port, wait_until
+from tests.processes import free_port, stop, wait_until
 
 DEBIAN_BINARY = Path("/usr/sbin/dovecot")
 USERNAME = "bounces"
@@ -219,13 +219,8 @@ class Dovecot:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._proc is not None and self._proc.returncode is None:
-            self._proc.terminate()
-            try:
-                await asyncio.wait_for(self._proc.wait(), 10)
-            except TimeoutError:
-                self._proc.kill()
-                await self._proc.wait()
+        if self._proc is not None:
+            await stop(self._proc)
         shutil.rmtree(self.directory, ignore_errors=True)
 
     # -- what a test does to the mailbox, as a mail client would ----------------------------

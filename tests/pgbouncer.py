@@ -22,7 +22,7 @@ from typing import Any
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from tests.processes import free_port, wait_until
+from tests.processes import free_port, stop, wait_until
 
 DEBIAN_BINARY = Path("/usr/sbin/pgbouncer")
 # Server connections per PgBouncer database and user: fewer than the clients a web tier and
@@ -145,11 +145,6 @@ class PgBouncer:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._proc is not None and self._proc.returncode is None:
-            self._proc.terminate()
-            try:
-                await asyncio.wait_for(self._proc.wait(), 10)
-            except TimeoutError:
-                self._proc.kill()
-                await self._proc.wait()
+        if self._proc is not None:
+            await stop(self._proc)
         shutil.rmtree(self._directory, ignore_errors=True)

@@ -93,6 +93,18 @@ async def worker_process(
             await proc.wait()
 
 
+async def stop(proc: asyncio.subprocess.Process, *, grace_seconds: float = 10) -> None:
+    """Ask ``proc`` to stop (SIGTERM), and kill it if it has not within ``grace_seconds``."""
+    if proc.returncode is not None:
+        return
+    proc.terminate()
+    try:
+        await asyncio.wait_for(proc.wait(), grace_seconds)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+
+
 def free_port() -> int:
     """A TCP port on loopback that nothing listens on right now."""
     with socket.socket() as sock:
