@@ -11,7 +11,8 @@ import asyncio
 import getpass
 import sys
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,6 +24,7 @@ from shared.logging import configure_logging
 from shared.settings import ConfigError, Settings, load_settings
 
 if TYPE_CHECKING:
+    from shared.db import Database
     from worker.bounce_poll import PollSummary
     from worker.bounces import Finding
 
@@ -379,20 +381,26 @@ def _bounces(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-async def _suppress_findings(
-    settings: Settings, findings: Sequence[Finding], recipient_ids: Sequence[int] = ()
-) -> int:
+@asynccontextmanager
+async def _database(settings: Settings, *, connections: int = 1) -> AsyncIterator[Database]:
+    """The database an operator command works on, through a pool of its own."""
     from shared.db import Database, make_pool
 
     assert settings.database_url is not None
-    added = 0
     async with make_pool(
         settings.database_url,
-        max_size=1,
+        max_size=connections,
         name="mailroom-cli",
         transaction_pooling=settings.database_transaction_pooling,
     ) as pool:
-        db = Database(pool, chunk_size=settings.chunk_size)
+        yield Database(pool, chunk_size=settings.chunk_size)
+
+
+async def _suppress_findings(
+    settings: Settings, findings: Sequence[Finding], recipient_ids: Sequence[int] = ()
+) -> int:
+    added = 0
+    async with _database(settings) as db:
         bounced = [f.address for f in findings if f.reason == "hard_bounce"]
         bounced += (await db.recipient_addresses(recipient_ids)).values()
         for reason, addresses in (
@@ -426,24 +434,17 @@ def _poll_bounces(settings: Settings) -> int:
 
 
 async def _run_poll(settings: Settings) -> PollSummary | None:
-    from shared.db import Database, make_pool
     from worker.bounce_poll import poll_bounce_mailbox
     from worker.imap import ImapServer
     from worker.verp import Verp
 
-    assert settings.database_url is not None
     server = ImapServer.from_settings(settings)
     assert server is not None
     # Two connections: one holds the poll's lock while the other records what it reads.
-    async with make_pool(
-        settings.database_url,
-        max_size=2,
-        name="mailroom-cli",
-        transaction_pooling=settings.database_transaction_pooling,
-    ) as pool:
+    async with _database(settings, connections=2) as db:
         return await poll_bounce_mailbox(
             server,
-            Database(pool, chunk_size=settings.chunk_size),
+            db,
             verp=Verp.from_settings(settings),
             max_messages=settings.imap_max_messages,
             max_message_bytes=settings.imap_max_message_bytes,
@@ -466,16 +467,9 @@ def _dead_letters(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def _run_dead_letters(settings: Settings, args: argparse.Namespace) -> int:
-    from shared.db import Database, Selection, make_pool
+    from shared.db import Selection
 
-    assert settings.database_url is not None
-    async with make_pool(
-        settings.database_url,
-        max_size=1,
-        name="mailroom-cli",
-        transaction_pooling=settings.database_transaction_pooling,
-    ) as pool:
-        db = Database(pool, chunk_size=settings.chunk_size)
+    async with _database(settings) as db:
         if args.action == "list":
             rows = await db.list_dead_letters(batch_id=args.batch, limit=args.limit)
             for row in rows:
@@ -533,16 +527,9 @@ async def _users_in_database(
     settings: Settings, args: argparse.Namespace, password_hash: str | None
 ) -> int:
     from shared.accounts import Role
-    from shared.db import Database, NameTaken, make_pool
+    from shared.db import NameTaken
 
-    assert settings.database_url is not None
-    async with make_pool(
-        settings.database_url,
-        max_size=1,
-        name="mailroom-cli",
-        transaction_pooling=settings.database_transaction_pooling,
-    ) as pool:
-        db = Database(pool, chunk_size=settings.chunk_size)
+    async with _database(settings) as db:
         if args.action == "add":
             assert password_hash is not None
             try:
