@@ -450,23 +450,25 @@ class Settings(BaseSettings):
         ``MAILROOM_SMTP_*`` values when that is unset."""
         if self.smtp_relays is not None:
             return list(self.smtp_relays)
+        return [self.smtp_relay()]
+
+    def smtp_relay(self) -> SmtpRelay:
+        """The relay of the ``MAILROOM_SMTP_*`` values, named ``default``."""
         # Each value was checked as a MAILROOM_SMTP_* field already.
-        return [
-            SmtpRelay.model_construct(
-                name=DEFAULT_RELAY_NAME,
-                host=self.smtp_host,
-                port=self.smtp_port,
-                security=self.smtp_security,
-                username=self.smtp_username,
-                password=self.smtp_password,
-                timeout_seconds=self.smtp_timeout_seconds,
-                max_connections=None,
-                rate_per_second=None,
-                rate_per_minute=None,
-                weight=1,
-                role="primary",
-            )
-        ]
+        return SmtpRelay.model_construct(
+            name=DEFAULT_RELAY_NAME,
+            host=self.smtp_host,
+            port=self.smtp_port,
+            security=self.smtp_security,
+            username=self.smtp_username,
+            password=self.smtp_password,
+            timeout_seconds=self.smtp_timeout_seconds,
+            max_connections=None,
+            rate_per_second=None,
+            rate_per_minute=None,
+            weight=1,
+            role="primary",
+        )
 
     @property
     def imap_port_or_default(self) -> int:

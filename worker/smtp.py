@@ -106,14 +106,7 @@ class SmtpServer:
     @classmethod
     def from_settings(cls, settings: Settings) -> SmtpServer:
         """The server of ``MAILROOM_SMTP_*`` (each value checked when the settings were read)."""
-        return cls(
-            host=settings.smtp_host,
-            port=settings.smtp_port,
-            timeout_seconds=settings.smtp_timeout_seconds,
-            security=settings.smtp_security,
-            username=settings.smtp_username,
-            password=settings.smtp_password.get_secret_value() if settings.smtp_password else None,
-        )
+        return cls.from_relay(settings.smtp_relay())
 
     @classmethod
     def from_relay(cls, relay: SmtpRelay) -> SmtpServer:
